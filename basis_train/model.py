@@ -1,0 +1,169 @@
+"""The paper's tiny GPT (PAPER.md section 2), with exact or BASIS linear layers.
+
+Pre-LN blocks, learned absolute positions, separate q/k/v projections, tanh GELU,
+LayerNorm eps 1e-6, an untied bias-free head, no dropout, Flax-default initialisation.
+Which linear layers are sketched is a constructor choice; the initial weights depend
+only on the seed, never on that choice, so exact and BASIS runs can be paired.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from basis_train.sketch import BasisLinear, check_rank
+
+SKETCH_LAYERS = ("none", "mlp+head", "all")
+# trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.
+_TRUNC_STD = 0.87962566103423978
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 64
+    n_embd: int = 64
+    n_head: int = 2
+    n_layer: int = 2
+    mlp_ratio: int = 4
+    sketch_layers: str = "mlp+head"
+    rank: int = 32
+    hashing: str = "balanced"
+    invariant_scalars: bool = True
+    lam: float = 0.01
+    checkpoint_blocks: bool = False
+    exact: bool = False  # True: the same network with every layer exact (the baseline)
+
+    def __post_init__(self) -> None:
+        if self.sketch_layers not in SKETCH_LAYERS:
+            raise ValueError(f"sketch_layers must be one of {SKETCH_LAYERS}, got {self.sketch_layers!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check_rank(self.rank)
+
+
+def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -> nn.Linear:
+    if not sketched or cfg.exact:
+        return nn.Linear(n_in, n_out, bias=bias)
+    return BasisLinear(
+        n_in, n_out, bias=bias, rank=cfg.rank, hashing=cfg.hashing,
+        invariant_scalars=cfg.invariant_scalars, lam=cfg.lam,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        sk = cfg.sketch_layers == "all"
+        d = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.q = _linear(cfg, d, d, True, sk)
+        self.k = _linear(cfg, d, d, True, sk)
+        self.v = _linear(cfg, d, d, True, sk)
+        self.out = _linear(cfg, d, d, True, sk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        heads = [p(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        y = F.scaled_dot_product_attention(*heads, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        sk = cfg.sketch_layers != "none"
+        hidden = cfg.mlp_ratio * cfg.n_embd
+        self.fc = _linear(cfg, cfg.n_embd, hidden, True, sk)
+        self.proj = _linear(cfg, hidden, cfg.n_embd, True, sk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.lm_head = _linear(cfg, cfg.n_embd, cfg.vocab_size, False, cfg.sketch_layers != "none")
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Flax defaults from a private CPU generator, so weights depend on the seed only."""
+        gen = torch.Generator().manual_seed(seed)
+        for module in self.modules():  # registration order: identical for every method
+            if isinstance(module, nn.Linear):
+                std = 1.0 / math.sqrt(module.in_features) / _TRUNC_STD
+                w = torch.empty(module.weight.shape)
+                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std, generator=gen)
+                module.weight.copy_(w)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                # PAPER.md: both tables N(0, 0.125) at width 64, i.e. 1/sqrt(width).
+                w = torch.empty(module.weight.shape)
+                nn.init.normal_(w, std=self.cfg.n_embd**-0.5, generator=gen)
+                module.weight.copy_(w)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def sketched_modules(self) -> list[BasisLinear]:
+        return [m for m in self.modules() if isinstance(m, BasisLinear)]
+
+    def sketchable_names(self) -> list[str]:
+        """Names of the linear layers that `sketch_layers` selects (even if exact here)."""
+        names = []
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            is_mlp_or_head = name == "lm_head" or ".mlp." in name
+            if self.cfg.sketch_layers == "all" or (self.cfg.sketch_layers == "mlp+head" and is_mlp_or_head):
+                names.append(name)
+        return names
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        t = idx.shape[1]
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            if self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+
+def build_gpt(cfg: GPTConfig, seed: int, method: str = "basis") -> GPT:
+    """`method="exact"` builds the same network, same weights, with every layer exact."""
+    if method not in ("basis", "exact"):
+        raise ValueError(f"method must be 'basis' or 'exact', got {method!r}")
+    return GPT(replace(cfg, exact=method == "exact"), seed=seed)
