@@ -1,0 +1,361 @@
+"""Typed, validated run configuration.
+
+Defaults are the paper's protocol (PAPER.md section 2), so `load_config(None)` is the paper run.
+Every entry point funnels through `config_from_dict`, so YAML files, CLI overrides and configs read
+back from an output directory are all checked by the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line fit to show the user as is."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 64
+    n_embd: int = 64
+    n_head: int = 2
+    n_layer: int = 2
+    mlp_ratio: int = 4
+    checkpoint_blocks: bool = False
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    rank: int = 32
+    layers: str = "mlp+head"
+    hashing: str = "balanced"
+    invariant_scalars: bool = True
+    lam: float = 0.01
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    lr_scale_sketched: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "basis"
+    steps: int = 50000
+    batch_size: int = 1
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = False
+    cuda_graphs: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "wiki-offline"
+    data_files: str | None = None
+    val_protocol: str = "heldout"
+    max_docs: int = 50000
+    paper_val_docs: int = 500
+    paper_val_batches: int = 30
+    heldout_every: int = 20
+    heldout_min_tokens: int = 100000
+    eval_batch_size: int = 128
+    shuffle: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    out: str | None = None
+    wandb: str = "off"
+    wandb_project: str = "basis-train"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sketch.layers": ("none", "mlp+head", "all"),
+    "sketch.hashing": ("balanced", "uniform", "gaussian"),
+    "optim.name": ("sgd", "adamw"),
+    "train.method": ("basis", "exact"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("float32", "bfloat16", "float16"),
+    "data.dataset": ("wiki-offline", "fineweb-edu", "files"),
+    "data.val_protocol": ("heldout", "paper"),
+    "log.wandb": ("off", "offline", "online"),
+}
+
+# Inclusive lower bounds.
+MIN_VALUES: dict[str, float] = {
+    "model.vocab_size": 1, "model.block_size": 1, "model.n_embd": 1, "model.n_head": 1,
+    "model.n_layer": 1, "model.mlp_ratio": 1, "sketch.rank": 1, "optim.weight_decay": 0,
+    "train.steps": 1, "train.batch_size": 1, "train.eval_every": 1, "train.checkpoint_every": 1,
+    "train.seed": 0, "data.max_docs": 1, "data.paper_val_docs": 1, "data.paper_val_batches": 1,
+    "data.heldout_min_tokens": 1, "data.eval_batch_size": 1,
+    # holding out every 1st document would leave nothing to train on
+    "data.heldout_every": 2,
+}
+POSITIVE: tuple[str, ...] = ("optim.lr", "optim.eps", "optim.lr_scale_sketched")
+UNIT_INTERVAL: tuple[str, ...] = ("sketch.lam", "optim.momentum")  # 0 <= v < 1
+
+CLI_FLAGS: dict[str, str] = {
+    "rank": "sketch.rank", "sketch_layers": "sketch.layers", "hashing": "sketch.hashing",
+    "invariant_scalars": "sketch.invariant_scalars", "lam": "sketch.lam",
+    "method": "train.method", "steps": "train.steps", "eval_every": "train.eval_every",
+    "seed": "train.seed", "device": "train.device", "batch_size": "train.batch_size",
+    "dtype": "train.dtype", "checkpoint_every": "train.checkpoint_every",
+    "dataset": "data.dataset", "data_files": "data.data_files",
+    "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
+    "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
+}
+
+# Fields that change speed or bookkeeping but not the numbers a run produces.
+HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars where 1.1 surprises people.
+
+    `lr: 6e-4` would otherwise be the string '6e-4' (1.1 demands a dot), and `wandb: off` would be
+    the bool False rather than the choice 'off'; only true/false are booleans here.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _field_types(section: str) -> dict[str, object]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (expected one of: {', '.join(options)})"
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_type(key: str, value: object, tp: object) -> object:
+    """Return `value` normalised to `tp`, or raise; bool is never taken for a number."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be bool, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be int, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{key} must be float, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be str, got {_describe(value)}")
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {inner.__name__}, got {_describe(value)}")
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _check_values(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}"
+                              + (_suggest(value, allowed) if isinstance(value, str) else ""))
+    for key, low in MIN_VALUES.items():
+        value = _get(cfg, key)
+        if not value >= low:
+            raise ConfigError(f"{key} must be >= {low:g}, got {value!r}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            raise ConfigError(f"{key} must satisfy 0 <= value < 1, got {_get(cfg, key)!r}")
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by "
+                          f"model.n_head ({m.n_head})")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two values in [0, 1), got {o.betas!r}")
+    if d.dataset == "files" and not d.data_files:
+        raise ConfigError("data.dataset 'files' needs data.data_files (a path or glob)")
+    if d.data_files and d.dataset != "files":
+        # Silently ignoring the files would leave the hash and the reader disagreeing.
+        raise ConfigError(f"data.data_files is set but data.dataset is {d.dataset!r}; "
+                          "use data.dataset 'files' or drop data.data_files")
+
+
+def _get(cfg: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def config_from_dict(d: object, source: str = "config") -> Config:
+    """Build and validate a Config from a (possibly partial) nested mapping."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, "
+                          f"got {type(d).__name__}")
+    sections = {}
+    for name, body in d.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section '{name}'{_suggest(str(name), SECTIONS)}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section '{name}' must be a mapping, got {_describe(body)}")
+        hints = _field_types(name)
+        values = {}
+        for key, value in body.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key '{name}.{key}'{_suggest(str(key), hints)}")
+            values[key] = _check_type(f"{name}.{key}", value, hints[key])
+        if name == "data" and values.get("data_files") and "dataset" not in values:
+            values["dataset"] = "files"
+        sections[name] = SECTIONS[name](**values)
+    cfg = Config(**sections)
+    _check_values(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, object]]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML config; None gives the paper's defaults. Any subset of keys may be set."""
+    if path is None:
+        return config_from_dict({})
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    try:
+        return config_from_dict(data, source=str(path))
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
+    """Return a new Config with dotted keys ("sketch.rank": 8) replaced, fully revalidated."""
+    d = config_to_dict(cfg)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key or "." in key:
+            raise ConfigError(f"override key must look like 'section.key', got '{dotted}'")
+        if section not in d:
+            raise ConfigError(f"unknown section '{section}'{_suggest(section, d)}")
+        if key not in d[section]:
+            raise ConfigError(f"unknown key '{dotted}'{_suggest(key, d[section])}")
+        d[section][key] = value
+    if overrides.get("data.data_files") and "data.dataset" not in overrides:
+        d["data"]["dataset"] = "files"
+    return config_from_dict(d, source="overrides")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML atomically, so a crash never leaves a half-written config behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the saved config private to one user
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_hash(cfg: Config, ignore: typing.Iterable[str] = HASH_IGNORE) -> str:
+    """Short stable digest of everything in `cfg` that can change a run's numbers.
+
+    `ignore` holds section names ("log") or dotted keys ("train.compile").
+    """
+    ignore = set(ignore)
+    d = {
+        section: {k: v for k, v in body.items() if f"{section}.{k}" not in ignore}
+        for section, body in config_to_dict(cfg).items()
+        if section not in ignore
+    }
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]

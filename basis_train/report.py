@@ -1,0 +1,279 @@
+"""Turn finished run directories into a results CSV, a seed-paired summary, markdown and plots.
+
+Every comparison against the baseline is paired by seed: within a seed all methods share the
+initial weights and batch order, so the seed-to-seed noise cancels in the difference and the
+paired CI is much tighter than comparing two unpaired CIs (PAPER.md section 3, items 1-2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .stats import mean_ci, paired_diff
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",
+    "peak_activation_bytes", "cuda_peak_step_bytes", "wall_s", "tokens_per_s", "val_protocol",
+    "label",
+)
+MIB = 2 ** 20
+
+
+def config_label(method: str, rank: int | None, variant: str | None = "") -> str:
+    """'exact', 'basis R=32', 'basis R=8 [lam0]': one name per configuration, seed excluded."""
+    label = method
+    if rank is not None and method != "exact":
+        label += f" R={rank}"
+    if variant:
+        label += f" [{variant}]"
+    return label
+
+
+def collect_runs(run_dirs: Iterable[str | Path]) -> list[dict]:
+    """One row per finished run (a directory with summary.json); unfinished ones are skipped."""
+    rows = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        path = run_dir / "summary.json"
+        if not path.is_file():
+            warnings.warn(f"skipping {run_dir}: no summary.json (run not finished?)", stacklevel=2)
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        row = {col: summary.get(col) for col in RESULT_COLUMNS if col != "label"}
+        row["variant"] = row["variant"] or ""
+        row["label"] = config_label(row["method"], row["rank"], row["variant"])
+        row["run_dir"] = str(run_dir)
+        rows.append(row)
+    return rows
+
+
+def write_results_csv(rows: Sequence[Mapping], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in RESULT_COLUMNS})
+
+
+def _order_key(baseline: str, row: Mapping) -> tuple:
+    # Baseline first, then exact variants, then BASIS from the largest rank down, as in Table 3.
+    rank = row["rank"] if row["rank"] is not None else math.inf
+    return (row["label"] != baseline, row["method"] != "exact", -rank, row["variant"])
+
+
+def _normalise(row: Mapping) -> dict:
+    # Rows may come from elsewhere than collect_runs; a diverged run may carry a null loss.
+    row = dict(row)
+    row["variant"] = row.get("variant") or ""
+    row.setdefault("rank", None)
+    row["label"] = row.get("label") or config_label(row["method"], row["rank"], row["variant"])
+    if row.get("final_val_loss") is None:
+        row["final_val_loss"] = math.nan
+    return row
+
+
+def _mean(values: Iterable) -> float | None:
+    xs = [float(v) for v in values if v is not None]
+    return math.fsum(xs) / len(xs) if xs else None
+
+
+def summarize(rows: Sequence[Mapping], baseline: str = "exact", level: float = 0.95) -> list[dict]:
+    """Per-configuration statistics over seeds, with differences to `baseline` paired by seed.
+
+    Raises ValueError when rows mix validation protocols or step counts (such numbers are not
+    comparable) or when one configuration has two runs for the same seed (pairing is ambiguous).
+    """
+    for key in ("val_protocol", "steps"):
+        seen = {r.get(key) for r in rows}
+        if len(seen) > 1:
+            raise ValueError(f"runs mix {key} values {sorted(map(str, seen))}: not comparable")
+    rows = [_normalise(r) for r in rows]
+    groups: dict[str, list[Mapping]] = {}
+    for row in sorted(rows, key=lambda r: _order_key(baseline, r)):
+        groups.setdefault(row["label"], []).append(row)
+    by_seed: dict[str, dict] = {}
+    for label, group in groups.items():
+        seeds = [r["seed"] for r in group]
+        dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+        if dupes:
+            raise ValueError(f"configuration '{label}' has several runs for seed(s) {dupes}")
+        by_seed[label] = {r["seed"]: r for r in group}
+    base = by_seed.get(baseline)
+    base_act = _mean(r["peak_activation_bytes"] for r in base.values()) if base else None
+
+    out = []
+    for label, runs in by_seed.items():
+        first = next(iter(runs.values()))
+        val = mean_ci([r["final_val_loss"] for r in runs.values()], level)
+        act = _mean(r["peak_activation_bytes"] for r in runs.values())
+        entry = {
+            "label": label, "method": first["method"], "rank": first["rank"],
+            "variant": first["variant"], "baseline": baseline, "level": level, "n": val["n"],
+            "seeds": sorted(runs),
+            "val_mean": val["mean"], "val_std": val["std"],
+            "val_ci_low": val["ci_low"], "val_ci_high": val["ci_high"],
+            "train_mean": _mean(r["final_train_loss"] for r in runs.values()),
+            "act_bytes_mean": act,
+            "act_ratio": act / base_act if act is not None and base_act else None,
+            "cuda_peak_step_bytes_mean": _mean(r["cuda_peak_step_bytes"] for r in runs.values()),
+            "tokens_per_s_mean": _mean(r["tokens_per_s"] for r in runs.values()),
+            "wall_s_mean": _mean(r["wall_s"] for r in runs.values()),
+            "diff_n": 0, "diff_mean": None, "diff_ci_low": None, "diff_ci_high": None,
+            "p_value": None, "n_better": None,
+        }
+        common = sorted(set(runs) & set(base)) if base is not None and label != baseline else []
+        if common:
+            d = paired_diff([runs[s]["final_val_loss"] for s in common],
+                            [base[s]["final_val_loss"] for s in common], level)
+            entry.update(diff_n=d["n"], diff_mean=d["mean"], diff_ci_low=d["ci_low"],
+                         diff_ci_high=d["ci_high"], p_value=d["p_value"], n_better=d["n_better"])
+        out.append(entry)
+    return out
+
+
+def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "–"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def write_summary_md(summary: Sequence[Mapping], path: str | Path, title: str,
+                     notes: Sequence[str] = (), paper_table: Mapping[str, float] | None = None,
+                     ) -> None:
+    """Markdown table, one row per configuration; Δ and ratio are relative to the baseline."""
+    baseline = summary[0]["baseline"] if summary else "exact"
+    ci = f"{100 * (summary[0]['level'] if summary else 0.95):g}% CI"
+    header = ["configuration", "n", "val loss mean ± std", ci,
+              f"Δ vs {baseline} (paired, {ci})", "p", "activation memory (MiB)",
+              f"ratio to {baseline}"]
+    if paper_table:
+        header.append("paper val")
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for s in summary:
+        if s["label"] == s["baseline"]:
+            delta = "(baseline)"
+        elif s["diff_n"]:
+            delta = (f"{_fmt(s['diff_mean'], sign=True)} [{_fmt(s['diff_ci_low'], sign=True)}, "
+                     f"{_fmt(s['diff_ci_high'], sign=True)}] (n={s['diff_n']}, "
+                     f"better {s['n_better']}/{s['diff_n']})")
+        else:
+            delta = "no common seeds"
+        act = s["act_bytes_mean"]
+        cells = [
+            s["label"], str(s["n"]),
+            f"{_fmt(s['val_mean'])} ± {_fmt(s['val_std'])}",
+            f"[{_fmt(s['val_ci_low'])}, {_fmt(s['val_ci_high'])}]",
+            delta, _fmt_p(s["p_value"]),
+            _fmt(act / MIB if act is not None else None, 3), _fmt(s["act_ratio"], 3),
+        ]
+        if paper_table:
+            cells.append(_fmt(paper_table.get(s["label"]), 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    footnote = (f"Δ = configuration − {baseline} on the same seeds; negative means lower "
+                "validation loss. p: two-sided paired t-test. CIs use Student's t.")
+    lines += ["", footnote]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def load_metrics(run_dir: str | Path) -> list[dict]:
+    """Records of metrics.jsonl; a truncated last line (run killed mid-write) is dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+    return records
+
+
+def _val_curve(run_dir: Path) -> dict[int, float]:
+    curve = {}
+    for rec in load_metrics(run_dir):
+        v = rec.get("val_loss")
+        if v is not None and "step" in rec and math.isfinite(float(v)):
+            curve[int(rec["step"])] = float(v)
+    return curve
+
+
+def plot_val_curves(run_dirs_by_label: Mapping[str, Sequence[str | Path]], path: str | Path,
+                    title: str = "Validation loss (mean over seeds, ±1 std)") -> None:
+    """Mean val loss over seeds vs step, with a ±1 std band; only steps every seed reached."""
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, dirs in run_dirs_by_label.items():
+        curves = [_val_curve(Path(d)) for d in dirs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        stats = [mean_ci([c[s] for c in curves]) for s in steps]
+        mean = [st["mean"] for st in stats]
+        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            std = [st["std"] for st in stats]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_memory(summary: Sequence[Mapping], path: str | Path,
+                title: str = "Peak activation memory (mean over seeds)") -> None:
+    """Bar per configuration; the label above each bar is its ratio to the baseline."""
+    entries = [s for s in summary if s.get("act_bytes_mean") is not None]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(entries) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = range(len(entries))
+    bars = ax.bar(xs, [s["act_bytes_mean"] / MIB for s in entries], color="tab:blue")
+    for bar, s in zip(bars, entries, strict=True):
+        if s.get("act_ratio") is not None:
+            ax.annotate(f"{s['act_ratio']:.3f}x", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [s["label"] for s in entries], rotation=30, ha="right")
+    ax.set_ylabel("activation memory (MiB)")
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
