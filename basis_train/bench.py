@@ -1,0 +1,425 @@
+"""Step time and activation memory of exact backprop, checkpointing and BASIS, measured.
+
+PAPER.md section 3 point 9: the paper claims O(L R N) activation memory but never measures
+it. Everything here runs in one process so that every ratio compares like with like (same
+device state, same random batch, same initial weights): full GPT training steps at two
+sizes, and one linear layer fwd+bwd. Memory is the CUDA allocator peak of one step and the
+bytes autograd keeps for backward, broken down by tensor shape to show where it goes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from torch import nn
+
+from basis_train.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.model import GPTConfig, build_gpt
+from basis_train.sketch import BasisLinear
+
+MIB = 2**20
+VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
+# bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.
+SIZES = {
+    "paper": {"name": "paper", "vocab": 50257, "seq": 64, "width": 64, "heads": 2, "layers": 2, "batch": 1,
+              "bf16": False, "tf32": False, "optimizer": "sgd"},
+    "gpt2-small": {"name": "gpt2-small", "vocab": 50257, "seq": 1024, "width": 768, "heads": 12, "layers": 12,
+                   "batch": 8, "bf16": True, "tf32": True, "optimizer": "adamw"},
+}
+QUICK = {"vocab": 512, "seq": 32, "width": 32, "heads": 2, "layers": 2, "batch": 2}
+LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
+
+
+def _write(path: Path, text: str) -> None:
+    # Atomic: a run killed mid-write (e.g. at a device time limit) leaves the previous file whole.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _time(step, device: torch.device, steps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        # Events time the device without a host sync per step, which would itself add latency.
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        ms = [start.elapsed_time(end) for start, end in events]
+    else:
+        ms = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            ms.append((time.perf_counter() - t0) * 1e3)
+    q25, med, q75 = np.percentile(ms, [25, 50, 75]).tolist()
+    return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "min": min(ms), "all": ms}
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext()
+
+
+def _category(shape: tuple, dtype: str, dims: dict) -> str:
+    """What a saved tensor is, from its shape and dtype: all the meter records."""
+    b, t, v, d, h, f = (dims[k] for k in ("batch", "seq", "vocab", "width", "heads", "hidden"))
+    n = math.prod(shape)
+    if n <= 1:
+        return "scalars (sketch seeds, loss weight)"
+    if not dtype.startswith(("float", "bfloat")):
+        return "integers (token ids, targets, RNG state)"
+    if n == b * t * v:
+        return "logits-sized (B x T x V: the log-softmax cross-entropy saves)"
+    if len(shape) == 4 and shape[-2:] == (t, t):
+        return "attention scores (B x H x T x T)"
+    # A sketch with R = rows has an activation's shape and size; it is counted as that activation.
+    if len(shape) == 2 and dtype == "float32" and shape[0] in dims["ranks"] and shape[1] in (d, f):
+        return "BASIS sketches (R x N)"
+    # Autocast's linear saves its low-precision weight copy, sometimes as the transposed view.
+    if dtype != "float32" and (list(shape) in dims["param_shapes"] or list(shape[::-1]) in dims["param_shapes"]):
+        return "autocast weight copies"
+    if shape == (b, h, t, d // h):
+        return "attention q/k/v/output (B x H x T x head)"
+    if shape[-1] == f and n == b * t * f:
+        return "MLP hidden (B x T x 4d: GELU input, Proj input)"
+    if shape[-1] == d and n == b * t * d:
+        return "width-d (B x T x d: LayerNorm and linear inputs)"
+    return "per-token stats (LayerNorm mean/rstd, logsumexp)" if n in (b * t, b * h * t) else "other"
+
+
+def _breakdown(meter: SavedTensorMeter, dims: dict) -> dict:
+    by_shape = sorted(({"shape": list(s), "dtype": dt, "bytes": nb, "category": _category(s, dt, dims)}
+                       for (s, dt), nb in meter.by_shape.items()), key=lambda e: -e["bytes"])
+    by_cat: dict[str, int] = {}
+    for e in by_shape:
+        by_cat[e["category"]] = by_cat.get(e["category"], 0) + e["bytes"]
+    return {"saved_bytes": meter.total_bytes, "saved_top": by_shape[:5], "saved_by_shape": by_shape,
+            "saved_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
+
+
+def _step_bench(size: dict, variant: str, rank: int | None, device, opts: dict) -> dict:
+    basis = rank is not None
+    cfg = GPTConfig(vocab_size=size["vocab"], block_size=size["seq"], n_embd=size["width"], n_head=size["heads"],
+                    n_layer=size["layers"], sketch_layers=variant if basis else "mlp+head", rank=rank or 1,
+                    checkpoint_blocks=variant == "exact+ckpt")
+    if opts["compile"]:
+        torch._dynamo.reset()  # else every new model recompiles GPT.forward until dynamo's limit turns it eager
+    torch.manual_seed(opts["seed"])
+    model = build_gpt(cfg, seed=opts["seed"], method="basis" if basis else "exact").to(device).train()
+    if size["optimizer"] == "sgd":  # the paper's optimiser; GPT-2 small gets the usual AdamW
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    run = torch.compile(model) if opts["compile"] else model
+    idx, tgt = opts["batch"]
+
+    def forward():
+        with _autocast(device, size["bf16"]):
+            return run(idx, tgt)[1]
+
+    def step():
+        forward().backward()
+        opt.step()
+        # Grads go at the end of the step, not the start: between steps only parameters and optimiser
+        # state are allocated, so the step peak includes the gradients.
+        opt.zero_grad(set_to_none=True)
+
+    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"]),
+           "cuda_peak_bytes": None, "static_bytes": None}
+    if device.type == "cuda":
+        row["static_bytes"] = torch.cuda.memory_allocated(device)
+        row["cuda_peak_bytes"] = cuda_step_peak(step, device)
+    meter = SavedTensorMeter(exclude=model.parameters())
+    with meter.measure():
+        loss = forward()
+    del loss  # drops the graph and all it saved
+    rows = size["batch"] * size["seq"]
+    dims = {**size, "hidden": cfg.mlp_ratio * size["width"], "ranks": {min(rank, rows)} - {rows} if basis else set(),
+            "param_shapes": [list(p.shape) for p in model.parameters()]}
+    return {**row, **_breakdown(meter, dims), "rank_effective": min(rank, rows) if basis else None,
+            "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
+
+
+def _layer_bench(rank: int | None, device, shape: list[int], opts: dict) -> dict:
+    rows, n_in, n_out = shape
+    torch.manual_seed(opts["seed"])
+    layer = (nn.Linear(n_in, n_out) if rank is None else BasisLinear(n_in, n_out, rank=rank)).to(device)
+    # Under bf16 autocast a layer's input usually arrives in bf16 from the op before it.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(rows, n_in, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(rows, n_out, device=device, dtype=dtype)
+
+    def forward():
+        with _autocast(device, True):
+            return layer(x)
+
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        forward().backward(dy)
+
+    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"]),
+           "cuda_peak_bytes": cuda_step_peak(step, device) if device.type == "cuda" else None}
+    meter = SavedTensorMeter(exclude=layer.parameters())
+    with meter.measure():
+        y = forward()
+    del y
+    return {**row, "saved_bytes": meter.total_bytes, "input_dtype": str(dtype).removeprefix("torch."),
+            "saved_by_shape": [{"shape": list(s), "dtype": dt, "bytes": nb} for (s, dt), nb in meter.by_shape.items()]}
+
+
+def _guarded(fn, *args) -> dict:
+    """One measurement; an OOM or a failure is recorded and the benchmark goes on."""
+    try:
+        res = fn(*args)
+    except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others' numbers
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        res = {"status": "oom" if oom else "error", "error": f"{type(e).__name__}: {e}"[:2000]}
+        if not oom:
+            res["traceback"] = traceback.format_exc()
+    # The exception, and the frames holding the model, are gone by now: give the memory back.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def _ratios(rows: list[dict], base: dict | None) -> None:
+    for field in ("time_ms", "cuda_peak_bytes", "saved_bytes"):
+        for r in rows:
+            num, den = r.get(field), (base or {}).get(field)
+            num, den = (x["median"] if isinstance(x, dict) else x for x in (num, den))
+            ok = r["status"] == "ok" and base and base["status"] == "ok" and num is not None and den
+            r[f"ratio_{field}"] = num / den if ok else None
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / MIB:.3f}" if x < 10 * MIB else f"{x / MIB:.1f}"
+
+
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ms(t: dict) -> str:
+    return f"{t['median']:.3f} [{t['q25']:.3f}, {t['q75']:.3f}]"
+
+
+def _label(r: dict) -> str:
+    return r["variant"] if r["rank"] is None else f"basis {r['variant']}"
+
+
+def _table(header: list[str], rows: list[dict], name, cells) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        rest = cells(r) if r["status"] == "ok" else [r["status"].upper()] + ["-"] * (len(header) - 3)
+        out.append("| " + " | ".join([name(r), str(r["rank"] or "-"), *rest]) + " |")
+    return [*out, ""]
+
+
+def _size_md(res: dict) -> list[str]:
+    s, m = res["size"], res["meta"]
+    return [
+        (f"## {s['name']}: B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}, {s['heads']} heads, "
+         f"{s['layers']} layers; {m['dtype']}; {s['optimizer']}"), "",
+        (f"Logits: {_mib(res['logits_bytes'])} MiB (B*T*V*{m['logits_itemsize']} bytes); the float32 copy the loss "
+         f"is computed on: {_mib(res['logits_fp32_bytes'])} MiB."), "",
+        *_table(["variant", "R", "ms/step median [IQR]", "ratio to exact", "CUDA peak MiB", "saved-for-backward MiB",
+                 "ratio to exact"], res["rows"], _label, lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]),
+                                                                     _mib(r["cuda_peak_bytes"]), _mib(r["saved_bytes"]),
+                                                                     _x(r["ratio_saved_bytes"])]),
+        "Largest saved-for-backward tensors (shape dtype, what it is: MiB):", "",
+        *_table(["variant", "R", "top 5"], res["rows"], _label, lambda r: ["; ".join(
+            f"{tuple(e['shape'])} {e['dtype']}, {e['category']}: {_mib(e['bytes'])}" for e in r["saved_top"])]),
+    ]
+
+
+def _layer_md(res: dict) -> list[str]:
+    rows, n_in, n_out = res["shape"]
+    return [f"## single layer: {rows} rows, {n_in} -> {n_out}, fwd+bwd; {res['meta']['dtype']}", "",
+            *_table(["layer", "R", "ms median [IQR]", "ratio to nn.Linear", "saved MiB", "ratio to nn.Linear",
+                     "CUDA peak MiB"], res["rows"], lambda r: "nn.Linear" if r["rank"] is None else "BasisLinear",
+                    lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _mib(r["saved_bytes"]),
+                               _x(r["ratio_saved_bytes"]), _mib(r["cuda_peak_bytes"])])]
+
+
+def where_memory_goes(res: dict) -> str:
+    """A paragraph on one size, generated only from the measured breakdown."""
+    s, rows = res["size"], res["rows"]
+    exact = next((r for r in rows if r["variant"] == "exact" and r["status"] == "ok"), None)
+    if exact is None or not exact["saved_bytes"]:
+        return f"At {s['name']} size exact backprop was not measured, so there is no breakdown."
+    total, parts = exact["saved_bytes"], []
+    for cat, nb in exact["saved_by_category"].items():
+        if nb >= 0.01 * total:
+            shapes = [f"{tuple(e['shape'])} {e['dtype']}" for e in exact["saved_by_shape"] if e["category"] == cat]
+            parts.append(f"{cat} [{', '.join(shapes[:2])}] {100 * nb / total:.1f}%")
+    text = (f"At {s['name']} size (B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}) exact backprop "
+            f"saves {_mib(total)} MiB for backward: " + "; ".join(parts) + ".")
+    for variant, what in (("mlp+head", "Sketching the MLP and head"), ("all", "Sketching every linear layer"),
+                          ("exact+ckpt", "Checkpointing every block (exact gradients)")):
+        ok = [r for r in rows if r["variant"] == variant and r["status"] == "ok" and r["ratio_saved_bytes"]]
+        if not ok:
+            continue
+        r = min(ok, key=lambda r: r["ratio_saved_bytes"])
+        peak = f" and the CUDA step peak to {r['ratio_cuda_peak_bytes']:.3f}x" if r["ratio_cuda_peak_bytes"] else ""
+        logits = sum(nb for c, nb in r["saved_by_category"].items() if c.startswith("logits")) / r["saved_bytes"]
+        at = f" at R={r['rank']}" if r["rank"] else ""
+        text += (f" {what}{at} brings saved bytes to {r['ratio_saved_bytes']:.3f}x exact{peak}; logits-sized "
+                 f"tensors are then {100 * logits:.1f}% of what is saved.")
+    return text
+
+
+def _memory_md(results: list[dict]) -> str:
+    m = results[0]["meta"]
+    lines = ["# Memory at two scales", "",
+             (f"Measured on {m['gpu'] or m['device']} (torch {m['torch']}, CUDA {m['cuda']}), {m['date']}. "
+              "Saved-for-backward: bytes autograd keeps between forward and backward, parameters excluded. "
+              "CUDA step peak: allocator peak over one training step (forward, backward, optimiser) minus what was "
+              "allocated before it."), ""]
+    for res in results:
+        s = res["size"]
+        lines += [(f"## {s['name']} (B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}, "
+                   f"{s['layers']} layers; {res['meta']['dtype']})"), "",
+                  *_table(["variant", "R", "saved-for-backward MiB", "ratio to exact", "CUDA step peak MiB",
+                           "ratio to exact"], res["rows"], _label,
+                          lambda r: [_mib(r["saved_bytes"]), _x(r["ratio_saved_bytes"]), _mib(r["cuda_peak_bytes"]),
+                                     _x(r["ratio_cuda_peak_bytes"])]),
+                  where_memory_goes(res), ""]
+    return "\n".join(lines)
+
+
+def _meta(device: torch.device, dtype: str, extra: dict) -> dict:
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "dtype": dtype, "argv": list(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extra}
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def bench(
+    sizes: Annotated[str, typer.Option(help=f"comma-separated, from {list(SIZES)}")] = "paper,gpt2-small",
+    ranks: Annotated[str, typer.Option(help="BASIS ranks R, comma-separated")] = "16,64,256",
+    variants: Annotated[str, typer.Option(help=f"comma-separated, from {list(VARIANTS)}")] = ",".join(VARIANTS),
+    steps: Annotated[int, typer.Option(min=1, help="timed steps")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed steps first; compilation happens here")] = 5,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("results/bench"),
+    quick: Annotated[bool, typer.Option(help="tiny shapes, for a CPU smoke test")] = False,
+    memory_table: Annotated[Path | None, typer.Option(help="also write 'memory at two scales' here")] = None,
+    layer: Annotated[bool, typer.Option("--layer/--no-layer", help="single-layer benchmark")] = True,
+    seed: int = 0,
+) -> None:
+    """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
+    variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
+    for given, known, what in ((_csv(sizes), SIZES, "size"), (variant_list, VARIANTS, "variant")):
+        if unknown := [x for x in given if x not in known]:
+            raise typer.BadParameter(f"unknown {what} {unknown}; choose from {list(known)}")
+    rank_list = [int(r) for r in _csv(ranks) if r.isdigit()]
+    if not rank_list or len(rank_list) < len(_csv(ranks)) or min(rank_list) < 1:
+        raise typer.BadParameter(f"ranks must be positive integers, got {ranks!r}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda, but torch sees no CUDA device")
+    opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed}
+    results: list[dict] = []
+    layer_res: dict = {}
+
+    def flush() -> None:
+        m = (results[0] if results else layer_res)["meta"]
+        md = ["# BASIS benchmark", "", f"`{' '.join(m['argv'])}`", "",
+              f"{m['gpu'] or m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['date']}", ""]
+        for res in results:
+            _write(out / f"bench_{res['size']['name']}.json", json.dumps(res, indent=1))
+            md += _size_md(res)
+        if layer_res:
+            _write(out / "layer.json", json.dumps(layer_res, indent=1))
+            md += _layer_md(layer_res)
+        _write(out / "bench.md", "\n".join(md))
+        if memory_table and results:
+            _write(memory_table, _memory_md(results))
+
+    def record(tag: str, rows: list[dict], row: dict, base: dict | None) -> None:
+        rows.append(row)
+        _ratios(rows, base)
+        msg = f"{row['time_ms']['median']:.3f} ms" if row["status"] == "ok" else row["error"]
+        typer.echo(f"[{tag}] R={row['rank'] or '-'}: {msg}", err=True)
+        flush()
+
+    for name in _csv(sizes):
+        size = {**SIZES[name], **(QUICK if quick else {})}
+        amp = size["bf16"] and dev.type == "cuda"
+        tf32_off = dev.type == "cuda" and not size["tf32"]
+        dtype = "bf16 autocast" if amp else "float32, TF32 off" if tf32_off else "float32"
+        gen = torch.Generator().manual_seed(seed)  # random token ids: timing and memory do not depend on the text
+        batch = [torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen).to(dev) for _ in "xy"]
+        precision = "high" if size["tf32"] else "highest"
+        res = {"meta": _meta(dev, dtype, {**opts, "float32_matmul": precision, "logits_itemsize": 2 if amp else 4}),
+               "size": size, "logits_bytes": size["batch"] * size["seq"] * size["vocab"] * (2 if amp else 4),
+               "logits_fp32_bytes": size["batch"] * size["seq"] * size["vocab"] * 4, "rows": []}
+        results.append(res)
+        runs = [(v, None) for v in variant_list if v.startswith("exact")]
+        runs += [(v, r) for v in variant_list if not v.startswith("exact") for r in rank_list]
+        old_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            for variant, rank in runs:
+                row = {"variant": variant, "rank": rank,
+                       **_guarded(_step_bench, size, variant, rank, dev, {**opts, "batch": batch})}
+                base = next((r for r in res["rows"] + [row] if r["variant"] == "exact"), None)
+                record(f"{name}] [{_label(row)}", res["rows"], row, base)
+        finally:
+            torch.set_float32_matmul_precision(old_precision)
+    if layer:
+        shape = LAYER_QUICK if quick else LAYER
+        layer_res.update(meta=_meta(dev, "bf16 autocast" if dev.type == "cuda" else "float32", opts),
+                         shape=shape, rows=[])
+        for rank in [None, *rank_list]:
+            row = {"rank": rank, **_guarded(_layer_bench, rank, dev, shape, opts)}
+            record("layer", layer_res["rows"], row, layer_res["rows"][0] if layer_res["rows"] else row)
+    failed = [r for res in [*results, layer_res] for r in res.get("rows", []) if r["status"] == "error"]
+    if failed:
+        typer.echo(f"{len(failed)} measurement(s) failed; see 'error' and 'traceback' in the JSON files", err=True)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""The training loop: one `Run` is one (config, seed) training job.
+
+A Run owns its model, optimiser, data position and random streams, so several Runs can
+share a process (and a GPU, each on its own CUDA stream) without touching each other.
+On CUDA a training step is one CUDA-graph replay: no host synchronisation happens
+between evaluations, which is what makes a 64-token model fast.
+
+Pairing: the seed alone fixes the initial weights (a private CPU generator, see
+model.py) and the batch order; the sketch's random stream has its own generator, so
+exact and BASIS runs with one seed start identical and see identical batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from basis_train.config import Config, config_hash, config_to_dict
+from basis_train.data import DataError, TrainLoader, ValStream, heldout_batches, load_tokens, make_splits
+from basis_train.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.model import GPTConfig, build_gpt
+from basis_train.runio import (
+    MetricsLog, RunError, Tracker, atomic_write_json, default_out_dir, load_checkpoint,
+    prepare_out_dir, save_checkpoint,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SKETCH_SEED_SALT = 0x5EED5
+_EAGER_BEFORE_CAPTURE = 3
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def variant_of(cfg: Config) -> str:
+    """Short tag of everything that departs from the paper's estimator and optimiser."""
+    s, tags = cfg.sketch, []
+    if cfg.train.method == "basis":
+        if s.hashing != "balanced":
+            tags.append(s.hashing)
+        if not s.invariant_scalars:
+            tags.append("no-scalars")
+        if s.lam == 0:
+            tags.append("lam0")
+        elif s.lam != 0.01:
+            tags.append(f"lam{s.lam:g}")
+        if s.layers != "mlp+head":
+            tags.append(f"layers={s.layers}")
+    if cfg.optim.lr_scale_sketched != 1.0:
+        tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
+    return ",".join(tags)
+
+
+def gpt_config(cfg: Config) -> GPTConfig:
+    m, s = cfg.model, cfg.sketch
+    return GPTConfig(
+        vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
+        n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
+        sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
+    )
+
+
+def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimizer:
+    """`lr_scale_sketched` scales the weights of the sketchable layers only: lambda
+    scales their dW and nothing else, so this is the lr-matched exact baseline."""
+    o = cfg.optim
+    sketchable = {f"{n}.weight" for n in model.sketchable_names()}
+    scaled = [p for n, p in model.named_parameters() if n in sketchable]
+    rest = [p for n, p in model.named_parameters() if n not in sketchable]
+    groups = [{"params": rest, "lr": o.lr}, {"params": scaled, "lr": o.lr * o.lr_scale_sketched}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             capturable=capturable)
+
+
+def load_data(cfg: Config):
+    d = cfg.data
+    corpus = load_tokens(
+        d.dataset if d.dataset != "files" else None, d.data_files, d.max_docs,
+        Path(d.cache_dir) if d.cache_dir else None,
+    )
+    return make_splits(corpus, d.val_protocol, cfg.model.block_size, paper_val_docs=d.paper_val_docs,
+                       heldout_every=d.heldout_every, heldout_min_tokens=d.heldout_min_tokens), corpus.source
+
+
+class Run:
+    def __init__(self, cfg: Config, out: Path | str | None = None, *, resume: bool = False,
+                 variant: str | None = None, splits=None, progress: bool = True) -> None:
+        self.cfg, t = cfg, cfg.train
+        self.variant = variant_of(cfg) if variant is None else variant
+        self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
+        self.device = resolve_device(t.device)
+        self.progress = progress
+        prepare_out_dir(cfg, self.out, resume)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # the paper ran on a T4: true fp32
+            torch.backends.cudnn.allow_tf32 = False
+        self.amp_dtype = DTYPES[t.dtype]
+        if splits is None:
+            splits, source = load_data(cfg)
+        else:
+            splits, source = splits
+        self.data_info = dict(splits.info, source=source)
+        self.loader = TrainLoader(splits.train_tokens, t.batch_size, cfg.model.block_size, self.device,
+                                  shuffle=cfg.data.shuffle, seed=t.seed)
+        if cfg.data.val_protocol == "paper":
+            self.val_stream = ValStream(splits.val_tokens, cfg.model.block_size, self.device,
+                                        batches_per_eval=cfg.data.paper_val_batches)
+            self.val_batches = None
+        else:
+            self.val_stream = None
+            self.val_batches = heldout_batches(splits.val_tokens, cfg.model.block_size, cfg.data.eval_batch_size,
+                                               self.device)
+        self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(t.seed ^ _SKETCH_SEED_SALT)
+        for m in self.model.sketched_modules():
+            m.generator = self.gen
+        self.use_graphs = t.cuda_graphs and self.device.type == "cuda" and not t.compile
+        self.opt = build_optimizer(self.model, cfg, capturable=self.use_graphs)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_n = 0
+        self.step = 0
+        self.wall_s = 0.0
+        self.measured: dict = {}
+        self.tokens_per_s: list[float] = []
+        self.graph = None
+        self._eager_steps = 0
+        self._stop = False
+        ckpt = load_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", keep_until_step=self.step if ckpt else -1)
+        self.tracker = Tracker(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name or self.out.name,
+                               config_to_dict(cfg), self.out, ckpt.get("wandb_id") if ckpt else None)
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return {
+            "version": 1, "step": self.step, "model": self.model.state_dict(), "optim": self.opt.state_dict(),
+            "loader": self.loader.state_dict(),
+            "val_stream": self.val_stream.state_dict() if self.val_stream else None,
+            "gen": self.gen.get_state(), "loss_sum": self.loss_sum.item(), "loss_n": self.loss_n,
+            "wall_s": self.wall_s, "measured": self.measured, "tokens_per_s": self.tokens_per_s,
+            "wandb_id": getattr(self, "tracker", None) and self.tracker.run_id,
+            "config_hash": config_hash(self.cfg),
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        self.step = ckpt["step"]
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optim"])
+        self.loader.load_state_dict(ckpt["loader"])
+        if self.val_stream and ckpt["val_stream"]:
+            self.val_stream.load_state_dict(ckpt["val_stream"])
+        self.gen.set_state(ckpt["gen"])
+        self.loss_sum.fill_(ckpt["loss_sum"])
+        self.loss_n, self.wall_s = ckpt["loss_n"], ckpt["wall_s"]
+        self.measured, self.tokens_per_s = ckpt["measured"], ckpt["tokens_per_s"]
+
+    def _finite(self) -> bool:
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        return math.isfinite(self.loss_sum.item()) and bool(torch.isfinite(torch.stack(norms)).all())
+
+    def save(self) -> None:
+        if not self._finite():
+            raise NonFiniteLoss(f"non-finite training loss before step {self.step}; "
+                                f"the last good checkpoint in {self.out} was kept")
+        save_checkpoint(self.out, self._state())
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
+        chunks = self.loader.chunks[idx]
+        x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
+        with self._autocast():
+            _, loss = self.forward(x, y)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach()
+
+    def _eager_step(self, idx: torch.Tensor) -> None:
+        self._fwd_bwd_opt(idx)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _measured_step(self, idx: torch.Tensor) -> None:
+        """The first step also measures what the step keeps for backward."""
+        meter = SavedTensorMeter(exclude=self.model.parameters())
+        with meter.measure():
+            if self.device.type == "cuda":
+                self.measured["cuda_peak_step_bytes"] = cuda_step_peak(lambda: self._eager_step(idx), self.device)
+            else:
+                self._eager_step(idx)
+        self.measured["peak_activation_bytes"] = meter.total_bytes
+        self.measured.setdefault("cuda_peak_step_bytes", None)
+        top = sorted(meter.by_shape.items(), key=lambda kv: -kv[1])[:5]
+        self.measured["saved_top"] = [[str(list(k[0])), k[1], v] for k, v in top]
+
+    def _capture_and_replay(self, idx: torch.Tensor) -> None:
+        # Whole-step capture (PyTorch's CUDA graphs recipe): grads are None here, so the
+        # captured backward writes them into the graph's pool instead of accumulating.
+        self.idx_buf = idx.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        if hasattr(self.graph, "register_generator_state"):
+            self.graph.register_generator_state(self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self._fwd_bwd_opt(self.idx_buf)
+        self.graph.replay()  # capture records without running: this is the real step
+
+    def train_step(self) -> None:
+        idx = self.loader.next_indices()
+        if self.graph is not None:
+            self.idx_buf.copy_(idx)
+            self.graph.replay()
+        else:
+            # Before capture, a few eager steps on a side stream let lazy initialisation
+            # (optimiser state, cuBLAS workspaces) happen outside the graph.
+            side = torch.cuda.Stream(self.device) if self.use_graphs else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                if not self.measured:
+                    self._measured_step(idx)
+                elif self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
+                    self._capture_and_replay(idx)
+                else:
+                    self._eager_step(idx)
+            if side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            self._eager_steps += 1
+        self.loss_n += 1
+        self.step += 1
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        batches = [self.val_stream.next()] if self.val_stream else self.val_batches
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for x, y in batches:
+            with self._autocast():
+                logits, _ = self.model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            count += y.numel()
+        self.model.train()
+        return total.item() / count
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+
+    def run(self) -> dict:
+        t = self.cfg.train
+        handlers = {}
+        if hasattr(signal, "SIGTERM"):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    handlers[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+        die_at = int(os.environ.get("BASIS_TRAIN_DIE_AT_STEP", "0"))  # test hook: simulate kill -9
+        bar = _progress(t.steps, self.step, enabled=self.progress)
+        try:
+            t0, steps0 = time.perf_counter(), self.step
+            while self.step < t.steps:
+                self.train_step()
+                bar.update(1)
+                if self.step == die_at:
+                    os._exit(137)
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    t0, steps0 = self._eval_and_log(t0, steps0, bar)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save()
+                if self._stop:
+                    self.save()
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out} "
+                                      f"(continue with --resume)")
+        finally:
+            bar.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        return self._finish()
+
+    def _eval_and_log(self, t0: float, steps0: int, bar) -> tuple[float, int]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.wall_s += dt
+        tokens = (self.step - steps0) * self.cfg.train.batch_size * self.cfg.model.block_size
+        tok_s = tokens / dt if dt > 0 else float("nan")
+        self.tokens_per_s.append(tok_s)
+        train_loss = self.loss_sum.item() / max(self.loss_n, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"non-finite training loss between steps {self.step - self.loss_n} and "
+                                f"{self.step}; stopped, the last good checkpoint in {self.out} was kept")
+        self.loss_sum.zero_()
+        self.loss_n = 0
+        e0 = time.perf_counter()
+        val_loss = self.evaluate()
+        rec = {
+            "step": self.step, "train_loss": train_loss, "val_loss": val_loss, "tokens_per_s": tok_s,
+            "ms_per_step": 1000 * dt / max(self.step - steps0, 1),
+            "peak_activation_bytes": self.measured["peak_activation_bytes"],
+            "cuda_peak_step_bytes": self.measured["cuda_peak_step_bytes"],
+            "eval_s": time.perf_counter() - e0, "epoch": self.loader.epoch,
+        }
+        if self.val_stream:
+            rec["val_restarts"] = self.val_stream.restarts
+        self.metrics.append(rec)
+        self.tracker.log(rec, step=self.step)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        return time.perf_counter(), self.step
+
+    def _finish(self) -> dict:
+        cfg, last = self.cfg, self.metrics.records[-1]
+        summary = {
+            "method": cfg.train.method, "rank": cfg.sketch.rank if cfg.train.method == "basis" else None,
+            "variant": self.variant, "seed": cfg.train.seed, "steps": self.step,
+            "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
+            "peak_activation_bytes": self.measured["peak_activation_bytes"],
+            "cuda_peak_step_bytes": self.measured["cuda_peak_step_bytes"],
+            "saved_top": self.measured.get("saved_top"),
+            "wall_s": self.wall_s,
+            "tokens_per_s": sum(self.tokens_per_s) / len(self.tokens_per_s),
+            "ms_per_step": 1000 * self.wall_s / max(self.step, 1),
+            "val_protocol": cfg.data.val_protocol, "data": self.data_info,
+            "sketch_layers": cfg.sketch.layers, "hashing": cfg.sketch.hashing,
+            "invariant_scalars": cfg.sketch.invariant_scalars, "lam": cfg.sketch.lam,
+            "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "dtype": cfg.train.dtype,
+            "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "cuda_graphs": self.graph is not None, "torch": torch.__version__, "config_hash": config_hash(cfg),
+        }
+        if self.val_stream:
+            summary["val_restarts"] = self.val_stream.restarts
+        atomic_write_json(self.out / "summary.json", summary)
+        self.tracker.finish(summary)
+        return summary
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5)
+
+
+def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run to completion and return its summary (also in out/summary.json)."""
+    try:
+        return Run(cfg, out, resume=resume, progress=progress).run()
+    except DataError as e:
+        raise RunError(str(e)) from e

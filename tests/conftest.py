@@ -1,0 +1,45 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from basis_train.data import _wiki_json_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Token caches and wandb files of the tests stay in a temporary directory."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = {k: os.environ.get(k) for k in ("BASIS_TRAIN_CACHE", "WANDB_DIR", "WANDB_SILENT")}
+    os.environ.update(BASIS_TRAIN_CACHE=str(cache), WANDB_DIR=str(cache), WANDB_SILENT="true")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The first 300 embedded Wikipedia leads as a local .jsonl file (~33k tokens)."""
+    docs = list(json.loads(_wiki_json_path().read_text()).values())[:300]
+    path = tmp_path_factory.mktemp("corpus") / "wiki300.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{d['title']}\n\n{d['extract']}"}) + "\n" for d in docs))
+    return path
+
+
+TINY_YAML = """
+model: {{block_size: 16, n_embd: 16, n_head: 2, n_layer: 1}}
+sketch: {{rank: 4}}
+train: {{steps: 12, eval_every: 4, checkpoint_every: 5, device: cpu}}
+data: {{data_files: "{corpus}", heldout_min_tokens: 1000, eval_batch_size: 64, paper_val_docs: 20, paper_val_batches: 4}}
+"""
+
+
+@pytest.fixture()
+def tiny_config(tmp_path, small_corpus) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML.format(corpus=small_corpus))
+    return path

@@ -1,0 +1,191 @@
+"""basis-train end to end on CPU: outputs, pairing, resume after a kill, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from basis_train.cli import train_app
+
+runner = CliRunner()
+TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s"}
+
+
+def train(*args):
+    return runner.invoke(train_app, ["--quiet", *map(str, args)])
+
+
+def read(out):
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), metrics
+
+
+def drop_timing(d):
+    return {k: v for k, v in d.items() if k not in TIMING}
+
+
+def test_outputs_and_keys(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    res = train("--config", tiny_config, "--out", out)
+    assert res.exit_code == 0, res.output
+    summary, metrics = read(out)
+    for key in ("method", "rank", "seed", "steps", "final_val_loss", "final_train_loss",
+                "peak_activation_bytes", "cuda_peak_step_bytes", "wall_s", "tokens_per_s", "val_protocol"):
+        assert key in summary
+    assert summary["method"] == "basis" and summary["rank"] == 4 and summary["steps"] == 12
+    assert [m["step"] for m in metrics] == [4, 8, 12]
+    for m in metrics:
+        assert {"step", "train_loss", "val_loss", "peak_activation_bytes", "tokens_per_s"} <= m.keys()
+    assert summary["final_val_loss"] == metrics[-1]["val_loss"]
+    assert (out / "checkpoint.pt").exists()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["sketch"]["rank"] == 4 and cfg["train"]["steps"] == 12
+    assert summary["data"]["protocol"] == "heldout" and summary["data"]["n_val_tokens"] >= 1000
+
+
+def test_exact_is_paired_and_saves_more(tmp_path, tiny_config):
+    res = train("--config", tiny_config, "--out", tmp_path / "e", "--method", "exact", "--steps", 4)
+    assert res.exit_code == 0, res.output
+    res = train("--config", tiny_config, "--out", tmp_path / "b", "--steps", 4, "--rank", 8)
+    assert res.exit_code == 0, res.output
+    exact, basis = read(tmp_path / "e")[0], read(tmp_path / "b")[0]
+    assert exact["method"] == "exact" and exact["rank"] is None
+    assert basis["peak_activation_bytes"] < exact["peak_activation_bytes"]
+    # Same seed: the first training loss (before any update) is identical.
+    e0 = torch.load(tmp_path / "e" / "checkpoint.pt", weights_only=False)
+    b0 = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert e0["loader"] == b0["loader"]
+
+
+def test_paper_val_protocol(tmp_path, tiny_config):
+    res = train("--config", tiny_config, "--out", tmp_path / "p", "--val-protocol", "paper")
+    assert res.exit_code == 0, res.output
+    summary, metrics = read(tmp_path / "p")
+    assert summary["val_protocol"] == "paper" and "val_restarts" in metrics[-1]
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "basis_train.cli", "--quiet", *map(str, args)]
+
+
+def _reference(tmp_path, tiny_config):
+    ref = tmp_path / "ref"
+    assert train("--config", tiny_config, "--out", ref).exit_code == 0
+    return read(ref)
+
+
+def _assert_same_run(a, b):
+    (sa, ma), (sb, mb) = a, b
+    assert drop_timing(sa) == drop_timing(sb)
+    assert [drop_timing(m) for m in ma] == [drop_timing(m) for m in mb]
+
+
+def test_resume_after_kill_between_checkpoints(tmp_path, tiny_config):
+    out = tmp_path / "killed"
+    env = dict(os.environ, BASIS_TRAIN_DIE_AT_STEP="7")  # dies like kill -9, after the step-5 checkpoint
+    proc = subprocess.run(_cli("--config", tiny_config, "--out", out), env=env, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    res = train("--config", tiny_config, "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    resumed = read(out)
+    _assert_same_run(resumed, _reference(tmp_path, tiny_config))
+    ref_state = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["model"]
+    for k, v in torch.load(out / "checkpoint.pt", weights_only=False)["model"].items():
+        assert torch.equal(v, ref_state[k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_real_signal_then_resume(tmp_path, tiny_config, sig):
+    out = tmp_path / "sig"
+    proc = subprocess.Popen(_cli("--config", tiny_config, "--out", out, "--steps", 150, "--eval-every", 50,
+                                 "--checkpoint-every", 10), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, err
+        assert "checkpoint saved" in err and "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 150
+    res = train("--config", tiny_config, "--out", out, "--steps", 150, "--eval-every", 50,
+                "--checkpoint-every", 10, "--resume")
+    assert res.exit_code == 0, res.output
+    ref = tmp_path / "ref150"
+    assert train("--config", tiny_config, "--out", ref, "--steps", 150, "--eval-every", 50,
+                 "--checkpoint-every", 10).exit_code == 0
+    _assert_same_run(read(out), read(ref))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config):
+    out = tmp_path / "nan"
+    res = train("--config", tiny_config, "--out", out, "--lr", 1e6, "--checkpoint-every", 1, "--steps", 40)
+    assert res.exit_code == 3, res.output
+    assert "non-finite" in res.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] < 40
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rank", "0"], "rank"),
+    (["--steps", "0"], "steps"),
+    (["--eval-every", "-1"], "eval_every"),
+    (["--config", "/does/not/exist.yaml"], "not found"),
+    (["--data-files", "/no/such/*.txt"], "no files"),
+    (["--method", "sideways"], "sideways"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, needle):
+    res = train("--out", tmp_path / "x", "--device", "cpu", *args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_bad_files_and_yaml(tmp_path, tiny_config):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\xfa not utf8 \xc3")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("train: {steps: [1,\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train: {stpes: 3}\n")
+    for args in (["--data-files", empty], ["--data-files", bad], ["--config", broken_yaml], ["--config", unknown]):
+        res = train("--out", tmp_path / "y", "--device", "cpu", *args)
+        assert res.exit_code == 2, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert "did you mean 'steps'" in res.output
+
+
+def test_existing_out_with_other_config(tmp_path, tiny_config):
+    out = tmp_path / "o"
+    assert train("--config", tiny_config, "--out", out, "--steps", 2).exit_code == 0
+    res = train("--config", tiny_config, "--out", out, "--steps", 3)
+    assert res.exit_code == 2 and "different config" in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu(tmp_path, tiny_config):
+    res = train("--config", tiny_config, "--out", tmp_path / "c", "--device", "cuda")
+    assert res.exit_code == 2 and "no CUDA GPU" in res.output
+
+
+def test_wandb_offline_run(tmp_path, tiny_config):
+    pytest.importorskip("wandb")
+    out = tmp_path / "w"
+    res = train("--config", tiny_config, "--out", out, "--steps", 4, "--wandb", "offline")
+    assert res.exit_code == 0, res.output
+    runs = list(out.glob("wandb/offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
