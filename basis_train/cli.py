@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -17,8 +18,15 @@ class Method(str, Enum):
     exact = "exact"
 
 
+def _is_main_process() -> bool:
+    # Under torchrun every rank reaches the same errors (config, data, out dir, and the
+    # collectively decided non-finite/interrupt stops), so rank 0 alone reports them.
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fail(message: str, code: int = 2):
-    typer.echo(f"error: {message}", err=True)
+    if _is_main_process():
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -81,8 +89,11 @@ def train_cmd(
     except (RunError, ConfigError) as e:
         fail(str(e))
     except Interrupted as e:
-        typer.echo(str(e), err=True)
+        if _is_main_process():
+            typer.echo(str(e), err=True)
         raise typer.Exit(130)
+    if not _is_main_process():
+        return
     typer.echo(
         f"final val loss {summary['final_val_loss']:.4f}, train loss {summary['final_train_loss']:.4f}, "
         f"saved-for-backward {summary['peak_activation_bytes'] / 2**20:.2f} MiB, "

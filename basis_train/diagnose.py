@@ -56,8 +56,7 @@ VARIANTS: dict[str, Variant] = {
 }
 DEFAULT_RANKS = "1,4,8,16,32,64,rows"
 METRICS = ("rel_err_mean", "rel_err_std", "rel_err_p10", "rel_err_p90", "cos_mean", "cos_std",
-           "norm_ratio_mean", "norm_ratio_std", "bias_rel", "bias_noise_rel")
-_CPU = torch.device("cpu")
+           "norm_ratio_mean", "norm_ratio_std", "bias_rel", "bias_noise_rel", "proj_mean", "proj_se")
 
 
 class DiagnoseError(Exception):
@@ -65,12 +64,11 @@ class DiagnoseError(Exception):
 
 
 def parse_ranks(text: str) -> list[int | str]:
-    out: list[int | str] = []
-    for item in (s.strip().lower() for s in text.split(",")):
+    items = [s.strip().lower() for s in text.split(",")]
+    for item in items:
         if item != "rows" and not (item.isdigit() and int(item) >= 1):
             raise DiagnoseError(f"--ranks: {item!r} is neither an integer >= 1 nor 'rows'")
-        out.append(item if item == "rows" else int(item))
-    return out
+    return [i if i == "rows" else int(i) for i in items]
 
 
 def resolve_ranks(spec: list[int | str], rows: int) -> list[int]:
@@ -122,7 +120,7 @@ def estimate(x: torch.Tensor, dy: torch.Tensor, seed: torch.Tensor, rank: int, v
 def _compress(m: torch.Tensor) -> torch.Tensor:
     if m.shape[1] <= m.shape[0]:
         return m
-    return torch.linalg.qr(m.t(), mode="r").R.t()  # m = R^T Q^T, so R^T has m's row Gram
+    return torch.linalg.qr(m.t(), mode="r").R.t()  # m = R^T Q^T: same row Gram matrix as m
 
 
 def run_draws(captures, names, ranks, variants, draws, seed=0, progress=False) -> dict[str, np.ndarray]:
@@ -147,7 +145,7 @@ def run_draws(captures, names, ranks, variants, draws, seed=0, progress=False) -
             dw = dyc.t() @ xc
             g2[li, k] = dw.square().sum().item()
             joint, n_x = torch.cat([xc, dyc], 1), xc.shape[1]  # one sketch call serves X and dY
-            seeds = [draw_seed(_CPU, gen).to(xc.device) for _ in range(draws)]
+            seeds = [draw_seed(torch.device("cpu"), gen).to(xc.device) for _ in range(draws)]
             chunk = max(1, min(draws, 2**22 // dw.numel()))  # bounds the stacked estimates to 32 MB
             for ri, r in enumerate(ranks):
                 sums = [torch.zeros_like(dw) for _ in specs]
@@ -175,17 +173,17 @@ def run_draws(captures, names, ranks, variants, draws, seed=0, progress=False) -
 
 
 def _stats(err2, nrm2, dot, bias2, g2) -> dict[str, float]:
-    d = err2.shape[-1]
-    g = np.sqrt(g2)[:, None]
-    rel, ratio = np.sqrt(err2) / g, np.sqrt(nrm2) / g
+    d, g = err2.shape[-1], np.sqrt(g2)[:, None]
+    rel, ratio, proj = np.sqrt(err2) / g, np.sqrt(nrm2) / g, dot / g**2
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = dot / (np.sqrt(nrm2) * g)
-    # sum_d ||dW^_d - mean||^2, taken from errors about dW so R = rows does not cancel badly
+    # sum_d ||dW^_d - mean||^2, from errors about dW so that R = rows does not cancel badly
     spread = np.maximum(err2.sum(-1) - d * bias2, 0.0)
-    p10, p90 = np.percentile(rel, [10, 90])
-    # bias_noise_rel: what bias_rel would be for an unbiased estimator with this variance
-    vals = (rel.mean(), rel.std(), p10, p90, np.nanmean(cos), np.nanstd(cos), ratio.mean(), ratio.std(),
-            np.mean(np.sqrt(bias2 / g2)), np.mean(np.sqrt(spread / (d - 1) / d / g2)))
+    # bias_noise_rel is what bias_rel would be for an unbiased estimator of this variance; proj, the
+    # component along dW (1 if unbiased), is far less noisy and so exposes small scale biases.
+    vals = (rel.mean(), rel.std(), *np.percentile(rel, [10, 90]), np.nanmean(cos), np.nanstd(cos), ratio.mean(),
+            ratio.std(), np.mean(np.sqrt(bias2 / g2)), np.mean(np.sqrt(spread / (d - 1) / d / g2)), proj.mean(),
+            proj.std(ddof=1) / np.sqrt(proj.size))
     return dict(zip(METRICS, map(float, vals), strict=True))
 
 
@@ -206,41 +204,49 @@ def findings(overall: list[dict], rows: int) -> list[str]:
     t = {(r["variant"], r["rank"]): r for r in overall}
     have, ranks = list(dict.fromkeys(r["variant"] for r in overall)), sorted({r["rank"] for r in overall})
     sub = [r for r in ranks if r < rows] or ranks
-    lo, mid = ranks[0], (8 if 8 in sub else sub[len(sub) // 2])
-    at_rows = rows in ranks
+    lo, mid, at_rows = ranks[0], (8 if 8 in sub else sub[len(sub) // 2]), rows in ranks
 
     def m(v, r, key="rel_err_mean"):
         return t[(v, r)][key]
+
+    def where(test, show=lambda v, rs: "") -> str:
+        hits = {v: [r for r in ranks if test(v, r)] for v in have}
+        listed = "; ".join(f"{v} at R={','.join(map(str, rs))}{show(v, rs)}" for v, rs in hits.items() if rs)
+        return (listed or "no variant") + " (clean at every R: " + (", ".join(
+            v for v, rs in hits.items() if not rs) or "none") + ")"
 
     out = []
     if {"basis", "uniform"} <= set(have):
         q = [m("uniform", r) / m("basis", r) for r in sub]
         out.append(f"Uniform instead of balanced bins: relative error {m('uniform', mid):.3f} vs {m('basis', mid):.3f} "
-                   f"at R={mid} ({q[sub.index(mid)]:.2f}x), a ratio of {min(q):.2f}-{max(q):.2f} over "
-                   f"R={sub[0]}-{sub[-1]}" + (f"; at R=rows={rows} {m('uniform', rows):.3f} vs "
-                                              f"{m('basis', rows):.4f}." if at_rows else "."))
+                   f"at R={mid} ({q[sub.index(mid)]:.2f}x), a ratio of {min(q):.2f}-{max(q):.2f} over R={sub[0]}-"
+                   f"{sub[-1]}" + (f"; {m('uniform', rows):.3f} vs {m('basis', rows):.4f} at R=rows."
+                                   if at_rows else "."))
     if {"basis", "no-scalars"} <= set(have):
-        nr = [f"{m(v, r, 'norm_ratio_mean'):.2f} +- {m(v, r, 'norm_ratio_std'):.2f}"
-              for r in (lo, mid) for v in ("basis", "no-scalars")]
-        out.append(f"Invariant scalars: the norm ratio ||dW^||/||dW|| is {nr[0]} with them vs {nr[1]} without at "
-                   f"R={lo}, {nr[2]} vs {nr[3]} at R={mid}; the mean estimate's relative bias at R={lo} is "
-                   f"{m('basis', lo, 'bias_rel'):.3f} vs {m('no-scalars', lo, 'bias_rel'):.3f} (noise floors "
-                   f"{m('basis', lo, 'bias_noise_rel'):.3f}, {m('no-scalars', lo, 'bias_noise_rel'):.3f}).")
-    biased = {v: [r for r in ranks if m(v, r, "bias_rel") > max(4 * m(v, r, "bias_noise_rel"), 1e-6)] for v in have}
-    flagged = "; ".join(f"{v} at R={','.join(map(str, rs))}" for v, rs in biased.items() if rs)
-    clean = ", ".join(v for v, rs in biased.items() if not rs)
-    out.append(f"Bias above both 4x its Monte Carlo noise floor and 1e-6: {flagged or 'none'}"
-               + (f"; within the floor at every R: {clean}." if clean else "."))
+        nr = {(v, r): f"{m(v, r, 'norm_ratio_mean'):.2f} +- {m(v, r, 'norm_ratio_std'):.2f}"
+              for r in (lo, mid) for v in ("basis", "no-scalars")}
+        dm, ds = (m("basis", lo, k) / m("no-scalars", lo, k) - 1 for k in ("norm_ratio_mean", "norm_ratio_std"))
+        plain = abs(dm) < 0.05 and m("no-scalars", lo, "norm_ratio_mean") > 1
+        out.append("Invariant scalars: the norm ratio ||dW^||/||dW|| is " + " and ".join(
+            f"{nr[('basis', r)]} with them vs {nr[('no-scalars', r)]} without at R={r}"
+            for r in dict.fromkeys((lo, mid))) + f", i.e. {dm:+.1%} on the mean and {ds:+.0%} on the spread at "
+            f"R={lo}" + ("; the overshoot above 1 is the sketch's variance, not the scalars." if plain else "."))
+    def span(v, rs):
+        return " (" + " to ".join(dict.fromkeys(f"{f(m(v, r, 'proj_mean') for r in rs):.4f}" for f in (min, max))) + ")"
+
+    out.append("Bias: ||mean of the draws - dW|| exceeds 4x its Monte Carlo noise floor (and 1e-6) for " + where(
+        lambda v, r: m(v, r, "bias_rel") > max(4 * m(v, r, "bias_noise_rel"), 1e-6)) + "; the far less noisy "
+        "mean of <dW^, dW>/||dW||^2 is off 1 by over 4 standard errors for " + where(
+        lambda v, r: abs(m(v, r, "proj_mean") - 1) > max(4 * m(v, r, "proj_se"), 1e-6), span) + ".")
     if {"basis", "gaussian"} <= set(have):
         g = ", ".join(f"{m('gaussian', r) / m('basis', r):.2f}x at R={r}" for r in dict.fromkeys([lo, mid, sub[-1]]))
         out.append(f"A dense Gaussian projection with the same scalars and lam has {g} the count sketch's error"
                    + (f", and {m('gaussian', rows):.3f} vs {m('basis', rows):.4f} at R=rows." if at_rows else "."))
     if "basis" in have and at_rows:
-        s = (f"At R=rows the paper's estimator is off by {m('basis', rows):.5f}, against 1-(1-lam)^2 = "
-             f"{1 - 0.99 ** 2:.5f} from lam shrinkage alone")
-        out.append(s + (f"; with lam=0 by {m('lam0', rows):.1e}." if "lam0" in have else "."))
-    v = "unbiased" if "unbiased" in have else have[0]
-    fit = [r for r in ranks if r <= rows // 2]
+        out.append(f"At R=rows the paper's estimator is off by {m('basis', rows):.5f}, against 1-(1-lam)^2 = "
+                   f"{1 - 0.99**2:.5f} from lam shrinkage alone"
+                   + (f"; with lam=0 by {m('lam0', rows):.1e}." if "lam0" in have else "."))
+    v, fit = ("unbiased" if "unbiased" in have else have[0]), [r for r in ranks if r <= rows // 2]
     if len(fit) >= 2:
         slope = np.polyfit(np.log(fit), np.log([m(v, r) for r in fit]), 1)[0]
         out.append(f"The {v} error falls about as R^{slope:.2f} over R={fit[0]}-{fit[-1]} (sampling rows "
@@ -248,25 +254,24 @@ def findings(overall: list[dict], rows: int) -> list[str]:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-
-
 def _plot(path: Path, overall: list[dict], key: str, ylabel: str) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for v in dict.fromkeys(r["variant"] for r in overall):
+    variants = list(dict.fromkeys(r["variant"] for r in overall))
+    for i, v in enumerate(variants):
         rs = [r for r in overall if r["variant"] == v and r[key] > 1e-12]  # an exact R = rows is off a log axis
-        (line,) = ax.plot([r["rank"] for r in rs], [r[key] for r in rs], marker="o", label=v)
+        x = [r["rank"] * 1.025 ** (i - len(variants) / 2) for r in rs]  # dodge: several variants coincide
+        spec = VARIANTS[v]
+        (line,) = ax.plot(x, [r[key] for r in rs], ls="-" if spec.scalars else "--", label=v,
+                          marker={"balanced": "o", "uniform": "s", "gaussian": "^"}[spec.hashing], ms=4)
         if key == "rel_err_mean":
-            ax.fill_between([r["rank"] for r in rs], [r["rel_err_p10"] for r in rs], [r["rel_err_p90"] for r in rs],
-                            color=line.get_color(), alpha=0.12)
-    if key != "rel_err_mean":
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.fill_between(x, [r["rel_err_p10"] for r in rs], [r["rel_err_p90"] for r in rs],
+                            color=line.get_color(), alpha=0.1)
+    if key == "rel_err_mean":
+        ax.set_ylim(bottom=5e-3)  # lam0's 1e-7 at R = rows (the scalars' epsilon) would squash the rest
+    else:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="sketch rank R", ylabel=ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -276,8 +281,7 @@ def _plot(path: Path, overall: list[dict], key: str, ylabel: str) -> None:
 
 def _md_table(rows: list[dict], col: str, fmt) -> list[str]:
     """Ranks down, one column per distinct value of `col` (variant or layer)."""
-    t = {(r[col], r["rank"]): r for r in rows}
-    cols = list(dict.fromkeys(r[col] for r in rows))
+    t, cols = {(r[col], r["rank"]): r for r in rows}, list(dict.fromkeys(r[col] for r in rows))
     lines = ["| R | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for rank in sorted({r["rank"] for r in rows}):
         label = f"{rank} (rows)" if t[(cols[0], rank)]["is_rows"] else str(rank)
@@ -290,14 +294,20 @@ TABLES = (
      lambda r: f"{r['rel_err_mean']:.4g} [{r['rel_err_p10']:.3g}, {r['rel_err_p90']:.3g}]"),
     ("Cosine similarity with dW (mean +- std)", lambda r: f"{r['cos_mean']:.3f} +- {r['cos_std']:.3f}"),
     ("Norm ratio ||dW^|| / ||dW|| (mean +- std)", lambda r: f"{r['norm_ratio_mean']:.3f} +- {r['norm_ratio_std']:.3f}"),
-    ("Relative bias of the mean estimate (noise floor)", lambda r: f"{r['bias_rel']:.3g} ({r['bias_noise_rel']:.2g})"),
+    ("Relative bias ||mean of the draws - dW|| / ||dW|| (noise floor)",
+     lambda r: f"{r['bias_rel']:.3g} ({r['bias_noise_rel']:.2g})"),
+    ("Mean projection on dW, <dW^, dW> / ||dW||^2 (+- standard error; 1 if unbiased)",
+     lambda r: f"{r['proj_mean']:.4f} +- {r['proj_se']:.4f}"),
 )
 
 
 def write_outputs(out: Path, per_layer: list[dict], overall: list[dict], meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "diagnostics.csv", per_layer)
-    _write_csv(out / "overall.csv", overall)
+    for name, rows in (("diagnostics.csv", per_layer), ("overall.csv", overall)):
+        with (out / name).open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
     _plot(out / "error_vs_rank.png", overall, "rel_err_mean", "relative error ||dW^-dW||/||dW|| (p10-p90 band)")
     _plot(out / "norm_ratio_vs_rank.png", overall, "norm_ratio_mean", "norm ratio ||dW^||/||dW||")
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
@@ -305,20 +315,20 @@ def write_outputs(out: Path, per_layer: list[dict], overall: list[dict], meta: d
     md = ["# BASIS estimator diagnostics", "", (
         f"Model: {meta['model_source']}; layers {', '.join(meta['layers'])}; {meta['batches']} training batches of "
         f"{meta['rows']} rows; {meta['draws']} draws per batch, layer, R and variant; seed {meta['seed']}; "
-        f"wall time {meta['wall_s']:.0f} s on {meta['threads']} {meta['device']} threads."), "",
+        f"wall time {meta['wall_s']:.0f} s ({meta['device']}, {meta['threads']} threads)."), "",
         f"Command: `{meta['command']}`", "",
         "Variants (hashing, invariant scalars, lam): " + "; ".join(
             f"{v} = {VARIANTS[v].hashing}, {'on' if VARIANTS[v].scalars else 'off'}, {VARIANTS[v].lam:g}"
             for v in variants) + ".", "", (
         "Tables pool every diagnosed layer's gradient into one vector ('overall'; per layer: diagnostics.csv). "
-        "Bias is ||mean of the draws - dW|| / ||dW||, averaged over batches; its noise floor is the value an "
-        "unbiased estimator with the measured variance would show, sqrt(var/draws)/||dW||."), ""]
+        "The bias noise floor is what ||mean of the draws - dW|| / ||dW|| would be for an unbiased estimator "
+        "with the measured variance, sqrt(var/draws)/||dW||, averaged over batches."), ""]
     for title, fmt in TABLES:
         md += [f"## {title}", "", *_md_table(overall, "variant", fmt)]
     md += ["## Findings", "", *(f"- {s}" for s in findings(overall, meta["rows"])), ""]
     if "basis" in variants:
-        md += ["## Relative error per layer, the paper's estimator (basis)", "",
-               *_md_table([r for r in per_layer if r["variant"] == "basis"], "layer", lambda r: f"{r['rel_err_mean']:.4g}")]
+        md += ["## Relative error per layer, the paper's estimator (basis)", "", *_md_table(
+            [r for r in per_layer if r["variant"] == "basis"], "layer", lambda r: f"{r['rel_err_mean']:.4g}")]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
 
 
@@ -330,6 +340,7 @@ def gpt_config(cfg: Config) -> GPTConfig:
 
 
 def load_weights(model: GPT, path: Path) -> dict:
+    """Load a checkpoint's 'model' state_dict (or a bare state_dict); returns the checkpoint."""
     if not path.is_file():
         raise DiagnoseError(f"checkpoint not found: {path}")
     try:
@@ -346,33 +357,33 @@ def load_weights(model: GPT, path: Path) -> dict:
     return ckpt
 
 
-def _trained_checkpoint(cfg: Config, steps: int, seed: int, device: str, out: Path) -> Path:
+def _trained_checkpoint(cfg: Config, steps: int, seed: int, device: str, out: Path, progress: bool) -> Path:
     try:
+        from basis_train.runio import RunError
         from basis_train.train import train
     except ImportError:
         raise DiagnoseError("--after-steps needs basis_train.train, which is not available; use --checkpoint") from None
-    run_dir = out / "after_steps_run"
-    train(apply_overrides(cfg, {"train.steps": steps, "train.seed": seed, "log.out": str(run_dir),
-                                "log.wandb": "off", "train.device": device}))
-    return run_dir / "checkpoint.pt"
+    overrides = {"train.steps": steps, "train.seed": seed, "train.device": device, "log.wandb": "off"}
+    try:
+        train(apply_overrides(cfg, overrides), out / "after_steps_run", progress=progress)
+    except RunError as exc:
+        raise DiagnoseError(f"training for --after-steps failed: {exc}") from None
+    return out / "after_steps_run" / "checkpoint.pt"
 
 
-def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, skip: int) -> tuple[list, dict]:
+def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, ckpt: dict) -> tuple[list, dict]:
     d = cfg.data
     corpus = load_tokens(d.dataset, d.data_files, d.max_docs, d.cache_dir)
     splits = make_splits(corpus, d.val_protocol, cfg.model.block_size, paper_val_docs=d.paper_val_docs,
                          heldout_every=d.heldout_every, heldout_min_tokens=d.heldout_min_tokens)
     loader = TrainLoader(splits.train_tokens, batch_size, cfg.model.block_size, device, shuffle=d.shuffle, seed=seed)
-    for _ in range(skip):  # a trained model is diagnosed on the batches training would see next
-        loader.next_indices()
-    return [loader.next() for _ in range(n)], splits.info
-
-
-def _command(options: dict) -> str:
-    if Path(sys.argv[0]).name == "diagnose.py":
-        return shlex.join(["python", "-m", "basis_train.diagnose", *sys.argv[1:]])
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if v is not None and k != "progress"]
-    return shlex.join(["basis-diagnose", *flags])
+    # A trained model is diagnosed on the batches its training would have seen next.
+    if isinstance(ckpt.get("loader"), dict) and batch_size == cfg.train.batch_size:
+        loader.load_state_dict(ckpt["loader"])
+    else:
+        for _ in range(ckpt["step"] if isinstance(ckpt.get("step"), int) else 0):
+            loader.next_indices()
+    return [loader.next() for _ in range(n)], dict(splits.info, loader=loader.state_dict())
 
 
 app = typer.Typer(add_completion=False)
@@ -381,15 +392,15 @@ Opt = typer.Option
 
 @app.command()
 def run(
-    config: Annotated[str | None, Opt(help="YAML config or a name in configs/ [default: the paper's]")] = None,
+    config: Annotated[str | None, Opt(help="YAML config or a name in configs/ (default: the paper's)")] = None,
     checkpoint: Annotated[Path | None, Opt(help="load the 'model' state_dict of this checkpoint")] = None,
-    after_steps: Annotated[int, Opt(min=0, help="first train this many steps (basis_train.train)")] = 0,
-    seed: Annotated[int | None, Opt(help="init and sketch seed [default: the config's train.seed]")] = None,
+    after_steps: Annotated[int, Opt(help="first train this many steps (basis_train.train)")] = 0,
+    seed: Annotated[int | None, Opt(help="init and sketch seed (default: the config's train.seed)")] = None,
     ranks: Annotated[str, Opt(help="comma list of sketch ranks; 'rows' = batch x sequence")] = DEFAULT_RANKS,
     variants: Annotated[str, Opt(help="comma list of: " + ", ".join(VARIANTS))] = ",".join(VARIANTS),
     draws: Annotated[int, Opt(help="estimates per batch, layer, rank and variant")] = 200,
-    batches: Annotated[int, Opt(min=1, help="real training batches")] = 4,
-    batch_size: Annotated[int | None, Opt(min=1, help="sequences per batch [default: the config's]")] = None,
+    batches: Annotated[int, Opt(help="real training batches")] = 4,
+    batch_size: Annotated[int | None, Opt(help="sequences per batch (default: the config's)")] = None,
     sketch_layers: Annotated[str | None, Opt(help="mlp+head, all, or a comma list of layer names")] = None,
     device: Annotated[str, Opt(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, Opt(help="output directory")] = Path("results/diagnostics"),
@@ -399,6 +410,10 @@ def run(
     start, options = time.time(), dict(locals())
     try:
         rank_spec, variant_list = parse_ranks(ranks), parse_variants(variants)
+        for flag, value, low in (("draws", draws, 2), ("batches", batches, 1), ("batch-size", batch_size or 1, 1),
+                                 ("after-steps", after_steps, 0)):
+            if value < low:
+                raise DiagnoseError(f"--{flag} must be >= {low}, got {value}")
         if checkpoint and after_steps:
             raise DiagnoseError("use --checkpoint or --after-steps, not both")
         if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
@@ -406,39 +421,40 @@ def run(
         dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
         named = Path(__file__).resolve().parent.parent / "configs" / f"{config}.yaml"
         cfg = load_config(named if config and not Path(config).exists() and named.is_file() else config)
-        if sketch_layers in ("mlp+head", "all", "none"):
+        layer_choice = sketch_layers in ("mlp+head", "all", "none")
+        if layer_choice:
             cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
         seed = cfg.train.seed if seed is None else seed
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the paper's T4 had none
-        model = build_gpt(gpt_config(cfg), seed, method="exact")
-        source, skip = f"fresh init (seed {seed})", after_steps
+        model, source, ckpt = build_gpt(gpt_config(cfg), seed, method="exact"), f"fresh init (seed {seed})", {}
         if after_steps:
-            checkpoint = _trained_checkpoint(cfg, after_steps, seed, device, out)
-            source = f"after {after_steps} {cfg.train.method} training steps (seed {seed})"
+            checkpoint = _trained_checkpoint(cfg, after_steps, seed, device, out, progress)
         if checkpoint:
             ckpt = load_weights(model, checkpoint)
-            source = source if after_steps else f"checkpoint {checkpoint}"
-            skip = skip or (ckpt["step"] if isinstance(ckpt.get("step"), int) else 0)
+            source = f"after {after_steps} {cfg.train.method} steps" if after_steps else f"checkpoint {checkpoint}"
         model.to(dev).train()
-        names = model.sketchable_names()
-        if sketch_layers and sketch_layers not in ("mlp+head", "all", "none"):
-            names = [n.strip() for n in sketch_layers.split(",") if n.strip()]
+        names = [n.strip() for n in sketch_layers.split(",") if n.strip()] if sketch_layers and not layer_choice \
+            else model.sketchable_names()
         if not names:
             raise DiagnoseError("no layers to diagnose: the sketch layers select none")
-        data, data_info = _batches(cfg, batches, batch_size or cfg.train.batch_size, dev, seed, skip)
-        caps = capture(model, data, names)
-        rows = data[0][0].numel()
+        data, data_info = _batches(cfg, batches, batch_size or cfg.train.batch_size, dev, seed, ckpt)
+        rows, caps = data[0][0].numel(), capture(model, data, names)
         rank_list = resolve_ranks(rank_spec, rows)
         raw = run_draws(caps, names, rank_list, variant_list, draws, seed, progress)
         per_layer, overall = tabulate(raw, names, rank_list, variant_list, rows)
     except (DiagnoseError, ConfigError, DataError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if Path(sys.argv[0]).name == "diagnose.py":
+        command = shlex.join(["python", "-m", "basis_train.diagnose", *sys.argv[1:]])
+    else:  # a console script, or called in-process: rebuild the flags from the parsed options
+        command = shlex.join(["basis-diagnose", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items()
+                                                  if v is not None and k != "progress")])
     modules = dict(model.named_modules())
-    meta = {"command": _command(options), "options": options, "config": config_to_dict(cfg), "model_source": source,
+    meta = {"command": command, "options": options, "config": config_to_dict(cfg), "model_source": source,
             "seed": seed, "batches": batches, "batch_size": batch_size or cfg.train.batch_size, "rows": rows,
-            "skipped_batches": skip, "draws": draws, "ranks": rank_list, "variants": variant_list, "layers": names,
-            "layer_shapes": {n: list(modules[n].weight.shape) for n in names}, "data": data_info,
+            "checkpoint_step": ckpt.get("step"), "draws": draws, "ranks": rank_list, "variants": variant_list,
+            "layers": names, "layer_shapes": {n: list(modules[n].weight.shape) for n in names}, "data": data_info,
             "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
             "wall_s": round(time.time() - start, 1)}
     write_outputs(out, per_layer, overall, meta)

@@ -25,6 +25,8 @@ Two implementations of the sketch share that randomness:
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,6 @@ _M32 = 0xFFFFFFFF
 # product of a 32-bit value with them fits in int64 without overflow.
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x68E31DA5
-_GOLDEN = 0x9E3779B1
 _STREAM_PERM, _STREAM_SIGN, _STREAM_BIN, _STREAM_GAUSS = 1, 2, 3, 4
 
 
@@ -51,9 +52,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def hash_bits(seed: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     """n pseudo-random 32-bit integers (int64) determined by (seed, stream)."""
-    key = _mix32((seed.long() + stream * 0x632BE5AB) & _M32)
+    key = _mix32((seed.long() + stream * 0x2545F491) & _M32)
     idx = torch.arange(n, device=seed.device, dtype=torch.int64)
-    return _mix32(_mix32((idx * _GOLDEN + key) & _M32) ^ key)
+    # No multiply in index space: compiled kernels keep indices in int32.
+    return _mix32(_mix32((idx + key) & _M32) ^ key)
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -106,6 +108,30 @@ def count_sketch_reference(
     return out.index_add_(0, bins, m.to(acc) * signs[:, None])
 
 
+def _row_plan_eager(seed: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation q and the signs of rows q[0], q[1], ... (gather order)."""
+    q = sketch_permutation(seed, rows)
+    return q, sketch_signs(seed, rows, dtype)[q]
+
+
+# The hash is ~80 tiny elementwise kernels in eager mode, which dominates a small
+# model's step on a GPU; compiled, it is one or two. Set BASIS_SKETCH_COMPILE=0 to opt out.
+_compiled_plan = None
+
+
+def _row_plan(seed: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    global _compiled_plan
+    if seed.is_cuda and os.environ.get("BASIS_SKETCH_COMPILE", "1") != "0" and _compiled_plan is not False:
+        try:
+            if _compiled_plan is None:
+                _compiled_plan = torch.compile(_row_plan_eager, dynamic=False, fullgraph=True)
+            return _compiled_plan(seed, rows, dtype)
+        except Exception as e:  # no compiler toolchain, say: stay correct, just slower
+            warnings.warn(f"compiling the sketch hash failed ({type(e).__name__}); using eager kernels")
+            _compiled_plan = False
+    return _row_plan_eager(seed, rows, dtype)
+
+
 def count_sketch(
     m: torch.Tensor, seed: torch.Tensor, rank: int, hashing: str = "balanced"
 ) -> torch.Tensor:
@@ -115,8 +141,7 @@ def count_sketch(
     acc = torch.float64 if m.dtype == torch.float64 else torch.float32
     rows, cols = m.shape
     per_bin = -(-rows // rank)
-    q = sketch_permutation(seed, rows)
-    signs = sketch_signs(seed, rows, acc)[q]
+    q, signs = _row_plan(seed, rows, acc)
     gathered = m.index_select(0, q).to(acc) * signs[:, None]
     pad = per_bin * rank - rows
     if pad:

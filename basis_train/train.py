@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from basis_train.config import Config, config_hash, config_to_dict
 from basis_train.data import DataError, TrainLoader, ValStream, heldout_batches, load_tokens, make_splits
+from basis_train.distributed import Dist, init_from_env
 from basis_train.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.model import GPTConfig, build_gpt
 from basis_train.runio import (
@@ -34,6 +35,9 @@ from basis_train.runio import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SKETCH_SEED_SALT = 0x5EED5
 _EAGER_BEFORE_CAPTURE = 3
+# With several ranks a SIGINT/SIGTERM is acted on only once all ranks agree, which costs a
+# host sync, so they compare flags every this many steps (and at every eval/checkpoint).
+_STOP_CHECK_EVERY = 20
 
 
 class NonFiniteLoss(RunError):
@@ -94,6 +98,12 @@ def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimiz
                              capturable=capturable)
 
 
+def sketch_seed(seed: int, rank: int = 0) -> int:
+    # Rank 0 keeps the single-process stream; every other rank needs its own, or all
+    # ranks would draw the same bins and signs for their (different) rows.
+    return ((seed ^ _SKETCH_SEED_SALT) + rank * 0x9E3779B97F4A7C15) % 2**64
+
+
 def load_data(cfg: Config):
     d = cfg.data
     corpus = load_tokens(
@@ -106,24 +116,26 @@ def load_data(cfg: Config):
 
 class Run:
     def __init__(self, cfg: Config, out: Path | str | None = None, *, resume: bool = False,
-                 variant: str | None = None, splits=None, progress: bool = True) -> None:
+                 variant: str | None = None, splits=None, progress: bool = True, dist: Dist | None = None) -> None:
         self.cfg, t = cfg, cfg.train
+        self.dist = dist = dist or Dist()
         self.variant = variant_of(cfg) if variant is None else variant
         self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
-        self.device = resolve_device(t.device)
-        self.progress = progress
-        prepare_out_dir(cfg, self.out, resume)
+        self.device = dist.local_device(resolve_device(t.device))
+        self.progress = progress and dist.is_main
+        # Only rank 0 writes to the out dir; the others wait so they never read it half-prepared.
+        dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume), others=False)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # the paper ran on a T4: true fp32
             torch.backends.cudnn.allow_tf32 = False
         self.amp_dtype = DTYPES[t.dtype]
         if splits is None:
-            splits, source = load_data(cfg)
+            splits, source = dist.main_first(lambda: load_data(cfg))  # rank 0 builds the token cache
         else:
             splits, source = splits
         self.data_info = dict(splits.info, source=source)
         self.loader = TrainLoader(splits.train_tokens, t.batch_size, cfg.model.block_size, self.device,
-                                  shuffle=cfg.data.shuffle, seed=t.seed)
+                                  shuffle=cfg.data.shuffle, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
         if cfg.data.val_protocol == "paper":
             self.val_stream = ValStream(splits.val_tokens, cfg.model.block_size, self.device,
                                         batches_per_eval=cfg.data.paper_val_batches)
@@ -133,12 +145,15 @@ class Run:
             self.val_batches = heldout_batches(splits.val_tokens, cfg.model.block_size, cfg.data.eval_batch_size,
                                                self.device)
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
-        self.gen = torch.Generator(device=self.device).manual_seed(t.seed ^ _SKETCH_SEED_SALT)
+        self.gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.rank))
         for m in self.model.sketched_modules():
             m.generator = self.gen
-        self.use_graphs = t.cuda_graphs and self.device.type == "cuda" and not t.compile
+        # No graph capture under DDP: its gradient all-reduce hooks and bucket rebuilding
+        # on the first iterations do not survive being frozen into a captured graph.
+        self.use_graphs = t.cuda_graphs and self.device.type == "cuda" and not t.compile and not dist.enabled
         self.opt = build_optimizer(self.model, cfg, capturable=self.use_graphs)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.forward = dist.wrap(self.model)  # eval and checkpoints use the bare model
+        self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_n = 0
         self.step = 0
@@ -151,9 +166,11 @@ class Run:
         ckpt = load_checkpoint(self.out) if resume else None
         if ckpt is not None:
             self._restore(ckpt)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", keep_until_step=self.step if ckpt else -1)
-        self.tracker = Tracker(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name or self.out.name,
-                               config_to_dict(cfg), self.out, ckpt.get("wandb_id") if ckpt else None)
+        self.metrics = (MetricsLog(self.out / "metrics.jsonl", keep_until_step=self.step if ckpt else -1)
+                        if dist.is_main else _UnwrittenMetrics())
+        self.tracker = Tracker(cfg.log.wandb if dist.is_main else "off", cfg.log.wandb_project,
+                               cfg.log.run_name or self.out.name, config_to_dict(cfg), self.out,
+                               ckpt.get("wandb_id") if ckpt else None)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -164,18 +181,24 @@ class Run:
             "gen": self.gen.get_state(), "loss_sum": self.loss_sum.item(), "loss_n": self.loss_n,
             "wall_s": self.wall_s, "measured": self.measured, "tokens_per_s": self.tokens_per_s,
             "wandb_id": getattr(self, "tracker", None) and self.tracker.run_id,
-            "config_hash": config_hash(self.cfg),
+            "config_hash": config_hash(self.cfg), "world_size": self.dist.world_size,
         }
 
     def _restore(self, ckpt: dict) -> None:
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            # The global batch (and each rank's sketch stream) depends on the process count.
+            raise RunError(f"the checkpoint in {self.out} was written by {saved_world} process(es); "
+                           f"resume it with torchrun --nproc_per_node={saved_world}")
         self.step = ckpt["step"]
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optim"])
         self.loader.load_state_dict(ckpt["loader"])
         if self.val_stream and ckpt["val_stream"]:
             self.val_stream.load_state_dict(ckpt["val_stream"])
-        self.gen.set_state(ckpt["gen"])
-        self.loss_sum.fill_(ckpt["loss_sum"])
+        mine = ckpt["ranks"][self.dist.rank] if "ranks" in ckpt else ckpt
+        self.gen.set_state(mine["gen"])
+        self.loss_sum.fill_(mine["loss_sum"])
         self.loss_n, self.wall_s = ckpt["loss_n"], ckpt["wall_s"]
         self.measured, self.tokens_per_s = ckpt["measured"], ckpt["tokens_per_s"]
 
@@ -184,10 +207,17 @@ class Run:
         return math.isfinite(self.loss_sum.item()) and bool(torch.isfinite(torch.stack(norms)).all())
 
     def save(self) -> None:
-        if not self._finite():
+        if not self.dist.all(self._finite()):
             raise NonFiniteLoss(f"non-finite training loss before step {self.step}; "
                                 f"the last good checkpoint in {self.out} was kept")
-        save_checkpoint(self.out, self._state())
+        # Rank 0's file holds every rank's sketch generator and unlogged loss sum, so a
+        # resumed rank continues its own random stream and the next logged mean is exact.
+        ranks = self.dist.all_gather({"gen": self.gen.get_state(), "loss_sum": self.loss_sum.item()})
+        if self.dist.is_main:
+            state = self._state()
+            if self.dist.enabled:
+                state["ranks"] = ranks
+            save_checkpoint(self.out, state)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -262,19 +292,37 @@ class Run:
     def evaluate(self) -> float:
         self.model.eval()
         batches = [self.val_stream.next()] if self.val_stream else self.val_batches
+        d = self.dist
+        if d.enabled:  # each rank scores its share; every ValStream rank still advances it alike
+            batches = ([tuple(t.tensor_split(d.world_size)[d.rank] for t in batches[0])] if self.val_stream
+                       else batches[d.rank :: d.world_size])
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for x, y in batches:
+            if not len(x):
+                continue
             with self._autocast():
                 logits, _ = self.model(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             count += y.numel()
         self.model.train()
+        if d.enabled:
+            total, count = d.all_sum(torch.stack([total, total.new_tensor(count)])).tolist()
+            return total / count
         return total.item() / count
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:
         self._stop = True
+
+    def _should_stop(self, synced: bool) -> bool:
+        if not self.dist.enabled:
+            return self._stop
+        # A signal may reach only some ranks (or reach them at different steps): stop
+        # only where all compare flags, and then all together.
+        if synced or self.step % _STOP_CHECK_EVERY == 0:
+            return self.dist.any(self._stop)
+        return False
 
     def run(self) -> dict:
         t = self.cfg.train
@@ -294,11 +342,13 @@ class Run:
                 bar.update(1)
                 if self.step == die_at:
                     os._exit(137)
-                if self.step % t.eval_every == 0 or self.step == t.steps:
+                evaluate = self.step % t.eval_every == 0 or self.step == t.steps
+                if evaluate:
                     t0, steps0 = self._eval_and_log(t0, steps0, bar)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                checkpoint = self.step % t.checkpoint_every == 0 or self.step == t.steps
+                if checkpoint:
                     self.save()
-                if self._stop:
+                if self._should_stop(synced=evaluate or checkpoint):
                     self.save()
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out} "
                                       f"(continue with --resume)")
@@ -313,10 +363,13 @@ class Run:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         self.wall_s += dt
-        tokens = (self.step - steps0) * self.cfg.train.batch_size * self.cfg.model.block_size
+        world = self.dist.world_size
+        tokens = (self.step - steps0) * self.cfg.train.batch_size * self.cfg.model.block_size * world
         tok_s = tokens / dt if dt > 0 else float("nan")
         self.tokens_per_s.append(tok_s)
-        train_loss = self.loss_sum.item() / max(self.loss_n, 1)
+        # The one place per-rank losses meet: every rank gets the same global mean, so the
+        # non-finite check below fails on all ranks or on none.
+        train_loss = self.dist.all_sum(self.loss_sum.clone()).item() / (max(self.loss_n, 1) * world)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"non-finite training loss between steps {self.step - self.loss_n} and "
                                 f"{self.step}; stopped, the last good checkpoint in {self.out} was kept")
@@ -339,6 +392,13 @@ class Run:
         return time.perf_counter(), self.step
 
     def _finish(self) -> dict:
+        cuda = self.device.type == "cuda"
+        by_rank = self.dist.all_gather({
+            "cuda_peak_step_bytes": self.measured["cuda_peak_step_bytes"],
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
+        })
+        if not self.dist.is_main:
+            return self.dist.broadcast(None)
         cfg, last = self.cfg, self.metrics.records[-1]
         summary = {
             "method": cfg.train.method, "rank": cfg.sketch.rank if cfg.train.method == "basis" else None,
@@ -356,12 +416,24 @@ class Run:
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "dtype": cfg.train.dtype,
             "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "cuda_graphs": self.graph is not None, "torch": torch.__version__, "config_hash": config_hash(cfg),
+            "world_size": self.dist.world_size, "global_batch_size": cfg.train.batch_size * self.dist.world_size,
+            "by_rank": {k: [r[k] for r in by_rank] for k in by_rank[0]},
         }
         if self.val_stream:
             summary["val_restarts"] = self.val_stream.restarts
         atomic_write_json(self.out / "summary.json", summary)
         self.tracker.finish(summary)
-        return summary
+        return self.dist.broadcast(summary)
+
+
+class _UnwrittenMetrics:
+    """What ranks other than 0 log to: nothing is written, and nothing reads it back."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def append(self, rec: dict) -> None:
+        pass
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -371,8 +443,22 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run to completion and return its summary (also in out/summary.json)."""
+    """Train one run to completion and return its summary (also in out/summary.json).
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this and they train one run
+    data-parallel: `train.batch_size` is per process, the global batch N times larger.
+    """
+    dist = init_from_env(resolve_device(cfg.train.device))
+    run = None
     try:
-        return Run(cfg, out, resume=resume, progress=progress).run()
+        run = Run(cfg, out, resume=resume, progress=progress, dist=dist)
+        return run.run()
     except DataError as e:
         raise RunError(str(e)) from e
+    finally:
+        if run is not None:
+            # DDP's reducer must not hold the last reference to the process group: freed
+            # there (GIL held, e.g. with an exception's traceback) the group's teardown can
+            # deadlock against its own worker threads, as seen with gloo after an interrupt.
+            run.forward = None
+        dist.close()

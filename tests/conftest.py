@@ -9,10 +9,12 @@ from basis_train.data import _wiki_json_path
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Token caches and wandb files of the tests stay in a temporary directory."""
+    """Token caches and wandb files of the tests stay in a temporary directory, unless a
+    cache is named explicitly (a GPU machine without `datasets` brings one along)."""
     cache = tmp_path_factory.mktemp("cache")
     old = {k: os.environ.get(k) for k in ("BASIS_TRAIN_CACHE", "WANDB_DIR", "WANDB_SILENT")}
-    os.environ.update(BASIS_TRAIN_CACHE=str(cache), WANDB_DIR=str(cache), WANDB_SILENT="true")
+    os.environ.update(WANDB_DIR=str(cache), WANDB_SILENT="true")
+    os.environ.setdefault("BASIS_TRAIN_CACHE", str(cache))
     yield
     for k, v in old.items():
         if v is None:

@@ -16,6 +16,7 @@ from basis_train.diagnose import (
     app,
     capture,
     estimate,
+    findings,
     load_weights,
     parse_ranks,
     parse_variants,
@@ -95,10 +96,24 @@ def test_unbiased_within_noise_and_scalars_overshoot(table, tiny):
     for r in RANKS[:-1]:
         row = table[("overall", "unbiased", r)]
         assert row["bias_rel"] < 4 * row["bias_noise_rel"], (r, row)
+        assert abs(row["proj_mean"] - 1) < 4 * row["proj_se"], (r, row)
+    assert table[("overall", "basis", ROWS)]["proj_mean"] == pytest.approx(0.99**2, abs=1e-6)
     for layer in [*tiny[1], "overall"]:
         # at R = 1 the scalars give ||dW^|| = (1-lam)^2 ||X|| ||dY||, above ||X^T dY|| here
         assert table[(layer, "basis", 1)]["norm_ratio_mean"] >= 1.0
     assert table[("overall", "basis", 1)]["norm_ratio_std"] < table[("overall", "unbiased", 1)]["norm_ratio_std"]
+
+
+def test_findings_quote_the_measured_numbers(table):
+    overall = [row for key, row in table.items() if key[0] == "overall"]
+    text = " ".join(findings(overall, ROWS))
+    t = {(r["variant"], r["rank"]): r for r in overall}
+    assert f"{t[('basis', ROWS)]['rel_err_mean']:.5f}" in text
+    ratio = t[("uniform", 8)]["rel_err_mean"] / t[("basis", 8)]["rel_err_mean"]
+    assert f"({ratio:.2f}x)" in text
+    assert f"{t[('basis', 1)]['norm_ratio_mean']:.2f} +- {t[('basis', 1)]['norm_ratio_std']:.2f}" in text
+    # with only the exact-at-rows variant, comparisons it cannot make are left out rather than invented
+    assert not any("Uniform" in s or "Gaussian" in s for s in findings([t[("unbiased", r)] for r in RANKS], ROWS))
 
 
 def test_parsing():
@@ -123,7 +138,7 @@ def test_load_weights(tmp_path):
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    words = ["the", "cat", "sat", "on", "a", "mat", "while", "the", "dog", "ran", "to", "the", "park", "and", "back", "again"]
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "the", "dog", "ran", "to", "the", "park", "and"]
     docs = [" ".join(words[i:] + words[:i]) * 3 for i in range(12)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     cfg = {"model": {"block_size": 8, "n_embd": 16, "n_head": 2, "n_layer": 1},
@@ -155,6 +170,7 @@ def test_cli_writes_every_output(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--ranks", "0"], "--ranks"),
+    (["--draws", "1"], "--draws must be >= 2"),
     (["--variants", "basis,bogus"], "unknown variant"),
     (["--checkpoint", "/nonexistent/checkpoint.pt"], "checkpoint not found"),
     (["--config", "/nonexistent.yaml"], "config file not found"),

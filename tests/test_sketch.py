@@ -224,3 +224,13 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(low, backend="aot_eager")
     for a, b in zip(run(low, compiled), run(low, compiled)):
         assert torch.equal(a, b)
+
+
+def test_compiled_row_plan_matches_eager():
+    from basis_train.sketch import _row_plan_eager
+
+    compiled = torch.compile(_row_plan_eager, dynamic=False, fullgraph=True)
+    for rows in (64, 100):
+        seed = torch.tensor(987654321)
+        for a, b in zip(compiled(seed, rows, torch.float32), _row_plan_eager(seed, rows, torch.float32)):
+            assert torch.equal(a, b)

@@ -1,0 +1,186 @@
+"""`basis-compare` and `basis-reproduce`: paired multi-seed grids of runs, and their report.
+
+Every run is a separate `basis-train` process writing its own directory, so a grid is
+resumable for free: finished runs (summary.json present, same config) are skipped and
+interrupted ones continue from their checkpoint. Within a seed every configuration
+starts from the same weights and sees the same batches (see train.py), which is what
+makes the paired differences in the report meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from basis_train.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
+from basis_train.report import collect_runs, config_label, plot_memory, plot_val_curves, summarize
+from basis_train.report import write_results_csv, write_summary_md
+
+VARIANTS = {
+    "": {},
+    "lam0": {"sketch.lam": 0.0},
+    "no-scalars": {"sketch.invariant_scalars": False},
+    "uniform": {"sketch.hashing": "uniform"},
+    "gaussian": {"sketch.hashing": "gaussian"},
+}
+# Exact backprop with the sketchable weights' lr scaled by (1 - 0.01)^2: what lambda does.
+EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801}}
+
+
+@dataclass
+class Job:
+    label: str
+    method: str
+    rank: int | None
+    variant: str
+    seed: int
+    out: Path
+    overrides: dict
+
+
+def plan(base_overrides: dict, ranks: list[int], seeds: list[int], variants: list[str], out: Path) -> list[Job]:
+    """Seed-major order: if time runs out, the finished seeds are complete sets."""
+    jobs = []
+    for seed in seeds:
+        for variant in ["", *[v for v in variants if v in EXACT_VARIANTS and v]]:
+            ov = {**base_overrides, **EXACT_VARIANTS[variant], "train.method": "exact", "train.seed": seed}
+            jobs.append(Job(config_label("exact", None, variant), "exact", None, variant, seed, out, ov))
+        for rank in ranks:
+            for variant in ["", *[v for v in variants if v in VARIANTS and v]]:
+                ov = {**base_overrides, **VARIANTS[variant], "train.method": "basis", "sketch.rank": rank,
+                      "train.seed": seed}
+                jobs.append(Job(config_label("basis", rank, variant), "basis", rank, variant, seed, out, ov))
+    for j in jobs:
+        slug = j.label.replace(" ", "_").replace("=", "").replace("[", "").replace("]", "")
+        j.out = out / "runs" / f"{slug}-s{j.seed}"
+    return jobs
+
+
+def _finished(job: Job, cfg) -> bool:
+    s = job.out / "summary.json"
+    if not s.exists():
+        return False
+    try:
+        return json.loads(s.read_text()).get("config_hash") == config_hash(cfg)
+    except (OSError, ValueError):
+        return False
+
+
+def run_jobs(config: Optional[Path], jobs: list[Job], n_jobs: int, log=typer.echo) -> None:
+    todo = []
+    for job in jobs:
+        cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
+        if _finished(job, cfg):
+            log(f"skip (finished): {job.label} seed {job.seed}")
+            continue
+        job.out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, job.out / "requested.yaml")
+        todo.append(job)
+    log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel")
+
+    def one(job: Job) -> int:
+        cmd = [sys.executable, "-m", "basis_train.cli", "--quiet", "--config", str(job.out / "requested.yaml"),
+               "--resume"]
+        t = time.perf_counter()
+        with open(job.out / "train.log", "a") as logf:
+            rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        log(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed} ({time.perf_counter() - t:.0f}s)")
+        return rc
+
+    with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+        codes = list(pool.map(one, todo))
+    if any(codes):
+        log(f"{sum(c != 0 for c in codes)} runs failed; see train.log in their directories")
+
+
+def report(out: Path, title: str, paper_table: dict | None = None, notes: list[str] = ()) -> list[dict]:
+    dirs = sorted(p.parent for p in (out / "runs").glob("*/summary.json"))
+    if not dirs:
+        raise typer.BadParameter(f"no finished runs under {out / 'runs'}")
+    rows = collect_runs(dirs)
+    write_results_csv(rows, out / "results.csv")
+    summary = summarize(rows)
+    write_summary_md(summary, out / "summary.md", title=title, notes=list(notes), paper_table=paper_table)
+    by_label: dict[str, list[Path]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(Path(r["run_dir"]))
+    plot_val_curves(by_label, out / "val_loss.png")
+    plot_memory(summary, out / "memory.png")
+    return summary
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return vals
+
+
+compare_app = typer.Typer(add_completion=False, help="Exact vs BASIS at several ranks, paired over seeds.")
+
+
+@compare_app.command()
+def compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    ranks: str = typer.Option("32,16,8"),
+    seeds: int = typer.Option(5, help="seeds 0..N-1"),
+    variants: str = typer.Option("", help="comma list: lam0,no-scalars,uniform,gaussian,lr-matched"),
+    steps: Optional[int] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    checkpoint_every: Optional[int] = typer.Option(None),
+    val_protocol: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    dataset: Optional[str] = typer.Option(None),
+    data_files: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("runs/compare")),
+    jobs: int = typer.Option(1, help="runs in parallel (processes)"),
+    report_only: bool = typer.Option(False, "--report-only"),
+):
+    """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png."""
+    names = [v for v in variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS and v not in EXACT_VARIANTS]
+    if bad:
+        _fail(f"unknown variant(s) {bad}; choose from lam0, no-scalars, uniform, gaussian, lr-matched")
+    flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
+             "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
+             "data.data_files": data_files}
+    base = {k: v for k, v in flags.items() if v is not None}
+    try:
+        load_config(config)
+        grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out)
+        if not report_only:
+            run_jobs(config, grid, jobs)
+        report(out, title=f"exact vs BASIS ({out.name})")
+    except (ConfigError, typer.BadParameter) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out / 'summary.md'}")
+
+
+def _fail(msg: str):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def compare_main() -> None:
+    compare_app(prog_name="basis-compare")
+
+
+def reproduce_main() -> None:
+    from basis_train.reproduce import reproduce_app
+
+    reproduce_app(prog_name="basis-reproduce")
+
+
+if __name__ == "__main__":
+    compare_main()
