@@ -6,7 +6,6 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,7 +29,7 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def resolve_config(config: Optional[Path], flags: dict):
+def resolve_config(config: Path | None, flags: dict):
     """The config file (default: the paper's), then every flag the user actually gave."""
     from basis_train.data import DataError
     from basis_train.runio import RunError
@@ -48,29 +47,29 @@ train_app = typer.Typer(add_completion=False, help="Train the paper's GPT with e
 
 @train_app.command()
 def train_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: configs/paper.yaml values)"),
-    method: Optional[Method] = typer.Option(None, help="basis (default) or exact backprop"),
-    rank: Optional[int] = typer.Option(None, help="sketch rank R"),
-    sketch_layers: Optional[str] = typer.Option(None, help="mlp+head | all | none"),
-    steps: Optional[int] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None),
-    checkpoint_every: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None, help="fixes initial weights and batch order (pairs runs)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (autocast)"),
-    batch_size: Optional[int] = typer.Option(None),
-    dataset: Optional[str] = typer.Option(None, help="wiki-offline (embedded) | fineweb-edu | files"),
-    data_files: Optional[str] = typer.Option(None, help="glob of local .txt/.jsonl/.parquet files"),
-    val_protocol: Optional[str] = typer.Option(None, help="heldout (default) | paper"),
-    out: Optional[str] = typer.Option(None, help="output directory (default under runs/)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default: configs/paper.yaml values)"),
+    method: Method | None = typer.Option(None, help="basis (default) or exact backprop"),
+    rank: int | None = typer.Option(None, help="sketch rank R"),
+    sketch_layers: str | None = typer.Option(None, help="mlp+head | all | none"),
+    steps: int | None = typer.Option(None),
+    eval_every: int | None = typer.Option(None),
+    checkpoint_every: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="fixes initial weights and batch order (pairs runs)"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    dtype: str | None = typer.Option(None, help="float32 | bfloat16 | float16 (autocast)"),
+    batch_size: int | None = typer.Option(None),
+    dataset: str | None = typer.Option(None, help="wiki-offline (embedded) | fineweb-edu | files"),
+    data_files: str | None = typer.Option(None, help="glob of local .txt/.jsonl/.parquet files"),
+    val_protocol: str | None = typer.Option(None, help="heldout (default) | paper"),
+    out: str | None = typer.Option(None, help="output directory (default under runs/)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
-    wandb: Optional[str] = typer.Option(None, help="off | offline | online"),
-    hashing: Optional[str] = typer.Option(None, help="balanced | uniform | gaussian (ablations)"),
-    invariant_scalars: Optional[bool] = typer.Option(None, "--invariant-scalars/--no-invariant-scalars"),
-    lam: Optional[float] = typer.Option(None, help="lambda shrinkage (paper: 0.01)"),
-    lr: Optional[float] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None, help="sgd | adamw"),
-    lr_scale_sketched: Optional[float] = typer.Option(None, help="lr factor on sketchable weights"),
+    wandb: str | None = typer.Option(None, help="off | offline | online"),
+    hashing: str | None = typer.Option(None, help="balanced | uniform | gaussian (ablations)"),
+    invariant_scalars: bool | None = typer.Option(None, "--invariant-scalars/--no-invariant-scalars"),
+    lam: float | None = typer.Option(None, help="lambda shrinkage (paper: 0.01)"),
+    lr: float | None = typer.Option(None),
+    optimizer: str | None = typer.Option(None, help="sgd | adamw"),
+    lr_scale_sketched: float | None = typer.Option(None, help="lr factor on sketchable weights"),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
     compile: bool = typer.Option(False, "--compile/--no-compile"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),

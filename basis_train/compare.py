@@ -16,13 +16,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from basis_train.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
-from basis_train.report import collect_runs, config_label, plot_memory, plot_val_curves, summarize
-from basis_train.report import write_results_csv, write_summary_md
+from basis_train.report import (
+    collect_runs,
+    config_label,
+    plot_memory,
+    plot_val_curves,
+    summarize,
+    write_results_csv,
+    write_summary_md,
+)
 
 VARIANTS = {
     "": {},
@@ -74,7 +80,7 @@ def _finished(job: Job, cfg) -> bool:
         return False
 
 
-def run_jobs(config: Optional[Path], jobs: list[Job], n_jobs: int, log=typer.echo) -> None:
+def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo) -> None:
     todo = []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
@@ -132,17 +138,17 @@ compare_app = typer.Typer(add_completion=False, help="Exact vs BASIS at several 
 
 @compare_app.command()
 def compare(
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
     ranks: str = typer.Option("32,16,8"),
     seeds: int = typer.Option(5, help="seeds 0..N-1"),
     variants: str = typer.Option("", help="comma list: lam0,no-scalars,uniform,gaussian,lr-matched"),
-    steps: Optional[int] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None),
-    checkpoint_every: Optional[int] = typer.Option(None),
-    val_protocol: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    dataset: Optional[str] = typer.Option(None),
-    data_files: Optional[str] = typer.Option(None),
+    steps: int | None = typer.Option(None),
+    eval_every: int | None = typer.Option(None),
+    checkpoint_every: int | None = typer.Option(None),
+    val_protocol: str | None = typer.Option(None),
+    device: str | None = typer.Option(None),
+    dataset: str | None = typer.Option(None),
+    data_files: str | None = typer.Option(None),
     out: Path = typer.Option(Path("runs/compare")),
     jobs: int = typer.Option(1, help="runs in parallel (processes)"),
     report_only: bool = typer.Option(False, "--report-only"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -123,7 +122,7 @@ reproduce_app = typer.Typer(add_completion=False, help="The paper's Table 3 prot
 def reproduce(
     config: Path = typer.Option(Path("configs/paper.yaml"), "--config", "-c"),
     seeds: int = typer.Option(5),
-    steps: Optional[int] = typer.Option(None, help="default: the config's (50,000)"),
+    steps: int | None = typer.Option(None, help="default: the config's (50,000)"),
     protocols: str = typer.Option("heldout,paper"),
     out: Path = typer.Option(Path("results/paper")),
     jobs: int = typer.Option(1),

@@ -28,8 +28,14 @@ from basis_train.distributed import Dist, init_from_env
 from basis_train.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.model import GPTConfig, build_gpt
 from basis_train.runio import (
-    MetricsLog, RunError, Tracker, atomic_write_json, default_out_dir, load_checkpoint,
-    prepare_out_dir, save_checkpoint,
+    MetricsLog,
+    RunError,
+    Tracker,
+    atomic_write_json,
+    default_out_dir,
+    load_checkpoint,
+    prepare_out_dir,
+    save_checkpoint,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,7 +20,7 @@ def test_paper_parameter_count():
 
 
 def test_sketched_layer_selection():
-    count = lambda m: sum(isinstance(x, BasisLinear) for x in m.modules())  # noqa: E731
+    count = lambda m: sum(isinstance(x, BasisLinear) for x in m.modules())
     assert count(build_gpt(PAPER, 0)) == 5  # fc and proj of 2 blocks, lm_head
     assert count(build_gpt(replace(PAPER, sketch_layers="all"), 0)) == 13
     assert count(build_gpt(PAPER, 0, method="exact")) == 0
