@@ -12,10 +12,8 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import nullcontext
@@ -28,6 +26,7 @@ import torch
 import typer
 from torch import nn
 
+from basis_train.fsutil import atomic_write_text
 from basis_train.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.model import GPTConfig, build_gpt
 from basis_train.sketch import BasisLinear
@@ -47,16 +46,7 @@ LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
 
 def _write(path: Path, text: str) -> None:
     # Atomic: a run killed mid-write (e.g. at a device time limit) leaves the previous file whole.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def _time(step, device: torch.device, steps: int, warmup: int) -> dict:

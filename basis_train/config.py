@@ -12,15 +12,15 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from basis_train.fsutil import atomic_write_text
 
 
 class ConfigError(Exception):
@@ -330,20 +330,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, object]) -> Config:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML atomically, so a crash never leaves a half-written config behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the saved config private to one user
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def config_hash(cfg: Config, ignore: typing.Iterable[str] = HASH_IGNORE) -> str:

@@ -8,14 +8,13 @@ writes exactly the lines an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from pathlib import Path
 
 import torch
 
 from basis_train.config import Config, config_hash, dump_config, load_config
+from basis_train.fsutil import atomic_write_bytes
 
 
 class RunError(Exception):
@@ -23,20 +22,6 @@ class RunError(Exception):
 
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -26,7 +26,7 @@ for m, o, s in zip(models, opts, streams):
             o.step()
         graphs.append(g)
 torch.cuda.synchronize()
-for k in range(3):
+for _ in range(3):
     t = time.perf_counter()
     for _ in range(200):
         for g, s in zip(graphs, streams):
