@@ -33,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from basis_train.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
-from basis_train.data import DataError, TrainLoader, load_tokens, make_splits
+from basis_train.data import DataError, load_tokens
+from basis_train.loaders import TrainLoader, make_splits
 from basis_train.model import GPT, GPTConfig, build_gpt
 from basis_train.sketch import _rescale, count_sketch, draw_seed
 

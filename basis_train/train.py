@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from basis_train.config import Config, config_hash, config_to_dict
-from basis_train.data import DataError, TrainLoader, ValStream, heldout_batches, load_tokens, make_splits
+from basis_train.data import DataError, load_tokens
 from basis_train.distributed import Dist, init_from_env
+from basis_train.loaders import TrainLoader, ValStream, heldout_batches, make_splits
 from basis_train.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.model import GPTConfig, build_gpt
 from basis_train.runio import (

@@ -57,3 +57,16 @@ def test_verdicts_follow_the_numbers():
     assert "supported (R=32 is better" in text and "claimed 2x, measured 2.000x" in text
     unclear = base + [_summary("basis R=32", 0.01, -0.2, 0.22, 0.99)]
     assert "inconclusive" in " ".join(verdicts(unclear, {}))
+
+
+def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
+    from basis_train.reproduce import reproduce_app
+
+    out = tmp_path / "repro"
+    res = runner.invoke(reproduce_app, ["--config", str(tiny_config), "--seeds", "1", "--steps", "2",
+                                        "--protocols", "heldout", "--out", str(out), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    md = (out / "heldout" / "summary.md").read_text()
+    assert "paper val" in md and "6.575" in md and "## Verdicts" in md
+    assert "6 of 6 planned runs finished" in md
+    assert len((out / "heldout" / "results.csv").read_text().splitlines()) == 7

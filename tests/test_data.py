@@ -8,18 +8,8 @@ import pytest
 import torch
 
 from basis_train import data
-from basis_train.data import (
-    Corpus,
-    DataError,
-    TrainLoader,
-    ValStream,
-    cached_corpus_path,
-    heldout_batches,
-    load_corpus_dir,
-    load_tokens,
-    make_splits,
-    n_chunks,
-)
+from basis_train.data import Corpus, DataError, cached_corpus_path, load_corpus_dir, load_tokens
+from basis_train.loaders import TrainLoader, ValStream, heldout_batches, make_splits, n_chunks
 from basis_train.tokenizer import EOT, get_encoding
 
 
