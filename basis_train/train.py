@@ -1,9 +1,8 @@
 """The training loop: one `Run` is one (config, seed) training job.
 
-A Run owns its model, optimiser, data position and random streams, so several Runs can
-share a process (and a GPU, each on its own CUDA stream) without touching each other.
-On CUDA a training step is one CUDA-graph replay: no host synchronisation happens
-between evaluations, which is what makes a 64-token model fast.
+A Run owns its model, optimiser, data position and random streams. On CUDA a training
+step is one CUDA-graph replay: no host synchronisation happens between evaluations,
+which is what makes a 64-token model fast.
 
 Pairing: the seed alone fixes the initial weights (a private CPU generator, see
 model.py) and the batch order; the sketch's random stream has its own generator, so
@@ -23,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from basis_train.config import Config, config_hash, config_to_dict
-from basis_train.data import DataError, load_tokens
+from basis_train.data import DataError
 from basis_train.distributed import Dist, init_from_env
-from basis_train.loaders import TrainLoader, ValStream, heldout_batches, make_splits
+from basis_train.loaders import TrainLoader, ValStream, heldout_batches
 from basis_train.memory import SavedTensorMeter, cuda_step_peak
-from basis_train.model import GPTConfig, build_gpt
+from basis_train.model import build_gpt
 from basis_train.runio import (
     MetricsLog,
     RunError,
@@ -38,9 +37,9 @@ from basis_train.runio import (
     prepare_out_dir,
     save_checkpoint,
 )
+from basis_train.setup import build_optimizer, gpt_config, load_data, resolve_device, sketch_seed, variant_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SKETCH_SEED_SALT = 0x5EED5
 _EAGER_BEFORE_CAPTURE = 3
 # With several ranks a SIGINT/SIGTERM is acted on only once all ranks agree, which costs a
 # host sync, so they compare flags every this many steps (and at every eval/checkpoint).
@@ -53,72 +52,6 @@ class NonFiniteLoss(RunError):
 
 class Interrupted(Exception):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was requested but no CUDA GPU is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def variant_of(cfg: Config) -> str:
-    """Short tag of everything that departs from the paper's estimator and optimiser."""
-    s, tags = cfg.sketch, []
-    if cfg.train.method == "basis":
-        if s.hashing != "balanced":
-            tags.append(s.hashing)
-        if not s.invariant_scalars:
-            tags.append("no-scalars")
-        if s.lam == 0:
-            tags.append("lam0")
-        elif s.lam != 0.01:
-            tags.append(f"lam{s.lam:g}")
-        if s.layers != "mlp+head":
-            tags.append(f"layers={s.layers}")
-    if cfg.optim.lr_scale_sketched != 1.0:
-        tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
-    return ",".join(tags)
-
-
-def gpt_config(cfg: Config) -> GPTConfig:
-    m, s = cfg.model, cfg.sketch
-    return GPTConfig(
-        vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
-        n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
-        sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
-    )
-
-
-def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimizer:
-    """`lr_scale_sketched` scales the weights of the sketchable layers only: lambda
-    scales their dW and nothing else, so this is the lr-matched exact baseline."""
-    o = cfg.optim
-    sketchable = {f"{n}.weight" for n in model.sketchable_names()}
-    scaled = [p for n, p in model.named_parameters() if n in sketchable]
-    rest = [p for n, p in model.named_parameters() if n not in sketchable]
-    groups = [{"params": rest, "lr": o.lr}, {"params": scaled, "lr": o.lr * o.lr_scale_sketched}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                             capturable=capturable)
-
-
-def sketch_seed(seed: int, rank: int = 0) -> int:
-    # Rank 0 keeps the single-process stream; every other rank needs its own, or all
-    # ranks would draw the same bins and signs for their (different) rows.
-    return ((seed ^ _SKETCH_SEED_SALT) + rank * 0x9E3779B97F4A7C15) % 2**64
-
-
-def load_data(cfg: Config):
-    d = cfg.data
-    corpus = load_tokens(
-        d.dataset if d.dataset != "files" else None, d.data_files, d.max_docs,
-        Path(d.cache_dir) if d.cache_dir else None,
-    )
-    return make_splits(corpus, d.val_protocol, cfg.model.block_size, paper_val_docs=d.paper_val_docs,
-                       heldout_every=d.heldout_every, heldout_min_tokens=d.heldout_min_tokens), corpus.source
 
 
 class Run:
