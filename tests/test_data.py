@@ -355,3 +355,24 @@ def test_heldout_batches_cover_everything():
     for i in range(11):
         c = chunk(tokens, i, block)
         assert torch.equal(xs[i], c[:-1]) and torch.equal(ys[i], c[1:])
+
+
+def test_fineweb_streams_the_papers_split_in_order(cache, monkeypatch):
+    # No hub here: stand in for `datasets.load_dataset` and check what the real call asks for.
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return ({"text": f"document {i}"} for i in range(1000))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = load_tokens("fineweb-edu", max_docs=3, cache_dir=cache)
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    enc = get_encoding()
+    expected = [t for i in range(3) for t in [*enc.encode_ordinary(f"document {i}"), EOT]]
+    assert corpus.tokens.tolist() == expected and corpus.n_docs == 3
