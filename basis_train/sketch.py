@@ -166,8 +166,8 @@ class BasisLinearFunction(torch.autograd.Function):
         r = min(rank, rows)
         seed = draw_seed(x.device, generator)
         sketch_fn = count_sketch_reference if reference else count_sketch
-        # Autocast is live here, so the sketch reads the same (possibly bf16) input the
-        # matmul reads, but sums in float32.
+        # The sketch reads x as given (under autocast the matmul below may read a bf16
+        # cast of it) and always sums in float32.
         xs = _rescale(sketch_fn(x.detach(), seed, r, hashing), x.detach(), lam, scalars)
         ctx.save_for_backward(xs, seed, weight)
         ctx.cfg = (r, hashing, scalars, lam, reference, x.dtype, bias is not None)
