@@ -32,7 +32,6 @@ from basis_train.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.model import GPTConfig, build_gpt
 from basis_train.sketch import BasisLinear
 
-MIB = 2**20
 VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
 # bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.
 SIZES = {

@@ -87,6 +87,16 @@ class MetricsLog:
             f.flush()
 
 
+class UnwrittenMetrics:
+    """What ranks other than 0 log to: nothing is written, and nothing reads it back."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def append(self, rec: dict) -> None:
+        pass
+
+
 class Tracker:
     """Weights & Biases run mirroring metrics.jsonl; a no-op when mode is 'off'."""
 

@@ -31,6 +31,7 @@ from basis_train.runio import (
     MetricsLog,
     RunError,
     Tracker,
+    UnwrittenMetrics,
     atomic_write_json,
     default_out_dir,
     load_checkpoint,
@@ -107,7 +108,7 @@ class Run:
         if ckpt is not None:
             self._restore(ckpt)
         self.metrics = (MetricsLog(self.out / "metrics.jsonl", keep_until_step=self.step if ckpt else -1)
-                        if dist.is_main else _UnwrittenMetrics())
+                        if dist.is_main else UnwrittenMetrics())
         self.tracker = Tracker(cfg.log.wandb if dist.is_main else "off", cfg.log.wandb_project,
                                cfg.log.run_name or self.out.name, config_to_dict(cfg), self.out,
                                ckpt.get("wandb_id") if ckpt else None)
@@ -364,16 +365,6 @@ class Run:
         atomic_write_json(self.out / "summary.json", summary)
         self.tracker.finish(summary)
         return self.dist.broadcast(summary)
-
-
-class _UnwrittenMetrics:
-    """What ranks other than 0 log to: nothing is written, and nothing reads it back."""
-
-    def __init__(self) -> None:
-        self.records: list = []
-
-    def append(self, rec: dict) -> None:
-        pass
 
 
 def _progress(total: int, initial: int, enabled: bool):
