@@ -107,7 +107,9 @@ def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo) 
         log(f"{sum(c != 0 for c in codes)} runs failed; see train.log in their directories")
 
 
-def report(out: Path, title: str, paper_table: dict | None = None, notes: list[str] = ()) -> list[dict]:
+def report(out: Path, title: str, paper_table: dict | None = None,
+           notes: list[str] = ()) -> tuple[list[dict], dict[str, list[Path]]]:
+    """Write the grid's report; returns the per-configuration summary and each label's run dirs."""
     dirs = sorted(p.parent for p in (out / "runs").glob("*/summary.json"))
     if not dirs:
         raise typer.BadParameter(f"no finished runs under {out / 'runs'}")
@@ -120,7 +122,7 @@ def report(out: Path, title: str, paper_table: dict | None = None, notes: list[s
         by_label.setdefault(r["label"], []).append(Path(r["run_dir"]))
     plot_val_curves(by_label, out / "val_loss.png")
     plot_memory(summary, out / "memory.png")
-    return summary
+    return summary, by_label
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -98,17 +98,13 @@ def write_reproduction(out: Path, protocol: str) -> list[str]:
              f"(unfinished runs keep their partial metrics.jsonl)."]
     if done:
         s0 = json.loads((done[0] / "summary.json").read_text())
+        c0 = load_config(done[0] / "config.yaml")
         notes.append(f"Data: {s0['data'].get('source', '?')}; {s0['data'].get('n_train_tokens', '?')} training "
                      f"tokens, {s0['data'].get('n_val_tokens', '?')} validation tokens ({protocol} protocol); "
-                     f"{s0['steps']} steps of {s0['data'].get('block_size', 64)}-token batches. "
+                     f"{s0['steps']} steps of {c0.train.batch_size} x {c0.model.block_size}-token batches. "
                      f"Device: {s0.get('gpu') or s0.get('device')}, torch {s0.get('torch')}.")
-    summary = report(pdir, title=f"Table 3 reproduction, val protocol '{protocol}'", paper_table=PAPER_VAL,
-                     notes=notes)
-    run_dirs: dict[str, list[Path]] = {}
-    for p in sorted((pdir / "runs").glob("*/summary.json")):
-        s = json.loads(p.read_text())
-        label = "exact" if s["method"] == "exact" else f"basis R={s['rank']}"
-        run_dirs.setdefault(label, []).append(p.parent)
+    summary, run_dirs = report(pdir, title=f"Table 3 reproduction, val protocol '{protocol}'",
+                               paper_table=PAPER_VAL, notes=notes)
     lines = verdicts(summary, run_dirs)
     with open(pdir / "summary.md", "a") as f:
         f.write("\n## Verdicts (from the paired differences above)\n\n" + "".join(f"- {x}\n" for x in lines))
