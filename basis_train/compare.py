@@ -10,7 +10,9 @@ makes the paired differences in the report meaningful.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,15 +54,21 @@ class Job:
     overrides: dict
 
 
-def plan(base_overrides: dict, ranks: list[int], seeds: list[int], variants: list[str], out: Path) -> list[Job]:
-    """Seed-major order: if time runs out, the finished seeds are complete sets."""
+def plan(base_overrides: dict, ranks: list[int], seeds: list[int], variants: list[str], out: Path,
+         baselines: bool = True) -> list[Job]:
+    """Seed-major order: if time runs out, the finished seeds are complete sets.
+
+    baselines=False leaves out plain exact and plain BASIS (only the variants), for an
+    ablation grid whose baselines are run, or were run, by another grid of the same config.
+    """
+    first = [""] if baselines else []
     jobs = []
     for seed in seeds:
-        for variant in ["", *[v for v in variants if v in EXACT_VARIANTS and v]]:
+        for variant in [*first, *[v for v in variants if v in EXACT_VARIANTS and v]]:
             ov = {**base_overrides, **EXACT_VARIANTS[variant], "train.method": "exact", "train.seed": seed}
             jobs.append(Job(config_label("exact", None, variant), "exact", None, variant, seed, out, ov))
         for rank in ranks:
-            for variant in ["", *[v for v in variants if v in VARIANTS and v]]:
+            for variant in [*first, *[v for v in variants if v in VARIANTS and v]]:
                 ov = {**base_overrides, **VARIANTS[variant], "train.method": "basis", "sketch.rank": rank,
                       "train.seed": seed}
                 jobs.append(Job(config_label("basis", rank, variant), "basis", rank, variant, seed, out, ov))
@@ -80,7 +88,29 @@ def _finished(job: Job, cfg) -> bool:
         return False
 
 
-def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo) -> None:
+class GpuSlots:
+    """Hands each starting run the least-busy GPU of a list (none: the run inherits the env)."""
+
+    def __init__(self, gpus: list[int] | None):
+        self.busy = {g: 0 for g in gpus or []}
+        self.lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self.lock:
+            if not self.busy:
+                return None
+            g = min(self.busy, key=lambda k: (self.busy[k], k))
+            self.busy[g] += 1
+            return g
+
+    def give(self, g: int | None) -> None:
+        if g is not None:
+            with self.lock:
+                self.busy[g] -= 1
+
+
+def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
+             gpus: list[int] | None = None) -> None:
     todo = []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
@@ -90,15 +120,24 @@ def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo) 
         job.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, job.out / "requested.yaml")
         todo.append(job)
-    log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel")
+    log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"
+        + (f" over GPUs {gpus}" if gpus else ""))
+    slots = GpuSlots(gpus)
 
     def one(job: Job) -> int:
         cmd = [sys.executable, "-m", "basis_train.cli", "--quiet", "--config", str(job.out / "requested.yaml"),
                "--resume"]
+        gpu = slots.take()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu)) if gpu is not None else None
         t = time.perf_counter()
-        with open(job.out / "train.log", "a") as logf:
-            rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        log(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed} ({time.perf_counter() - t:.0f}s)")
+        try:
+            with open(job.out / "train.log", "a") as logf:
+                rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        finally:
+            slots.give(gpu)
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        log(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed}{where} "
+            f"({time.perf_counter() - t:.0f}s)")
         return rc
 
     with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
@@ -135,6 +174,18 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _gpu_list(text: str) -> list[int] | None:
+    if not text.strip():
+        return None
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--gpus must be a comma list of device indices, got {text!r}") from None
+    if min(vals) < 0 or len(set(vals)) != len(vals):
+        raise typer.BadParameter(f"--gpus must be distinct non-negative indices, got {text!r}")
+    return vals
+
+
 compare_app = typer.Typer(add_completion=False, help="Exact vs BASIS at several ranks, paired over seeds.")
 
 
@@ -153,6 +204,8 @@ def compare(
     data_files: str | None = typer.Option(None),
     out: Path = typer.Option(Path("runs/compare")),
     jobs: int = typer.Option(1, help="runs in parallel (processes)"),
+    gpus: str = typer.Option("", help="comma list of CUDA device indices to spread the parallel runs over"),
+    baselines: bool = typer.Option(True, help="--no-baselines: run only the variants (baselines from elsewhere)"),
     report_only: bool = typer.Option(False, "--report-only"),
 ):
     """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png."""
@@ -166,9 +219,9 @@ def compare(
     base = {k: v for k, v in flags.items() if v is not None}
     try:
         load_config(config)
-        grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out)
+        grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out, baselines)
         if not report_only:
-            run_jobs(config, grid, jobs)
+            run_jobs(config, grid, jobs, gpus=_gpu_list(gpus))
         report(out, title=f"exact vs BASIS ({out.name})")
     except (ConfigError, typer.BadParameter) as e:
         _fail(str(e))

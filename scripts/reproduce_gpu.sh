@@ -1,42 +1,65 @@
 #!/usr/bin/env bash
-# The paper's Table 3 on one H200, both validation protocols (6 configurations x 5 seeds x
-# 50,000 steps each): basis-compare runs 2 x 8 basis-train processes that share the GPU
-# through MPS. What is unfinished at the deadline is checkpointed (SIGTERM) and reported as
-# such. Then, with the time left, the benchmark and the memory table. Usage on the device:
-#   BUDGET=480 bash scripts/reproduce_gpu.sh     (results land in $OUT/runs.tgz)
-# Runs already finished under $R (default: the committed results/paper) are skipped, so a later
-# session continues the grid. Set ABLATIONS=1 to run the estimator ablations instead
-# (results/ablations: exact, lr-matched exact, R = 32 and 8 with lam0, no-scalars, uniform,
-# gaussian; held-out protocol).
+# The paper's Table 3 (both validation protocols) and the estimator ablations on all GPUs of one
+# machine: basis-compare runs PER_GPU basis-train processes per GPU (default 16), sharing each GPU
+# through MPS. Usage on the device:
+#   BUDGET=570 bash scripts/reproduce_gpu.sh        (results land in $OUT/runs.tgz)
+# WHAT=paper runs the Table 3 grids only (results/paper/{heldout,paper}), WHAT=ablations only the
+# ablations (results/ablations: lam0, no-scalars, uniform, gaussian at R = 32 and 8, lr-matched
+# exact; held-out protocol), WHAT=all (default) both, with the parallel slots split in proportion
+# to the runs each grid still needs. The ablation grid runs without its baselines: exact and plain
+# BASIS R = 32, 8 are the same configs as the Table 3 held-out grid and are copied from it.
+# Runs already finished under results/ are skipped, so a later session continues. Unfinished runs
+# are checkpointed (SIGTERM) at the deadline; their checkpoints stay on the machine only.
+# SKIP_BENCH=0 runs the benchmark with the time left.
 set -u
 export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-START=$(date +%s); BUDGET=${BUDGET:-480}; mkdir -p $OUT/bench
-if [ "${ABLATIONS:-0}" = 1 ]; then
-  R=${R:-$PWD/results/ablations}; PROTOCOLS="heldout"; GRID="--ranks 32,8 --variants lam0,no-scalars,uniform,gaussian,lr-matched"
-else
-  R=${R:-$PWD/results/paper}; PROTOCOLS="heldout paper"; GRID="--ranks 64,32,16,8,1"
+START=$(date +%s); BUDGET=${BUDGET:-570}; WHAT=${WHAT:-all}; PER_GPU=${PER_GPU:-16}
+RES=${RES:-$PWD/results}
+NGPU=$(nvidia-smi -L | wc -l); GPUS=$(seq -s, 0 $((NGPU - 1))); SLOTS=$((NGPU * PER_GPU))
+COMMON="--seeds 5 --steps ${STEPS:-50000} --eval-every 1000 --checkpoint-every 10000"
+ABL="--ranks 32,8 --variants lam0,no-scalars,uniform,gaussian,lr-matched --no-baselines --val-protocol heldout"
+# name | out dir | grid flags | runs in the full grid | run directories that count (regex)
+GRIDS=()
+if [ "$WHAT" != ablations ]; then
+  GRIDS+=("heldout|$RES/paper/heldout|--ranks 64,32,16,8,1 --val-protocol heldout|30|.")
+  GRIDS+=("paper|$RES/paper/paper|--ranks 64,32,16,8,1 --val-protocol paper|30|.")
 fi
-mkdir -p $R
+[ "$WHAT" != paper ] && GRIDS+=("ablations|$RES/ablations|$ABL|45|/(exact_|basis_R[0-9]+_)[^/]*/summary")
+
+finished() { ls "$1"/runs/*/summary.json 2>/dev/null | grep -cE "$2"; }
+TOTAL=0
+for g in "${GRIDS[@]}"; do IFS='|' read -r n d f size re <<<"$g"; TOTAL=$((TOTAL + size - $(finished $d "$re"))); done
+echo "$NGPU GPUs, $SLOTS slots, $TOTAL runs to do"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog; mkdir -p /tmp/mps /tmp/mpslog
 nvidia-cuda-mps-control -d && echo "MPS daemon started" || echo "MPS not started"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-JOBS=$((16 / $(echo $PROTOCOLS | wc -w)))
-for p in $PROTOCOLS; do
-  setsid python3 -m basis_train.compare $GRID --seeds 5 --steps 50000 --eval-every 1000 \
-    --checkpoint-every 10000 --val-protocol $p --out $R/$p --jobs $JOBS > $R/compare_$p.log 2>&1 &
+for g in "${GRIDS[@]}"; do
+  IFS='|' read -r n d f size re <<<"$g"; left=$((size - $(finished $d "$re")))
+  [ $left -le 0 ] && continue
+  jobs=$(( (SLOTS * left + TOTAL - 1) / TOTAL )); mkdir -p $d
+  echo "$n: $left runs, $jobs in parallel"
+  [ "${DRY:-0}" = 1 ] && { echo "  python3 -m basis_train.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS"; continue; }
+  setsid python3 -m basis_train.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS > $d/compare.log 2>&1 &
 done
-DEADLINE=$((START + BUDGET - 110))
+DEADLINE=$((START + BUDGET - 75))
 while [ "$(date +%s)" -lt $DEADLINE ] && pgrep -f basis_train.compare >/dev/null; do sleep 5; done
 echo "training phase ended after $(( $(date +%s) - START ))s"
 pkill -TERM -f basis_train.compare; sleep 1; pkill -TERM -f basis_train.cli; sleep 8
-for p in $PROTOCOLS; do
-  python3 -m basis_train.compare $GRID --seeds 5 --steps 50000 --val-protocol $p --out $R/$p \
-    --report-only >> $R/compare_$p.log 2>&1
-  grep -cE "^done" $R/compare_$p.log; tail -2 $R/compare_$p.log
-done
 echo quit | nvidia-cuda-mps-control
-tar czf $OUT/runs.tgz -C $R --exclude=checkpoint.pt .
-[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
+if [ "$WHAT" != paper ]; then  # the ablations' baselines: the identical held-out Table 3 runs
+  mkdir -p $RES/ablations/runs
+  for r in $RES/paper/heldout/runs/{exact,basis_R32,basis_R8}-s*; do
+    [ -f $r/summary.json ] && cp -r $r $RES/ablations/runs/ && rm -f $RES/ablations/runs/$(basename $r)/checkpoint.pt
+  done
+fi
+for g in "${GRIDS[@]}"; do
+  IFS='|' read -r n d f size re <<<"$g"
+  python3 -m basis_train.compare $f $COMMON --out $d --report-only >> $d/compare.log 2>&1
+  echo "$n: $(finished $d "$re") of $size finished; $(grep -c '^done' $d/compare.log) done now, $(grep -c FAILED $d/compare.log) failed"
+done
+tar czf $OUT/runs.tgz --exclude=checkpoint.pt -C $RES $( [ "$WHAT" != ablations ] && echo paper ) \
+  $( [ "$WHAT" != paper ] && echo ablations )
+[ "${SKIP_BENCH:-1}" = 1 ] && exit 0
 LEFT=$((START + BUDGET - $(date +%s) - 15))
 echo "bench gets ${LEFT}s"
 timeout $LEFT python3 -m basis_train.bench --sizes paper,gpt2-small --steps 10 --warmup 3 --out $OUT/bench \

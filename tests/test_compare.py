@@ -1,10 +1,12 @@
 """basis-compare / basis-reproduce end to end on a tiny grid, and the verdict logic."""
 
 import json
+import threading
 
 from typer.testing import CliRunner
 
-from basis_train.compare import compare_app
+from basis_train import compare as compare_mod
+from basis_train.compare import GpuSlots, compare_app, plan
 from basis_train.reproduce import verdicts
 
 runner = CliRunner()
@@ -38,6 +40,41 @@ def test_tiny_compare_writes_everything_and_resumes(tmp_path, tiny_config):
 def test_compare_bad_variant(tmp_path):
     res = runner.invoke(compare_app, ["--variants", "sideways", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown variant" in res.output
+
+
+def test_plan_without_baselines_holds_only_variants(tmp_path):
+    labels = {j.label for j in plan({}, [32, 8], [0, 1], ["lam0", "lr-matched"], tmp_path, baselines=False)}
+    assert labels == {"exact [lr-matched]", "basis R=32 [lam0]", "basis R=8 [lam0]"}
+    with_base = {j.label for j in plan({}, [32], [0], ["lam0"], tmp_path)}
+    assert with_base == {"exact", "basis R=32", "basis R=32 [lam0]"}
+
+
+def test_gpu_slots_spread_runs_over_the_least_busy_gpu():
+    slots = GpuSlots([2, 5])
+    taken = [slots.take() for _ in range(5)]
+    assert taken == [2, 5, 2, 5, 2]
+    slots.give(5)
+    slots.give(5)
+    assert [slots.take() for _ in range(4)] == [5, 5, 5, 2]  # 3 : 0 busy, then ties go to the lower index
+    assert GpuSlots(None).take() is None
+
+
+def test_compare_sets_cuda_visible_devices_per_run(tmp_path, tiny_config, monkeypatch):
+    seen = []
+    together = threading.Barrier(2, timeout=30)  # two runs in flight at once must get different GPUs
+
+    def fake_call(cmd, stdout, stderr, env):
+        seen.append(env["CUDA_VISIBLE_DEVICES"])
+        together.wait()
+        return 1  # a failed run: compare goes on and reports it
+
+    monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
+    res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "2", "--steps", "2",
+                                      "--out", str(tmp_path / "c"), "--jobs", "2", "--gpus", "3,1"])
+    assert sorted(seen) == ["1", "1", "3", "3"], res.output
+    assert "4 runs failed" in res.output
+    res = runner.invoke(compare_app, ["--gpus", "1,x", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--gpus" in res.output
 
 
 def _summary(label, diff, lo, hi, ratio, n=5):
