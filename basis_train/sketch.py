@@ -108,28 +108,10 @@ def count_sketch_reference(
     return out.index_add_(0, bins, m.to(acc) * signs[:, None])
 
 
-def _row_plan_eager(seed: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_plan(seed: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The permutation q and the signs of rows q[0], q[1], ... (gather order)."""
     q = sketch_permutation(seed, rows)
     return q, sketch_signs(seed, rows, dtype)[q]
-
-
-# The hash is ~80 tiny elementwise kernels in eager mode, which dominates a small
-# model's step on a GPU; compiled, it is one or two. Set BASIS_SKETCH_COMPILE=0 to opt out.
-_compiled_plan = None
-
-
-def _row_plan(seed: torch.Tensor, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    global _compiled_plan
-    if seed.is_cuda and os.environ.get("BASIS_SKETCH_COMPILE", "1") != "0" and _compiled_plan is not False:
-        try:
-            if _compiled_plan is None:
-                _compiled_plan = torch.compile(_row_plan_eager, dynamic=False, fullgraph=True)
-            return _compiled_plan(seed, rows, dtype)
-        except Exception as e:  # no compiler toolchain, say: stay correct, just slower
-            warnings.warn(f"compiling the sketch hash failed ({type(e).__name__}); using eager kernels")
-            _compiled_plan = False
-    return _row_plan_eager(seed, rows, dtype)
 
 
 def count_sketch(
@@ -157,6 +139,49 @@ def _rescale(sketch: torch.Tensor, full: torch.Tensor, lam: float, scalars: bool
     return sketch * (1.0 - lam) if lam else sketch
 
 
+def scaled_sketch_eager(m: torch.Tensor, seed: torch.Tensor, rank: int, hashing: str, scalars: bool,
+                        lam: float) -> torch.Tensor:
+    """The rescaled sketch of one matrix: what each pass of BasisLinear keeps or multiplies."""
+    return _rescale(count_sketch(m, seed, rank, hashing), m, lam, scalars)
+
+
+# Eager, one balanced sketch is ~25 kernels (the hash alone ~20 elementwise ones, then a
+# float32 copy of the gathered matrix, its signed copy, the sum, two norms) and the host
+# time to launch them. Compiled, the hash is one kernel, the sort one, and gather, cast,
+# signs, bin sum and the full-matrix norm fuse into reductions that read the matrix once
+# in its own dtype. The seed is an input, never drawn inside the compiled region (see
+# _apply_basis), so compiling cannot change the estimate. BASIS_SKETCH_COMPILE=0 opts out.
+_compiled_sketch = None
+# One graph per (rows, cols, rank, dtype, variant) a model produces; GPT-2 small with
+# every linear sketched under autocast needs ~6, close to dynamo's default limit of 8.
+_RECOMPILE_LIMIT = 64
+
+
+def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, hashing: str, scalars: bool,
+                  lam: float) -> torch.Tensor:
+    global _compiled_sketch
+    if (m.is_cuda and hashing == "balanced" and _compiled_sketch is not False
+            and os.environ.get("BASIS_SKETCH_COMPILE", "1") != "0"):
+        try:
+            if _compiled_sketch is None:
+                import torch._dynamo.config as dynamo_config
+
+                if getattr(dynamo_config, "recompile_limit", _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
+                    dynamo_config.recompile_limit = _RECOMPILE_LIMIT
+                _compiled_sketch = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
+            return _compiled_sketch(m, seed, rank, hashing, scalars, lam)
+        except Exception as e:  # no compiler toolchain, say: stay correct, just slower
+            warnings.warn(f"compiling the sketch failed ({type(e).__name__}: {e}); using eager kernels")
+            _compiled_sketch = False
+    return scaled_sketch_eager(m, seed, rank, hashing, scalars, lam)
+
+
+def _sketch(m, seed, rank, hashing, scalars, lam, reference):
+    if reference:
+        return _rescale(count_sketch_reference(m, seed, rank, hashing), m, lam, scalars)
+    return scaled_sketch(m, seed, rank, hashing, scalars, lam)
+
+
 class BasisLinearFunction(torch.autograd.Function):
     """Exact forward, exact dX and db, count-sketched dW. Inputs are 2-D (rows, features)."""
 
@@ -165,10 +190,9 @@ class BasisLinearFunction(torch.autograd.Function):
         rows = x.shape[0]
         r = min(rank, rows)
         seed = draw_seed(x.device, generator)
-        sketch_fn = count_sketch_reference if reference else count_sketch
         # The sketch reads x as given (under autocast the matmul below may read a bf16
         # cast of it) and always sums in float32.
-        xs = _rescale(sketch_fn(x.detach(), seed, r, hashing), x.detach(), lam, scalars)
+        xs = _sketch(x.detach(), seed, r, hashing, scalars, lam, reference)
         ctx.save_for_backward(xs, seed, weight)
         ctx.cfg = (r, hashing, scalars, lam, reference, x.dtype, bias is not None)
         return F.linear(x, weight, bias)
@@ -181,8 +205,7 @@ class BasisLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            sketch_fn = count_sketch_reference if reference else count_sketch
-            gs = _rescale(sketch_fn(grad_out, seed, r, hashing), grad_out, lam, scalars)
+            gs = _sketch(grad_out, seed, r, hashing, scalars, lam, reference)
             grad_w = (gs.t() @ xs).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)

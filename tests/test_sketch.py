@@ -226,11 +226,19 @@ def test_torch_compile_matches_eager():
         assert torch.equal(a, b)
 
 
-def test_compiled_row_plan_matches_eager():
-    from basis_train.sketch import _row_plan_eager
+def test_compiled_scaled_sketch_matches_eager():
+    # What BasisLinear runs on CUDA: hash, sort, gather, bin sum and norms in one compiled
+    # graph. Same bins and signs; only the float32 summation order may differ.
+    from basis_train.sketch import _row_plan, scaled_sketch_eager
 
-    compiled = torch.compile(_row_plan_eager, dynamic=False, fullgraph=True)
-    for rows in (64, 100):
-        seed = torch.tensor(987654321)
-        for a, b in zip(compiled(seed, rows, torch.float32), _row_plan_eager(seed, rows, torch.float32)):
-            assert torch.equal(a, b)
+    compiled = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
+    seed = torch.tensor(987654321)
+    for rows, cols, rank, dtype in ((64, 24, 8, torch.float32), (100, 40, 16, torch.bfloat16)):
+        m = torch.randn(rows, cols).to(dtype)
+        for scalars, lam in ((True, 0.01), (False, 0.0)):
+            expected = scaled_sketch_eager(m, seed, rank, "balanced", scalars, lam)
+            assert expected.dtype == torch.float32
+            assert_close(compiled(m, seed, rank, "balanced", scalars, lam), expected, rtol=1e-5, atol=1e-5)
+        q, signs = torch.compile(_row_plan, dynamic=False, fullgraph=True)(seed, rows, torch.float32)
+        q0, signs0 = _row_plan(seed, rows, torch.float32)
+        assert torch.equal(q, q0) and torch.equal(signs, signs0)
