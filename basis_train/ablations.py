@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from basis_train.stats import paired_diff
+from basis_train.report import summarize
 
 # variant -> what switching it on removes or changes, relative to the paper's estimator
 MECHANISMS = {
@@ -25,33 +25,34 @@ MECHANISMS = {
 }
 
 
-def _by_seed(rows: Sequence[Mapping], method: str, rank, variant: str) -> dict[int, float]:
-    return {int(r["seed"]): float(r["final_val_loss"]) for r in rows
-            if r["method"] == method and str(r["rank"] or "") == str(rank or "") and (r["variant"] or "") == variant}
+def _typed(row: Mapping) -> dict:
+    # results.csv holds strings; summarize() wants ints and floats, and None for "no rank".
+    rank = row.get("rank")
+    return {**row, "rank": int(rank) if rank not in ("", None) else None, "seed": int(row["seed"]),
+            "variant": row.get("variant") or "", "final_val_loss": float(row["final_val_loss"])}
+
+
+def _against(rows: Sequence[Mapping], scope: str, reference: str, whats: Mapping[str, str]) -> list[dict]:
+    """summarize() with `reference` as the baseline, kept to the variants named in `whats`."""
+    out = []
+    for e in summarize(rows, baseline=reference):
+        if e["label"] != reference and e["variant"] in whats and e["diff_n"]:
+            out.append({"scope": scope, "variant": e["variant"], "reference": reference,
+                        "what": whats[e["variant"]], "n": e["diff_n"], "mean": e["diff_mean"],
+                        "ci_low": e["diff_ci_low"], "ci_high": e["diff_ci_high"],
+                        "p_value": e["p_value"], "n_better": e["n_better"]})
+    return sorted(out, key=lambda e: list(whats).index(e["variant"]))
 
 
 def mechanism_effects(rows: Sequence[Mapping]) -> list[dict]:
     """Paired Δ final val loss (variant - reference, same seeds) for every ablation present."""
-    out = []
-    exact, matched = _by_seed(rows, "exact", None, ""), _by_seed(rows, "exact", None, "lr-matched")
-    if exact and matched:
-        out.append(_effect("exact", "lr-matched", "exact", "exact with the sketchable weights' lr x 0.9801",
-                           matched, exact))
-    ranks = sorted({int(r["rank"]) for r in rows if r["method"] == "basis" and r["rank"] not in ("", None)},
-                   reverse=True)
-    for rank in ranks:
-        base = _by_seed(rows, "basis", rank, "")
-        for variant, what in MECHANISMS.items():
-            var = _by_seed(rows, "basis", rank, variant)
-            if base and var:
-                out.append(_effect(f"R={rank}", variant, f"basis R={rank}", what, var, base))
+    rows = [_typed(r) for r in rows]
+    exact = [r for r in rows if r["method"] == "exact"]
+    out = _against(exact, "exact", "exact", {"lr-matched": "exact with the sketchable weights' lr x 0.9801"})
+    for rank in sorted({r["rank"] for r in rows if r["method"] == "basis"}, reverse=True):
+        same_rank = [r for r in rows if r["method"] == "basis" and r["rank"] == rank]
+        out += _against(same_rank, f"R={rank}", f"basis R={rank}", MECHANISMS)
     return out
-
-
-def _effect(scope: str, variant: str, reference: str, what: str, a: dict, b: dict) -> dict:
-    seeds = sorted(set(a) & set(b))
-    d = paired_diff([a[s] for s in seeds], [b[s] for s in seeds])
-    return {"scope": scope, "variant": variant, "reference": reference, "what": what, "seeds": seeds, **d}
 
 
 def write_mechanisms_md(effects: Sequence[Mapping], path: Path) -> None:

@@ -164,26 +164,23 @@ def report(out: Path, title: str, paper_table: dict | None = None,
     return summary, by_label
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, minimum: int = 1) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"{what} must be a comma list of integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    if not vals or min(vals) < minimum:
+        raise typer.BadParameter(f"{what} must be integers >= {minimum}, got {text!r}")
     return vals
 
 
 def _gpu_list(text: str) -> list[int] | None:
     if not text.strip():
         return None
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--gpus must be a comma list of device indices, got {text!r}") from None
-    if min(vals) < 0 or len(set(vals)) != len(vals):
-        raise typer.BadParameter(f"--gpus must be distinct non-negative indices, got {text!r}")
-    return vals
+    gpus = _ints(text, "--gpus", minimum=0)
+    if len(set(gpus)) != len(gpus):
+        raise typer.BadParameter(f"--gpus must not repeat a device, got {text!r}")
+    return gpus
 
 
 compare_app = typer.Typer(add_completion=False, help="Exact vs BASIS at several ranks, paired over seeds.")

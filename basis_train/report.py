@@ -112,25 +112,25 @@ def summarize(rows: Sequence[Mapping], baseline: str = "exact", level: float = 0
             raise ValueError(f"configuration '{label}' has several runs for seed(s) {dupes}")
         by_seed[label] = {r["seed"]: r for r in group}
     base = by_seed.get(baseline)
-    base_act = _mean(r["peak_activation_bytes"] for r in base.values()) if base else None
+    base_act = _mean(r.get("peak_activation_bytes") for r in base.values()) if base else None
 
     out = []
     for label, runs in by_seed.items():
         first = next(iter(runs.values()))
         val = mean_ci([r["final_val_loss"] for r in runs.values()], level)
-        act = _mean(r["peak_activation_bytes"] for r in runs.values())
+        act = _mean(r.get("peak_activation_bytes") for r in runs.values())
         entry = {
             "label": label, "method": first["method"], "rank": first["rank"],
             "variant": first["variant"], "baseline": baseline, "level": level, "n": val["n"],
             "seeds": sorted(runs),
             "val_mean": val["mean"], "val_std": val["std"],
             "val_ci_low": val["ci_low"], "val_ci_high": val["ci_high"],
-            "train_mean": _mean(r["final_train_loss"] for r in runs.values()),
+            "train_mean": _mean(r.get("final_train_loss") for r in runs.values()),
             "act_bytes_mean": act,
             "act_ratio": act / base_act if act is not None and base_act else None,
-            "cuda_peak_step_bytes_mean": _mean(r["cuda_peak_step_bytes"] for r in runs.values()),
-            "tokens_per_s_mean": _mean(r["tokens_per_s"] for r in runs.values()),
-            "wall_s_mean": _mean(r["wall_s"] for r in runs.values()),
+            "cuda_peak_step_bytes_mean": _mean(r.get("cuda_peak_step_bytes") for r in runs.values()),
+            "tokens_per_s_mean": _mean(r.get("tokens_per_s") for r in runs.values()),
+            "wall_s_mean": _mean(r.get("wall_s") for r in runs.values()),
             "diff_n": 0, "diff_mean": None, "diff_ci_low": None, "diff_ci_high": None,
             "p_value": None, "n_better": None,
         }

@@ -157,19 +157,27 @@ _compiled_sketch = None
 _RECOMPILE_LIMIT = 64
 
 
+def _compiled_sketch_fn():
+    """The compiled scaled_sketch_eager, built on first use; False if opted out or broken."""
+    global _compiled_sketch
+    if _compiled_sketch is None:
+        if os.environ.get("BASIS_SKETCH_COMPILE", "1") == "0":
+            _compiled_sketch = False
+        else:
+            import torch._dynamo.config as dynamo_config
+
+            if getattr(dynamo_config, "recompile_limit", _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
+                dynamo_config.recompile_limit = _RECOMPILE_LIMIT
+            _compiled_sketch = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
+    return _compiled_sketch
+
+
 def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, hashing: str, scalars: bool,
                   lam: float) -> torch.Tensor:
     global _compiled_sketch
-    if (m.is_cuda and hashing == "balanced" and _compiled_sketch is not False
-            and os.environ.get("BASIS_SKETCH_COMPILE", "1") != "0"):
+    if m.is_cuda and hashing == "balanced" and (fn := _compiled_sketch_fn()):
         try:
-            if _compiled_sketch is None:
-                import torch._dynamo.config as dynamo_config
-
-                if getattr(dynamo_config, "recompile_limit", _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
-                    dynamo_config.recompile_limit = _RECOMPILE_LIMIT
-                _compiled_sketch = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
-            return _compiled_sketch(m, seed, rank, hashing, scalars, lam)
+            return fn(m, seed, rank, hashing, scalars, lam)
         except Exception as e:  # no compiler toolchain, say: stay correct, just slower
             warnings.warn(f"compiling the sketch failed ({type(e).__name__}: {e}); using eager kernels")
             _compiled_sketch = False
