@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from basis_train.config import CLI_FLAGS, ConfigError, apply_overrides, load_config
+from basis_train.training.config import CLI_FLAGS, ConfigError, apply_overrides, load_config
 
 
 class Method(str, Enum):
@@ -31,8 +31,8 @@ def fail(message: str, code: int = 2):
 
 def resolve_config(config: Path | None, flags: dict):
     """The config file (default: the paper's), then every flag the user actually gave."""
-    from basis_train.data import DataError
-    from basis_train.runio import RunError
+    from basis_train.data.corpus import DataError
+    from basis_train.training.runio import RunError
 
     try:
         cfg = load_config(config)
@@ -75,8 +75,8 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ):
     """Train one run; writes config.yaml, metrics.jsonl, summary.json and a checkpoint."""
-    from basis_train.runio import RunError
-    from basis_train.train import Interrupted, NonFiniteLoss, train
+    from basis_train.training.runio import RunError
+    from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
     flags = {k: v for k, v in locals().items() if k in CLI_FLAGS}
     cfg = resolve_config(config, flags)
@@ -113,10 +113,10 @@ def _lazy(module: str, attr: str = "main"):
     return run
 
 
-compare_main = _lazy("basis_train.compare", "compare_main")
-reproduce_main = _lazy("basis_train.compare", "reproduce_main")
-diagnose_main = _lazy("basis_train.diagnose")
-bench_main = _lazy("basis_train.bench")
+compare_main = _lazy("basis_train.experiments.compare", "compare_main")
+reproduce_main = _lazy("basis_train.experiments.compare", "reproduce_main")
+diagnose_main = _lazy("basis_train.experiments.diagnose")
+bench_main = _lazy("basis_train.experiments.bench")
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -3,6 +3,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from basis_train.bench import main
+from basis_train.experiments.bench import main
 
 main()

@@ -57,8 +57,8 @@ def base_env() -> dict:
 
 
 def check_cache(config: str, env: dict) -> str:
-    from basis_train.config import load_config
-    from basis_train.data import cached_corpus_path
+    from basis_train.data.corpus import cached_corpus_path
+    from basis_train.training.config import load_config
 
     d = load_config(Path(config)).data
     path = cached_corpus_path(d.dataset, d.data_files, d.max_docs, d.cache_dir or env["BASIS_TRAIN_CACHE"])

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from basis_train.model import GPTConfig, build_gpt
+from basis_train.core.model import GPTConfig, build_gpt
 
 n = int(sys.argv[1])
 method = sys.argv[2]

@@ -29,7 +29,7 @@ done
 t "paper-size graphed step: $(tr '\n' ';' < $W/paper_step.log)"
 [ "${SKIP_BENCH:-0}" = 1 ] || {
   BT=$(( ${BENCH_UNTIL:-260} - $(date +%s) + START )); [ $BT -lt 5 ] && BT=5
-  CUDA_VISIBLE_DEVICES=0 timeout $BT python3 -m basis_train.bench \
+  CUDA_VISIBLE_DEVICES=0 timeout $BT python3 -m basis_train.experiments.bench \
     --sizes paper,gpt2-small --steps 10 --warmup 3 --out $W/bench --memory-table $W/bench/memory.md > $W/bench.log 2>&1
   t "bench rc=$?"; tail -4 $W/bench.log; }
 wait $ABL; t "ablations: $(grep -E 'of 45|runs to do' $W/ablations.log | tr '\n' ';')"

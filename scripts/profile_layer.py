@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basis_train import sketch  # noqa: E402
-from basis_train.sketch import BasisLinear  # noqa: E402
+from basis_train.core import sketch  # noqa: E402
+from basis_train.core.sketch import BasisLinear  # noqa: E402
 
 
 def parse_args():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from basis_train.data import _wiki_json_path
+from basis_train.data.corpus import _wiki_json_path
 
 
 @pytest.fixture(scope="session", autouse=True)

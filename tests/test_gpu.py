@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from basis_train.model import GPTConfig, build_gpt
-from basis_train.sketch import BasisLinear
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

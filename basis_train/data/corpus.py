@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from basis_train.tokenizer import TOKENIZER_ID, encode_documents
+from basis_train.data.tokenizer import TOKENIZER_ID, encode_documents
 
 DATASETS = ("wiki-offline", "fineweb-edu", "files")
 FINEWEB_DEFAULT_DOCS = 50_000

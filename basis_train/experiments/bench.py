@@ -26,11 +26,11 @@ import torch
 import typer
 from torch import nn
 
-from basis_train.bench_report import layer_md, memory_md, row_label, size_md
+from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
 from basis_train.fsutil import atomic_write_text
-from basis_train.memory import SavedTensorMeter, cuda_step_peak
-from basis_train.model import GPTConfig, build_gpt
-from basis_train.sketch import BasisLinear
+from basis_train.reporting.bench_report import layer_md, memory_md, row_label, size_md
 
 VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
 # bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from basis_train.model import GPT, GPTConfig, build_gpt
-from basis_train.sketch import BasisLinear
+from basis_train.core.model import GPT, GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
 
 PAPER = GPTConfig()
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from basis_train.data import Corpus, DataError
+from basis_train.data.corpus import Corpus, DataError
 
 # ---------------------------------------------------------------- splits
 

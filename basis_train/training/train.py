@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from basis_train.config import Config, config_hash, config_to_dict
-from basis_train.data import DataError
-from basis_train.distributed import Dist, init_from_env
-from basis_train.loaders import TrainLoader, ValStream, heldout_batches
-from basis_train.memory import SavedTensorMeter, cuda_step_peak
-from basis_train.model import build_gpt
-from basis_train.runio import (
+from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.core.model import build_gpt
+from basis_train.data.corpus import DataError
+from basis_train.data.loaders import TrainLoader, ValStream, heldout_batches
+from basis_train.training.config import Config, config_hash, config_to_dict
+from basis_train.training.distributed import Dist, init_from_env
+from basis_train.training.runio import (
     MetricsLog,
     RunError,
     Tracker,
@@ -38,7 +38,7 @@ from basis_train.runio import (
     prepare_out_dir,
     save_checkpoint,
 )
-from basis_train.setup import build_optimizer, gpt_config, load_data, resolve_device, sketch_seed, variant_of
+from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device, sketch_seed, variant_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EAGER_BEFORE_CAPTURE = 3

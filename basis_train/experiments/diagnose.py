@@ -28,13 +28,13 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
-from basis_train.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
-from basis_train.data import DataError, load_tokens
-from basis_train.diagnose_report import VARIANTS, Variant, findings, write_outputs  # noqa: F401  (public API)
-from basis_train.loaders import TrainLoader, make_splits
-from basis_train.model import GPT, build_gpt
-from basis_train.setup import gpt_config
-from basis_train.sketch import _rescale, count_sketch, draw_seed
+from basis_train.core.model import GPT, build_gpt
+from basis_train.core.sketch import _rescale, count_sketch, draw_seed
+from basis_train.data.corpus import DataError, load_tokens
+from basis_train.data.loaders import TrainLoader, make_splits
+from basis_train.reporting.diagnose_report import VARIANTS, Variant, findings, write_outputs  # noqa: F401  (public API)
+from basis_train.training.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from basis_train.training.setup import gpt_config
 
 DEFAULT_RANKS = "1,4,8,16,32,64,rows"
 METRICS = ("rel_err_mean", "rel_err_std", "rel_err_p10", "rel_err_p90", "cos_mean", "cos_std",
@@ -201,10 +201,10 @@ def load_weights(model: GPT, path: Path) -> dict:
 
 def _trained_checkpoint(cfg: Config, steps: int, seed: int, device: str, out: Path, progress: bool) -> Path:
     try:
-        from basis_train.runio import RunError
-        from basis_train.train import train
+        from basis_train.training.runio import RunError
+        from basis_train.training.train import train
     except ImportError:
-        raise DiagnoseError("--after-steps needs basis_train.train, which is not available; use --checkpoint") from None
+        raise DiagnoseError("--after-steps needs basis_train.training.train, which is not available; use --checkpoint") from None
     overrides = {"train.steps": steps, "train.seed": seed, "train.device": device, "log.wandb": "off"}
     try:
         train(apply_overrides(cfg, overrides), out / "after_steps_run", progress=progress)
@@ -236,7 +236,7 @@ Opt = typer.Option
 def run(
     config: Annotated[str | None, Opt(help="YAML config or a name in configs/ (default: the paper's)")] = None,
     checkpoint: Annotated[Path | None, Opt(help="load the 'model' state_dict of this checkpoint")] = None,
-    after_steps: Annotated[int, Opt(help="first train this many steps (basis_train.train)")] = 0,
+    after_steps: Annotated[int, Opt(help="first train this many steps (basis_train.training.train)")] = 0,
     seed: Annotated[int | None, Opt(help="init and sketch seed (default: the config's train.seed)")] = None,
     ranks: Annotated[str, Opt(help="comma list of sketch ranks; 'rows' = batch x sequence")] = DEFAULT_RANKS,
     variants: Annotated[str, Opt(help="comma list of: " + ", ".join(VARIANTS))] = ",".join(VARIANTS),
@@ -261,7 +261,7 @@ def run(
         if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
             raise DiagnoseError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
         dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-        named = Path(__file__).resolve().parent.parent / "configs" / f"{config}.yaml"
+        named = Path(__file__).resolve().parents[2] / "configs" / f"{config}.yaml"
         cfg = load_config(named if config and not Path(config).exists() and named.is_file() else config)
         layer_choice = sketch_layers in ("mlp+head", "all", "none")
         if layer_choice:
@@ -288,7 +288,7 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if Path(sys.argv[0]).name == "diagnose.py":
-        command = shlex.join(["python", "-m", "basis_train.diagnose", *sys.argv[1:]])
+        command = shlex.join(["python", "-m", "basis_train.experiments.diagnose", *sys.argv[1:]])
     else:  # a console script, or called in-process: rebuild the flags from the parsed options
         command = shlex.join(["basis-diagnose", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items()
                                                   if v is not None and k != "progress")])

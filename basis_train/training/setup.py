@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from basis_train.config import Config
-from basis_train.data import load_tokens
-from basis_train.loaders import make_splits
-from basis_train.model import GPTConfig
-from basis_train.runio import RunError
+from basis_train.core.model import GPTConfig
+from basis_train.data.corpus import load_tokens
+from basis_train.data.loaders import make_splits
+from basis_train.training.config import Config
+from basis_train.training.runio import RunError
 
 _SKETCH_SEED_SALT = 0x5EED5
 

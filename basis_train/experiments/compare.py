@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import typer
 
-from basis_train.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
-from basis_train.report import (
+from basis_train.reporting.report import (
     collect_runs,
     config_label,
     plot_memory,
@@ -31,6 +30,7 @@ from basis_train.report import (
     write_results_csv,
     write_summary_md,
 )
+from basis_train.training.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
 
 VARIANTS = {
     "": {},
@@ -235,7 +235,7 @@ def compare_main() -> None:
 
 
 def reproduce_main() -> None:
-    from basis_train.reproduce import reproduce_app
+    from basis_train.experiments.reproduce import reproduce_app
 
     reproduce_app(prog_name="basis-reproduce")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import typer
 
-from basis_train.compare import plan, report, run_jobs
-from basis_train.config import ConfigError, load_config
-from basis_train.report import load_metrics
-from basis_train.stats import verdict_parity
+from basis_train.experiments.compare import plan, report, run_jobs
+from basis_train.reporting.report import load_metrics
+from basis_train.reporting.stats import verdict_parity
+from basis_train.training.config import ConfigError, load_config
 
 RANKS = [64, 32, 16, 8, 1]
 # PAPER.md section 2, Table 3 (final train / val loss at step 50,000; truncated to 3 decimals).

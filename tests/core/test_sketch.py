@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from basis_train.memory import SavedTensorMeter
-from basis_train.sketch import (
+from basis_train.core.memory import SavedTensorMeter
+from basis_train.core.sketch import (
     BasisLinear,
     count_sketch,
     count_sketch_reference,
@@ -229,7 +229,7 @@ def test_torch_compile_matches_eager():
 def test_compiled_scaled_sketch_matches_eager():
     # What BasisLinear runs on CUDA: hash, sort, gather, bin sum and norms in one compiled
     # graph. Same bins and signs; only the float32 summation order may differ.
-    from basis_train.sketch import _row_plan, scaled_sketch_eager
+    from basis_train.core.sketch import _row_plan, scaled_sketch_eager
 
     compiled = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
     seed = torch.tensor(987654321)

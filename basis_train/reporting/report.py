@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .stats import mean_ci, paired_diff
+from basis_train.reporting.stats import mean_ci, paired_diff
 
 RESULT_COLUMNS: tuple[str, ...] = (
     "method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from basis_train import data
-from basis_train.data import Corpus, DataError, cached_corpus_path, load_corpus_dir, load_tokens
-from basis_train.loaders import TrainLoader, ValStream, heldout_batches, make_splits, n_chunks
-from basis_train.tokenizer import EOT, get_encoding
+from basis_train.data import corpus as data
+from basis_train.data.corpus import Corpus, DataError, cached_corpus_path, load_corpus_dir, load_tokens
+from basis_train.data.loaders import TrainLoader, ValStream, heldout_batches, make_splits, n_chunks
+from basis_train.data.tokenizer import EOT, get_encoding
 
 
 @pytest.fixture(scope="session")

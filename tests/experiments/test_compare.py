@@ -5,9 +5,9 @@ import threading
 
 from typer.testing import CliRunner
 
-from basis_train import compare as compare_mod
-from basis_train.compare import GpuSlots, compare_app, plan
-from basis_train.reproduce import verdicts
+from basis_train.experiments import compare as compare_mod
+from basis_train.experiments.compare import GpuSlots, compare_app, plan
+from basis_train.experiments.reproduce import verdicts
 
 runner = CliRunner()
 
@@ -97,7 +97,7 @@ def test_verdicts_follow_the_numbers():
 
 
 def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
-    from basis_train.reproduce import reproduce_app
+    from basis_train.experiments.reproduce import reproduce_app
 
     out = tmp_path / "repro"
     res = runner.invoke(reproduce_app, ["--config", str(tiny_config), "--seeds", "1", "--steps", "2",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from basis_train.sketch import BasisLinear, check_rank
+from basis_train.core.sketch import BasisLinear, check_rank
 
 SKETCH_LAYERS = ("none", "mlp+head", "all")
 # trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.

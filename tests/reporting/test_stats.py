@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from basis_train.stats import (
+from basis_train.reporting.stats import (
     betainc,
     mean_ci,
     paired_diff,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from basis_train.report import (
+from basis_train.reporting.report import (
     RESULT_COLUMNS,
     collect_runs,
     config_label,

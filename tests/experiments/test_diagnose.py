@@ -10,7 +10,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from basis_train.diagnose import (
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import draw_seed
+from basis_train.experiments.diagnose import (
     VARIANTS,
     DiagnoseError,
     app,
@@ -24,8 +26,6 @@ from basis_train.diagnose import (
     run_draws,
     tabulate,
 )
-from basis_train.model import GPTConfig, build_gpt
-from basis_train.sketch import draw_seed
 
 TINY = GPTConfig(vocab_size=97, block_size=8, n_embd=16, n_head=2, n_layer=1)
 ROWS = 16  # 2 sequences x 8 tokens

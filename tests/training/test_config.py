@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from basis_train.config import (
+from basis_train.training.config import (
     CLI_FLAGS,
     Config,
     ConfigError,
@@ -17,7 +17,7 @@ from basis_train.config import (
     load_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from basis_train.config import Config, config_hash, dump_config, load_config
 from basis_train.fsutil import atomic_write_bytes
+from basis_train.training.config import Config, config_hash, dump_config, load_config
 
 
 class RunError(Exception):

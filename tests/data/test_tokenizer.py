@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tiktoken
 
-from basis_train import tokenizer
-from basis_train.tokenizer import EOT, TOKENIZER_ID, encode_documents, get_encoding
+from basis_train.data import tokenizer
+from basis_train.data.tokenizer import EOT, TOKENIZER_ID, encode_documents, get_encoding
 
 SAMPLES = [
     "Hello world",

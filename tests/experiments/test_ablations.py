@@ -2,7 +2,7 @@
 
 import pytest
 
-from basis_train.ablations import main, mechanism_effects
+from basis_train.experiments.ablations import main, mechanism_effects
 
 
 def _row(method, rank, variant, seed, loss):
