@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from basis_train.core import graphs
 from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
@@ -193,16 +194,9 @@ class Run:
         self.measured["saved_top"] = [[str(list(k[0])), k[1], v] for k, v in top]
 
     def _capture_and_replay(self, idx: torch.Tensor) -> None:
-        # Whole-step capture (PyTorch's CUDA graphs recipe): grads are None here, so the
-        # captured backward writes them into the graph's pool instead of accumulating.
         self.idx_buf = idx.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        if hasattr(self.graph, "register_generator_state"):
-            self.graph.register_generator_state(self.gen)
         self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self._fwd_bwd_opt(self.idx_buf)
-        self.graph.replay()  # capture records without running: this is the real step
+        self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf), generators=[self.gen])
 
     def train_step(self) -> None:
         idx = self.loader.next_indices()
@@ -212,18 +206,13 @@ class Run:
         else:
             # Before capture, a few eager steps on a side stream let lazy initialisation
             # (optimiser state, cuBLAS workspaces) happen outside the graph.
-            side = torch.cuda.Stream(self.device) if self.use_graphs else None
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side) if side is not None else nullcontext():
+            with graphs.side_stream(self.device, self.use_graphs):
                 if not self.measured:
                     self._measured_step(idx)
                 elif self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
                     self._capture_and_replay(idx)
                 else:
                     self._eager_step(idx)
-            if side is not None:
-                torch.cuda.current_stream(self.device).wait_stream(side)
             self._eager_steps += 1
         self.loss_n += 1
         self.step += 1
