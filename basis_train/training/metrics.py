@@ -1,0 +1,86 @@
+"""Where a run's measurements go: throughput clock, metrics.jsonl, wandb and the progress bar."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from basis_train.training.config import Config, config_to_dict
+from basis_train.training.runio import MetricsLog, Tracker, UnwrittenMetrics
+
+
+class Throughput:
+    """Training wall time and tokens/s between evaluations; the clock stops while evaluating."""
+
+    def __init__(self, tokens_per_step: int, device: torch.device) -> None:
+        self.tokens_per_step, self.device = tokens_per_step, device
+        self.wall_s = 0.0
+        self.tokens_per_s: list[float] = []
+        self._t0, self._step0 = 0.0, 0
+
+    def start(self, step: int) -> None:
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def lap(self, step: int) -> dict:
+        """Close the interval since `start` (syncing the GPU, so it is honest)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self.wall_s += dt
+        tok_s = (step - self._step0) * self.tokens_per_step / dt if dt > 0 else float("nan")
+        self.tokens_per_s.append(tok_s)
+        return {"tokens_per_s": tok_s, "ms_per_step": 1000 * dt / max(step - self._step0, 1)}
+
+    def state_dict(self) -> dict:
+        return {"wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wall_s, self.tokens_per_s = state["wall_s"], state["tokens_per_s"]
+
+
+class MetricsSink:
+    """Rank 0 writes metrics.jsonl and mirrors it to wandb; other ranks write nothing."""
+
+    def __init__(self, cfg: Config, out, dist, resumed_step: int | None, wandb_id: str | None,
+                 progress: bool) -> None:
+        # On resume the log is cut back to the checkpoint's step, so a resumed run writes
+        # exactly the lines an uninterrupted one would.
+        self.log_file = (MetricsLog(out / "metrics.jsonl", keep_until_step=-1 if resumed_step is None else resumed_step)
+                         if dist.is_main else UnwrittenMetrics())
+        self.tracker = Tracker(cfg.log.wandb if dist.is_main else "off", cfg.log.wandb_project,
+                               cfg.log.run_name or out.name, config_to_dict(cfg), out, wandb_id)
+        self.progress = progress and dist.is_main
+        self.bar = None
+
+    @property
+    def records(self) -> list:
+        return self.log_file.records
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def open_bar(self, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not self.progress, unit="step",
+                        dynamic_ncols=True, mininterval=0.5)
+
+    def stepped(self) -> None:
+        self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def log(self, rec: dict) -> None:
+        self.log_file.append(rec)
+        self.tracker.log(rec, step=rec["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
+                                 tok_s=f"{rec['tokens_per_s']:,.0f}")
+
+    def finish(self, summary: dict) -> None:
+        self.tracker.finish(summary)

@@ -1,0 +1,126 @@
+"""One training step (forward, backward, optimiser), eager or as a CUDA-graph replay.
+
+On CUDA (one process, not compiled) the step is captured once after a few eager warm-up
+steps and then replayed: no host synchronisation happens between evaluations, which is
+what makes a 64-token model fast. For the same reason the training loss is summed on the
+device and read only when the loop logs it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from basis_train.core import graphs
+from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.training.runio import RunError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_EAGER_BEFORE_CAPTURE = 3
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+class TrainStep:
+    """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first call also measures
+    what a step keeps for backward (`measured`)."""
+
+    def __init__(self, model, forward, opt, chunks: torch.Tensor, gen: torch.Generator,
+                 device: torch.device, dtype: torch.dtype, use_graphs: bool) -> None:
+        self.model, self.forward, self.opt, self.chunks = model, forward, opt, chunks
+        self.gen, self.device, self.dtype, self.use_graphs = gen, device, dtype, use_graphs
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_n = 0
+        self.measured: dict = {}
+        self.graph = None
+        self._eager_steps = 0
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if self.graph is not None:
+            self.idx_buf.copy_(idx)
+            self.graph.replay()
+        else:
+            # Before capture, a few eager steps on a side stream let lazy initialisation
+            # (optimiser state, cuBLAS workspaces) happen outside the graph.
+            with graphs.side_stream(self.device, self.use_graphs):
+                if not self.measured:
+                    self._measured_step(idx)
+                elif self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
+                    self._capture_and_replay(idx)
+                else:
+                    self._eager_step(idx)
+            self._eager_steps += 1
+        self.loss_n += 1
+
+    def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
+        chunks = self.chunks[idx]
+        x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
+        with autocast(self.device, self.dtype):
+            _, loss = self.forward(x, y)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach()
+
+    def _eager_step(self, idx: torch.Tensor) -> None:
+        self._fwd_bwd_opt(idx)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _measured_step(self, idx: torch.Tensor) -> None:
+        meter = SavedTensorMeter(exclude=self.model.parameters())
+        with meter.measure():
+            if self.device.type == "cuda":
+                self.measured["cuda_peak_step_bytes"] = cuda_step_peak(lambda: self._eager_step(idx), self.device)
+            else:
+                self._eager_step(idx)
+        self.measured["peak_activation_bytes"] = meter.total_bytes
+        self.measured.setdefault("cuda_peak_step_bytes", None)
+        top = sorted(meter.by_shape.items(), key=lambda kv: -kv[1])[:5]
+        self.measured["saved_top"] = [[str(list(k[0])), k[1], v] for k, v in top]
+
+    def _capture_and_replay(self, idx: torch.Tensor) -> None:
+        self.idx_buf = idx.clone()
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf), generators=[self.gen])
+
+    # ------------------------------------------------------------------ loss
+    def take_mean_loss(self, dist, step: int) -> float:
+        """The global mean training loss since the last call (a collective), then reset."""
+        # The one place per-rank losses meet: every rank gets the same global mean, so a
+        # non-finite check on it fails on all ranks or on none.
+        loss = dist.all_sum(self.loss_sum.clone()).item() / (max(self.loss_n, 1) * dist.world_size)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite training loss between steps {step - self.loss_n} and {step}")
+        self.loss_sum.zero_()
+        self.loss_n = 0
+        return loss
+
+    def finite(self) -> bool:
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        return math.isfinite(self.loss_sum.item()) and bool(torch.isfinite(torch.stack(norms)).all())
+
+    # ------------------------------------------------------------------ state
+    def shared_state(self) -> dict:
+        """What every rank holds alike (rank 0's copy is saved)."""
+        return {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "loss_n": self.loss_n,
+                "measured": self.measured}
+
+    def own_state(self) -> dict:
+        """What differs between ranks: each continues its own sketch stream and loss sum."""
+        return {"gen": self.gen.get_state(), "loss_sum": self.loss_sum.item()}
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optim"])
+        self.gen.set_state(ckpt["gen"])
+        self.loss_sum.fill_(ckpt["loss_sum"])
+        self.loss_n, self.measured = ckpt["loss_n"], ckpt["measured"]

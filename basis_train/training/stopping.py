@@ -1,0 +1,50 @@
+"""SIGINT/SIGTERM as a request to checkpoint and stop, agreed on by all DDP ranks."""
+
+from __future__ import annotations
+
+import signal
+
+# With several ranks a request is acted on only once all ranks agree, which costs a host
+# sync, so they compare flags every this many steps (and at every eval/checkpoint).
+# torchrun SIGKILLs its workers 30 s after forwarding a signal: the final checkpoint
+# must fit in that window.
+_CHECK_EVERY = 20
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopRequests:
+    """Context manager: while inside, SIGINT/SIGTERM set a flag instead of killing the process."""
+
+    def __init__(self, dist) -> None:
+        self.dist = dist
+        self.flag = False
+        self._old: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if hasattr(signal, "SIGTERM"):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._on_signal)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self, step: int, synced: bool) -> bool:
+        """True on every rank or on none. `synced`: the ranks just met anyway (eval/checkpoint)."""
+        if not self.dist.enabled:
+            return self.flag
+        # A signal may reach only some ranks, or reach them at different steps.
+        if synced or step % _CHECK_EVERY == 0:
+            return self.dist.any(self.flag)
+        return False
