@@ -33,12 +33,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 class TrainStep:
     """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first call also measures
-    what a step keeps for backward (`measured`)."""
+    what a step keeps for backward (`measured`).
+
+    float16 gradients underflow without loss scaling, so float16 steps go through a
+    GradScaler: a step whose gradients hold an inf or NaN is skipped and the scale lowered.
+    The scaler reads that verdict on the host, so a float16 step is never graph-captured.
+    """
 
     def __init__(self, model, forward, opt, chunks: torch.Tensor, gen: torch.Generator,
                  device: torch.device, dtype: torch.dtype, use_graphs: bool) -> None:
         self.model, self.forward, self.opt, self.chunks = model, forward, opt, chunks
-        self.gen, self.device, self.dtype, self.use_graphs = gen, device, dtype, use_graphs
+        self.gen, self.device, self.dtype = gen, device, dtype
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        if use_graphs and self.scaler is not None:
+            raise ValueError("a float16 step (GradScaler) cannot be graph-captured")
+        self.use_graphs = use_graphs
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.loss_n = 0
         self.measured: dict = {}
@@ -67,8 +76,13 @@ class TrainStep:
         x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
         with autocast(self.device, self.dtype):
             _, loss = self.forward(x, y)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)  # skipped if a gradient is not finite
+            self.scaler.update()
         self.loss_sum += loss.detach()
 
     def _eager_step(self, idx: torch.Tensor) -> None:
@@ -111,8 +125,11 @@ class TrainStep:
     # ------------------------------------------------------------------ state
     def shared_state(self) -> dict:
         """What every rank holds alike (rank 0's copy is saved)."""
-        return {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "loss_n": self.loss_n,
-                "measured": self.measured}
+        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "loss_n": self.loss_n,
+                 "measured": self.measured}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def own_state(self) -> dict:
         """What differs between ranks: each continues its own sketch stream and loss sum."""
@@ -124,3 +141,5 @@ class TrainStep:
         self.gen.set_state(ckpt["gen"])
         self.loss_sum.fill_(ckpt["loss_sum"])
         self.loss_n, self.measured = ckpt["loss_n"], ckpt["measured"]
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])

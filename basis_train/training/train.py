@@ -62,8 +62,10 @@ class Run:
         for m in self.model.sketched_modules():
             m.generator = gen
         # No graph capture under DDP: its gradient all-reduce hooks and bucket rebuilding
-        # on the first iterations do not survive being frozen into a captured graph.
-        use_graphs = t.cuda_graphs and self.device.type == "cuda" and not t.compile and not dist.enabled
+        # on the first iterations do not survive being frozen into a captured graph. Nor in
+        # float16, whose GradScaler decides on the host whether to skip each step.
+        use_graphs = (t.cuda_graphs and self.device.type == "cuda" and not t.compile and not dist.enabled
+                      and t.dtype != "float16")
         opt = build_optimizer(self.model, cfg, capturable=use_graphs)
         self.forward = dist.wrap(self.model)  # eval and checkpoints use the bare model
         self.forward = torch.compile(self.forward) if t.compile else self.forward
