@@ -100,7 +100,16 @@ def train_cmd(
     )
 
 
+def _require_torch() -> None:
+    from basis_train.torch_floor import torch_problem
+
+    if problem := torch_problem():
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def train_main() -> None:
+    _require_torch()
     train_app(prog_name="basis-train")
 
 
@@ -108,6 +117,7 @@ def _lazy(module: str, attr: str = "main"):
     def run() -> None:
         import importlib
 
+        _require_torch()
         getattr(importlib.import_module(module), attr)()
 
     return run

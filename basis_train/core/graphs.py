@@ -16,18 +16,26 @@ from contextlib import contextmanager
 
 import torch
 
+from basis_train.torch_floor import torch_release
+
 
 class GraphSupportError(RuntimeError):
     pass
 
 
+def registers_generators_itself(version: str | None = None) -> bool:
+    """torch >= 2.14 registers every generator a capture draws from on first use, and its
+    register_generator_state is a deprecated no-op that warns on every call."""
+    return torch_release(version) >= (2, 14)
+
+
 def check_graph_support() -> None:
-    """Replaying a graph with a private generator needs CUDAGraph.register_generator_state."""
-    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+    """Replaying a graph with a private generator needs CUDAGraph.register_generator_state
+    (or a torch that registers generators itself)."""
+    if not registers_generators_itself() and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
         raise GraphSupportError(
-            f"CUDA graphs with a private sketch generator need torch >= 2.5 "
-            f"(CUDAGraph.register_generator_state); this is torch {torch.__version__}. "
-            "Upgrade torch or pass --no-cuda-graphs."
+            f"CUDA graphs with a private sketch generator need CUDAGraph.register_generator_state, "
+            f"which this torch ({torch.__version__}) lacks; upgrade torch or pass --no-cuda-graphs"
         )
 
 
@@ -54,8 +62,9 @@ def capture(step: Callable[[], object], generators: Iterable[torch.Generator] = 
     """
     check_graph_support()
     graph = torch.cuda.CUDAGraph()
-    for gen in generators:
-        graph.register_generator_state(gen)
+    if not registers_generators_itself():
+        for gen in generators:
+            graph.register_generator_state(gen)
     with torch.cuda.graph(graph, pool=pool):
         step()
     graph.replay()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from basis_train.core import graphs
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
 from basis_train.data.loaders import TrainLoader
@@ -66,6 +67,8 @@ class Run:
         # float16, whose GradScaler decides on the host whether to skip each step.
         use_graphs = (t.cuda_graphs and self.device.type == "cuda" and not t.compile and not dist.enabled
                       and t.dtype != "float16")
+        if use_graphs:
+            graphs.check_graph_support()  # before training starts, not at the capture
         opt = build_optimizer(self.model, cfg, capturable=use_graphs)
         self.forward = dist.wrap(self.model)  # eval and checkpoints use the bare model
         self.forward = torch.compile(self.forward) if t.compile else self.forward
@@ -186,7 +189,7 @@ def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, p
     try:
         run = Run(cfg, out, resume=resume, progress=progress, dist=dist)
         return run.run()
-    except DataError as e:
+    except (DataError, graphs.GraphSupportError) as e:
         raise RunError(str(e)) from e
     finally:
         if run is not None:

@@ -1,0 +1,31 @@
+"""The oldest torch this package supports, checked once by every command.
+
+2.11 is the oldest torch the code has run on (the GPU results were produced with
+2.11.0+cu130; CI runs 2.13). Older releases lack, among others, a stable
+`CUDAGraph.register_generator_state` (first merged after March 2024, so not before 2.4)
+and were never tested here, so they are refused with one line rather than failing
+somewhere inside a run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+MIN_TORCH = "2.11"
+
+
+def torch_release(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a torch version; the local part (+cu130) and a pre-release
+    (2.14.0a0) count as that release."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version or torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def torch_problem(version: str | None = None) -> str | None:
+    """One line saying why this torch cannot be used, or None."""
+    version = version or torch.__version__
+    if torch_release(version) < torch_release(MIN_TORCH):
+        return f"basis-train needs torch >= {MIN_TORCH}; this is torch {version} (pip install -U torch)"
+    return None

@@ -1,0 +1,73 @@
+"""Too old a torch is refused with one line; CUDA-graph generator registration follows the torch version."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from basis_train import cli
+from basis_train.core import graphs
+
+
+@pytest.mark.parametrize("main", [cli.train_main, cli.bench_main])
+def test_old_torch_is_one_line_and_exit_2(monkeypatch, capsys, main):
+    monkeypatch.setattr(torch, "__version__", "2.10.1+cu126")
+    monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: basis-train needs torch >= 2.11; this is torch 2.10.1+cu126 (pip install -U torch)"]
+
+
+def test_supported_torch_passes(monkeypatch, capsys):
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        cli.train_main()
+    assert exc.value.code == 0 and "--rank" in capsys.readouterr().out
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on a CPU machine and records registrations."""
+
+    registered: list
+
+    def __init__(self):
+        self.registered = []
+
+    def register_generator_state(self, gen):
+        self.registered.append(gen)
+
+    def replay(self):
+        pass
+
+
+class _GraphWithoutRegistration:
+    def replay(self):
+        pass
+
+
+@contextmanager
+def _fake_capture(graph, pool=None):
+    yield
+
+
+@pytest.mark.parametrize("version,registers", [("2.13.0+cu130", True), ("2.14.1+cu130", False)])
+def test_capture_registers_the_generator_only_where_torch_does_not(monkeypatch, version, registers):
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)
+    gen, steps = torch.Generator(), []
+    g = graphs.capture(lambda: steps.append(1), generators=[gen])
+    assert steps == [1]
+    assert g.registered == ([gen] if registers else [])
+
+
+def test_missing_register_generator_state_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _GraphWithoutRegistration)
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    with pytest.raises(graphs.GraphSupportError, match="register_generator_state.*--no-cuda-graphs"):
+        graphs.check_graph_support()
+    monkeypatch.setattr(torch, "__version__", "2.14.0")  # registers generators itself
+    graphs.check_graph_support()
