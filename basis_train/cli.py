@@ -124,7 +124,7 @@ def _lazy(module: str, attr: str = "main"):
 
 
 compare_main = _lazy("basis_train.experiments.compare", "compare_main")
-reproduce_main = _lazy("basis_train.experiments.compare", "reproduce_main")
+reproduce_main = _lazy("basis_train.experiments.reproduce", "reproduce_main")
 diagnose_main = _lazy("basis_train.experiments.diagnose")
 bench_main = _lazy("basis_train.experiments.bench")
 

@@ -234,11 +234,5 @@ def compare_main() -> None:
     compare_app(prog_name="basis-compare")
 
 
-def reproduce_main() -> None:
-    from basis_train.experiments.reproduce import reproduce_app
-
-    reproduce_app(prog_name="basis-reproduce")
-
-
 if __name__ == "__main__":
     compare_main()

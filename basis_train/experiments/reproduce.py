@@ -143,5 +143,9 @@ def reproduce(
         raise typer.Exit(2)
 
 
-if __name__ == "__main__":
+def reproduce_main() -> None:
     reproduce_app(prog_name="basis-reproduce")
+
+
+if __name__ == "__main__":
+    reproduce_main()
