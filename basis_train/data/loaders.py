@@ -87,15 +87,15 @@ class TrainLoader:
 
     Model initialisation consumes the first global batch, so the loader starts
     positioned after it (``first_batch()`` returns it without moving). All
-    ranks walk the same chunk order; rank r takes slice r of each global batch.
+    processes walk the same chunk order; process r takes slice r of each global batch.
     """
 
     def __init__(self, tokens, batch_size: int, block_size: int, device, *,
-                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+                 shuffle: bool = False, seed: int = 0, proc_rank: int = 0, world_size: int = 1):
+        if not 0 <= proc_rank < world_size:
+            raise ValueError(f"proc_rank {proc_rank} outside world_size {world_size}")
         self.batch_size, self.block_size, self.device = batch_size, block_size, torch.device(device)
-        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.shuffle, self.seed, self.proc_rank, self.world_size = shuffle, seed, proc_rank, world_size
         self.global_batch = batch_size * world_size
         self.chunks = as_chunks(tokens, block_size, self.device)
         self.n_chunks = len(self.chunks)
@@ -114,7 +114,7 @@ class TrainLoader:
         return torch.from_numpy(perm).to(self.device)  # once per epoch, not per step
 
     def _indices_at(self, order: torch.Tensor, pos: int) -> torch.Tensor:
-        start = pos + self.rank * self.batch_size
+        start = pos + self.proc_rank * self.batch_size
         return order[start : start + self.batch_size]
 
     def first_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ class TrainLoader:
         return _xy(self.chunks[self._indices_at(order, 0)])
 
     def next_indices(self) -> torch.Tensor:
-        """Advance one step; return this rank's chunk ids (device tensor) into ``self.chunks``."""
+        """Advance one step; return this process's chunk ids (device tensor) into ``self.chunks``."""
         if self.pos + self.global_batch > self.n_chunks:
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._order_for(self.epoch)

@@ -1,8 +1,8 @@
 """checkpoint.pt: everything a resumed run needs to continue bit for bit.
 
-Rank 0 writes one file. Most of the state is the same on every rank (weights, optimiser,
-data position); what differs (each rank's sketch generator and unlogged loss sum) is
-gathered into it under "ranks", so a resumed rank continues its own random stream and the
+Process 0 writes one file. Most of the state is the same on every process (weights, optimiser,
+data position); what differs (each process's sketch generator and unlogged loss sum) is
+gathered into it under "ranks", so a resumed process continues its own random stream and the
 next logged mean is exact.
 """
 
@@ -21,26 +21,26 @@ class Checkpoints:
         self.out, self.cfg, self.dist = out, cfg, dist
 
     def load(self) -> dict | None:
-        """The saved state with this rank's own part merged in, or None if there is none."""
+        """The saved state with this process's own part merged in, or None if there is none."""
         ckpt = load_checkpoint(self.out)
         if ckpt is None:
             return None
         saved_world = ckpt.get("world_size", 1)
         if saved_world != self.dist.world_size:
-            # The global batch (and each rank's sketch stream) depends on the process count.
+            # The global batch (and each process's sketch stream) depends on the process count.
             raise RunError(f"the checkpoint in {self.out} was written by {saved_world} process(es); "
                            f"resume it with torchrun --nproc_per_node={saved_world}")
         if "ranks" in ckpt:
-            ckpt = dict(ckpt, **ckpt["ranks"][self.dist.rank])
+            ckpt = dict(ckpt, **ckpt["ranks"][self.dist.proc_rank])
         return ckpt
 
     def save(self, shared: dict, own: dict) -> None:
-        """`shared`: rank 0's copy is written; `own`: every rank's is (a collective)."""
-        ranks = self.dist.all_gather(own)
+        """`shared`: process 0's copy is written; `own`: every process's is (a collective)."""
+        per_process = self.dist.all_gather(own)
         if not self.dist.is_main:
             return
         state = {"version": VERSION, **shared, **own, "config_hash": config_hash(self.cfg),
                  "world_size": self.dist.world_size}
         if self.dist.enabled:
-            state["ranks"] = ranks
+            state["ranks"] = per_process
         save_checkpoint(self.out, state)

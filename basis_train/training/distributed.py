@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: process-group setup and the collectives a Run needs.
 
-Every rank runs the same `Run`. Ranks must never take different branches (one evaluates,
+Every process runs the same `Run`. Processes must never take different branches (one evaluates,
 checkpoints or stops while another trains on), so each such decision goes through one of
 the collectives here; with a single process they all reduce to plain local code, which
 is why `Run` needs no separate single-process path.
@@ -23,14 +23,15 @@ from basis_train.training.runio import RunError
 
 
 class PeerFailed(RunError):
-    """Rank 0 failed at a step it does alone (out dir, data); it reports the error itself."""
+    """Process 0 failed at a step it does alone (out dir, data); it reports the error itself."""
 
 
 @dataclass(frozen=True)
 class Dist:
-    rank: int = 0
+    # A process's place among the torchrun processes; "rank" alone means the sketch rank R.
+    proc_rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
+    local_proc_rank: int = 0
     # Where collective tensors live: NCCL only moves CUDA tensors.
     comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False
@@ -41,14 +42,14 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.proc_rank == 0
 
     def local_device(self, device: torch.device) -> torch.device:
         return self.comm_device if self.enabled and device.type == "cuda" else device
 
     # ------------------------------------------------------------ collectives
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of `t` over ranks (in place; returns `t`)."""
+        """Sum of `t` over processes (in place; returns `t`)."""
         if self.enabled:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
@@ -71,7 +72,7 @@ class Dist:
         return out
 
     def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
+        """Process 0's `obj` on every process."""
         if not self.enabled:
             return obj
         box = [obj]
@@ -79,11 +80,11 @@ class Dist:
         return box[0]
 
     def main_first(self, fn, *, others: bool = True):
-        """Run `fn` on rank 0, then (if `others`) on the remaining ranks.
+        """Run `fn` on process 0, then (if `others`) on the remaining processes.
 
-        Rank 0 going first is what makes the others safe: it builds the token cache
+        Process 0 going first is what makes the others safe: it builds the token cache
         they then read, or prepares the out dir before anyone looks into it. Its
-        failure is raised on every rank, so nobody is left waiting in a collective.
+        failure is raised on every process, so nobody is left waiting in a collective.
         """
         if not self.enabled:
             return fn()
@@ -103,12 +104,12 @@ class Dist:
         return result
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP around `model` (gradients averaged over ranks), or `model` itself."""
+        """DDP around `model` (gradients averaged over processes), or `model` itself."""
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.local_rank] if self.comm_device.type == "cuda" else None
+        ids = [self.local_proc_rank] if self.comm_device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
     def close(self) -> None:
@@ -120,12 +121,12 @@ def init_from_env(device: torch.device) -> Dist:
     """Join torchrun's process group when WORLD_SIZE > 1; otherwise a single-process Dist.
 
     `device` is the resolved --device: CUDA ranks use NCCL on cuda:LOCAL_RANK, CPU
-    ranks use gloo.
+    processes use gloo.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    proc_rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     # NVLink multicast (NVLS) must stay off on the lent GPUs; a user's explicit choice wins.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if device.type == "cuda":
@@ -142,4 +143,4 @@ def init_from_env(device: torch.device) -> Dist:
     owns = not tdist.is_initialized()
     if owns:
         tdist.init_process_group(backend, device_id=comm if backend == "nccl" else None)
-    return Dist(rank=rank, world_size=world, local_rank=local, comm_device=comm, owns_group=owns)
+    return Dist(proc_rank=proc_rank, world_size=world, local_proc_rank=local, comm_device=comm, owns_group=owns)

@@ -1,4 +1,4 @@
-"""Validation loss under either protocol, split across DDP ranks."""
+"""Validation loss under either protocol, split across DDP processes."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ class Evaluator:
         self.model.eval()
         batches = [self.stream.next()] if self.stream else self.batches
         d = self.dist
-        if d.enabled:  # each rank scores its share; every ValStream rank still advances it alike
-            batches = ([tuple(t.tensor_split(d.world_size)[d.rank] for t in batches[0])] if self.stream
-                       else batches[d.rank :: d.world_size])
+        if d.enabled:  # each process scores its share; every process's ValStream still advances it alike
+            batches = ([tuple(t.tensor_split(d.world_size)[d.proc_rank] for t in batches[0])] if self.stream
+                       else batches[d.proc_rank :: d.world_size])
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for x, y in batches:

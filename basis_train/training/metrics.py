@@ -40,7 +40,7 @@ class Throughput:
 
 
 class MetricsSink:
-    """Rank 0 writes metrics.jsonl and mirrors it to wandb; other ranks write nothing."""
+    """Process 0 writes metrics.jsonl and mirrors it to wandb; other processes write nothing."""
 
     def __init__(self, cfg: Config, out, dist, resumed_step: int | None, wandb_id: str | None,
                  progress: bool) -> None:

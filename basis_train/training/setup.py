@@ -65,10 +65,10 @@ def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimiz
                              capturable=capturable)
 
 
-def sketch_seed(seed: int, rank: int = 0) -> int:
-    # Rank 0 keeps the single-process stream; every other rank needs its own, or all
-    # ranks would draw the same bins and signs for their (different) rows.
-    return ((seed ^ _SKETCH_SEED_SALT) + rank * 0x9E3779B97F4A7C15) % 2**64
+def sketch_seed(seed: int, proc_rank: int = 0) -> int:
+    # Process 0 keeps the single-process stream; every other process needs its own, or all
+    # processes would draw the same bins and signs for their (different) rows.
+    return ((seed ^ _SKETCH_SEED_SALT) + proc_rank * 0x9E3779B97F4A7C15) % 2**64
 
 
 def load_data(cfg: Config):

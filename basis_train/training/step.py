@@ -109,8 +109,8 @@ class TrainStep:
     # ------------------------------------------------------------------ loss
     def take_mean_loss(self, dist, step: int) -> float:
         """The global mean training loss since the last call (a collective), then reset."""
-        # The one place per-rank losses meet: every rank gets the same global mean, so a
-        # non-finite check on it fails on all ranks or on none.
+        # The one place per-process losses meet: every process gets the same global mean, so a
+        # non-finite check on it fails on all processes or on none.
         loss = dist.all_sum(self.loss_sum.clone()).item() / (max(self.loss_n, 1) * dist.world_size)
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"non-finite training loss between steps {step - self.loss_n} and {step}")
@@ -124,7 +124,7 @@ class TrainStep:
 
     # ------------------------------------------------------------------ state
     def shared_state(self) -> dict:
-        """What every rank holds alike (rank 0's copy is saved)."""
+        """What every process holds alike (process 0's copy is saved)."""
         state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "loss_n": self.loss_n,
                  "measured": self.measured}
         if self.scaler is not None:
@@ -132,7 +132,7 @@ class TrainStep:
         return state
 
     def own_state(self) -> dict:
-        """What differs between ranks: each continues its own sketch stream and loss sum."""
+        """What differs between processes: each continues its own sketch stream and loss sum."""
         return {"gen": self.gen.get_state(), "loss_sum": self.loss_sum.item()}
 
     def load_state(self, ckpt: dict) -> None:

@@ -1,10 +1,10 @@
-"""SIGINT/SIGTERM as a request to checkpoint and stop, agreed on by all DDP ranks."""
+"""SIGINT/SIGTERM as a request to checkpoint and stop, agreed on by all DDP processes."""
 
 from __future__ import annotations
 
 import signal
 
-# With several ranks a request is acted on only once all ranks agree, which costs a host
+# With several processes a request is acted on only once all processes agree, which costs a host
 # sync, so they compare flags every this many steps (and at every eval/checkpoint).
 # torchrun SIGKILLs its workers 30 s after forwarding a signal: the final checkpoint
 # must fit in that window.
@@ -41,10 +41,10 @@ class StopRequests:
         self.flag = True
 
     def agreed(self, step: int, synced: bool) -> bool:
-        """True on every rank or on none. `synced`: the ranks just met anyway (eval/checkpoint)."""
+        """True on every process or on none. `synced`: the processes just met anyway (eval/checkpoint)."""
         if not self.dist.enabled:
             return self.flag
-        # A signal may reach only some ranks, or reach them at different steps.
+        # A signal may reach only some processes, or reach them at different steps.
         if synced or step % _CHECK_EVERY == 0:
             return self.dist.any(self.flag)
         return False

@@ -3,7 +3,7 @@
 Read `Run.run` top to bottom: train a step, evaluate and log, checkpoint, honour a stop
 request. The parts it calls live next to it: `step` (forward/backward/optimiser, CUDA
 graphs), `evaluate`, `checkpoint`, `metrics` (throughput, metrics.jsonl, wandb), `stopping`
-(signals) and `distributed` (the collectives that keep DDP ranks in lock-step).
+(signals) and `distributed` (the collectives that keep DDP processes in lock-step).
 
 Pairing: the seed alone fixes the initial weights (a private CPU generator, see
 model.py) and the batch order; the sketch's random stream has its own generator, so
@@ -43,7 +43,7 @@ class Run:
         self.variant = variant_of(cfg) if variant is None else variant
         self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
         self.device = dist.local_device(resolve_device(t.device))
-        # Only rank 0 writes to the out dir; the others wait so they never read it half-prepared.
+        # Only process 0 writes to the out dir; the others wait so they never read it half-prepared.
         dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume), others=False)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # the paper ran on a T4: true fp32
@@ -51,15 +51,15 @@ class Run:
         dtype = DTYPES[t.dtype]
 
         if splits is None:
-            splits, source = dist.main_first(lambda: load_data(cfg))  # rank 0 builds the token cache
+            splits, source = dist.main_first(lambda: load_data(cfg))  # process 0 builds the token cache
         else:
             splits, source = splits
         self.data_info = dict(splits.info, source=source)
         self.loader = TrainLoader(splits.train_tokens, t.batch_size, cfg.model.block_size, self.device,
-                                  shuffle=cfg.data.shuffle, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
+                                  shuffle=cfg.data.shuffle, seed=t.seed, proc_rank=dist.proc_rank, world_size=dist.world_size)
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.rank))
+        gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
         for m in self.model.sketched_modules():
             m.generator = gen
         # No graph capture under DDP: its gradient all-reduce hooks and bucket rebuilding
@@ -143,7 +143,7 @@ class Run:
         self.checkpoints.save(shared, self.train_step.own_state())
 
     def finish(self) -> dict:
-        """Write summary.json (rank 0) and return it on every rank."""
+        """Write summary.json (process 0) and return it on every process."""
         cuda, measured = self.device.type == "cuda", self.train_step.measured
         by_rank = self.dist.all_gather({
             "cuda_peak_step_bytes": measured["cuda_peak_step_bytes"],

@@ -310,7 +310,7 @@ def test_train_loader_resume(shuffle):
 def test_ranks_split_the_global_batch(shuffle):
     tokens, b = ramp(41 * 9), 3
     whole = TrainLoader(tokens, 2 * b, 8, "cpu", shuffle=shuffle, seed=1)
-    ranks = [TrainLoader(tokens, b, 8, "cpu", shuffle=shuffle, seed=1, rank=r, world_size=2)
+    ranks = [TrainLoader(tokens, b, 8, "cpu", shuffle=shuffle, seed=1, proc_rank=r, world_size=2)
              for r in range(2)]
     batches = [(whole.first_batch(), [r.first_batch() for r in ranks])]
     batches += [(whole.next(), [r.next() for r in ranks]) for _ in range(15)]

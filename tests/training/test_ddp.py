@@ -2,7 +2,7 @@
 
 Every run is a real `python -m torch.distributed.run ... -m basis_train.cli` subprocess,
 so these tests cover the launcher path users take. One thread per process keeps the
-two ranks from fighting over the CPUs (and matches what torchrun sets by default).
+two processes from fighting over the CPUs (and matches what torchrun sets by default).
 """
 
 import json
@@ -58,8 +58,8 @@ def model_state(out):
 
 
 @pytest.fixture(scope="module")
-def basis_2rank(tmp_path_factory, small_corpus):
-    """One uninterrupted 2-rank BASIS run, shared by the tests that compare against it."""
+def basis_2proc(tmp_path_factory, small_corpus):
+    """One uninterrupted 2-process BASIS run, shared by the tests that compare against it."""
     from conftest import TINY_YAML
 
     root = tmp_path_factory.mktemp("ddp")
@@ -71,7 +71,7 @@ def basis_2rank(tmp_path_factory, small_corpus):
     return cfg, out, proc
 
 
-def test_two_ranks_equal_one_process_with_double_batch(tmp_path, tiny_config):
+def test_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_config):
     common = ["--config", tiny_config, "--method", "exact", "--steps", 8, "--eval-every", 4, "--checkpoint-every", 8]
     one = torchrun(1, *common, "--batch-size", 4, "--out", tmp_path / "one")  # WORLD_SIZE=1: plain single process
     assert one.returncode == 0, one.stderr
@@ -92,26 +92,26 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path, tiny_config):
     assert c1["loader"] == c2["loader"]  # the same chunks were consumed
 
 
-def test_basis_under_ddp_learns(basis_2rank):
-    _, out, _ = basis_2rank
+def test_basis_under_ddp_learns(basis_2proc):
+    _, out, _ = basis_2proc
     summary, metrics = read(out)
     assert summary["method"] == "basis" and summary["world_size"] == 2 and summary["steps"] == 40
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] - 0.3, [m["train_loss"] for m in metrics]
     ranks = torch.load(out / "checkpoint.pt", weights_only=False)["ranks"]
-    # Each rank has its own sketch stream (same stream would mean identical bins on every rank).
+    # Each process has its own sketch stream (one stream would mean identical bins in every process).
     assert len(ranks) == 2 and not torch.equal(ranks[0]["gen"], ranks[1]["gen"])
 
 
-def test_only_rank_zero_writes(basis_2rank):
-    _, out, _ = basis_2rank
+def test_only_process_zero_writes(basis_2proc):
+    _, out, _ = basis_2proc
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [10, 20, 30, 40]
     assert len(set(lines)) == len(lines)
 
 
-def test_kill_then_resume_with_two_ranks(tmp_path, basis_2rank):
-    cfg, ref, _ = basis_2rank
+def test_kill_then_resume_with_two_processes(tmp_path, basis_2proc):
+    cfg, ref, _ = basis_2proc
     out = tmp_path / "killed"
     died = torchrun(2, "--config", cfg, "--out", out, *BASIS, BASIS_TRAIN_DIE_AT_STEP=25)
     assert died.returncode != 0
@@ -123,7 +123,7 @@ def test_kill_then_resume_with_two_ranks(tmp_path, basis_2rank):
     res = torchrun(2, "--config", cfg, "--out", out, *BASIS, "--resume")
     assert res.returncode == 0, res.stderr
     (sa, ma), (sb, mb) = read(out), read(ref)
-    # gloo on CPU is deterministic and each rank's sketch stream is restored: bitwise equal.
+    # gloo on CPU is deterministic and each process's sketch stream is restored: bitwise equal.
     assert drop_timing(sa) == drop_timing(sb)
     assert [drop_timing(m) for m in ma] == [drop_timing(m) for m in mb]
     ref_state = model_state(ref)
@@ -131,7 +131,7 @@ def test_kill_then_resume_with_two_ranks(tmp_path, basis_2rank):
         assert torch.equal(v, ref_state[k]), k
 
 
-def test_sigint_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_config):
+def test_sigint_stops_all_processes_with_one_checkpoint(tmp_path, tiny_config):
     out = tmp_path / "sig"
     args = ["--config", tiny_config, "--out", out, "--steps", 5000, "--eval-every", 1000, "--checkpoint-every", 10]
     proc = subprocess.Popen(_cmd(2, *args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -141,14 +141,14 @@ def test_sigint_stops_all_ranks_with_one_checkpoint(tmp_path, tiny_config):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # torchrun forwards it to both workers
     try:
-        # Well inside torchrun's 30 s grace before SIGKILL: a rank hanging at exit fails here.
+        # Well inside torchrun's 30 s grace before SIGKILL: a process hanging at exit fails here.
         _, err = proc.communicate(timeout=25)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail("a rank did not exit within 25 s of SIGINT")
+        pytest.fail("a process did not exit within 25 s of SIGINT")
     assert proc.returncode != 0
-    assert err.count("checkpoint saved") == 1, err  # rank 0 alone reports
+    assert err.count("checkpoint saved") == 1, err  # process 0 alone reports
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     # Ranks compare stop flags only at checkpoints (every 10) and every 20 steps.
     assert 0 < step < 5000 and step % 10 == 0
