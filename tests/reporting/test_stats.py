@@ -4,67 +4,7 @@ import math
 
 import pytest
 
-from basis_train.reporting.stats import (
-    betainc,
-    mean_ci,
-    paired_diff,
-    t_cdf,
-    t_quantile,
-    t_sf,
-    verdict_parity,
-)
-
-
-@pytest.mark.parametrize(("df", "expected"), [
-    (1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (9, 2.2621572), (29, 2.0452296),
-    (100, 1.9839715), (math.inf, 1.9599640),
-])
-def test_t_quantile_975_table(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
-    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-6)
-
-
-@pytest.mark.parametrize(("p", "df", "expected"), [
-    (0.995, 3, 5.8409093), (0.95, 5, 2.0150484), (0.9, 1, 3.0776835), (0.999, 10, 4.1437005),
-    (0.75, 20, 0.6869545),
-])
-def test_t_quantile_other_levels(p, df, expected):
-    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-6)
-
-
-@pytest.mark.parametrize("df", [0.5, 1, 1.5, 2, 3, 4, 7.5, 30, 1e4, 1e9])
-@pytest.mark.parametrize("p", [1e-10, 1e-4, 0.02, 0.3, 0.5, 0.7, 0.9, 0.999, 1 - 1e-9])
-def test_quantile_inverts_cdf(p, df):
-    t = t_quantile(p, df)
-    assert t_cdf(t, df) == pytest.approx(p, rel=1e-9)
-
-
-def test_quantile_edges():
-    assert t_quantile(0.5, 3) == 0.0
-    assert t_quantile(0.0, 3) == -math.inf and t_quantile(1.0, 3) == math.inf
-    with pytest.raises(ValueError):
-        t_quantile(1.5, 3)
-    with pytest.raises(ValueError):
-        t_quantile(0.9, 0)
-
-
-def test_t_cdf_closed_forms():
-    for t in (-3.0, -0.4, 0.0, 0.7, 2.5, 40.0):
-        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-14)
-        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-14)
-        u = t / math.sqrt(t * t + 4)  # df = 4: F = 1/2 + (u/2)(1 + (1 - u^2)/2)
-        assert t_cdf(t, 4) == pytest.approx(0.5 + u / 2 * (1 + (1 - u * u) / 2), abs=1e-14)
-    # tiny tails keep relative precision: P(T > 1e6) for df = 1 is ~ 1 / (pi * 1e6)
-    assert t_sf(1e6, 1) == pytest.approx(1 / (math.pi * 1e6), rel=1e-9)
-
-
-def test_betainc_known_values():
-    # I_0.4(2, 3) = sum_{j=2..4} C(4, j) 0.4^j 0.6^(4-j)
-    assert betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-14)
-    assert betainc(0.5, 0.5, 0.3) == pytest.approx(2 / math.pi * math.asin(math.sqrt(0.3)),
-                                                   abs=1e-14)
-    assert betainc(1, 1, 0.37) == pytest.approx(0.37, abs=1e-15)
-    assert betainc(3, 2, 0.0) == 0.0 and betainc(3, 2, 1.0) == 1.0
+from basis_train.reporting.stats import mean_ci, paired_diff, verdict_parity
 
 
 def test_mean_ci_by_hand():
@@ -75,6 +15,13 @@ def test_mean_ci_by_hand():
     half = 2.7764451052 * math.sqrt(0.5)
     assert r["half_width"] == pytest.approx(half, abs=1e-8)
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((3 - half, 3 + half), abs=1e-8)
+
+
+@pytest.mark.parametrize(("n", "t975"), [(2, 12.7062047), (3, 4.3026527), (10, 2.2621572), (30, 2.0452296)])
+def test_mean_ci_uses_the_t_quantile(n, t975):
+    # values 0, 1, 0, 1, ...: the half width is t_{0.975, n-1} * sem, from a printed t table
+    r = mean_ci([float(i % 2) for i in range(n)])
+    assert r["half_width"] == pytest.approx(t975 * r["sem"], abs=1e-6)
 
 
 def test_mean_ci_two_values_and_level():
