@@ -1,10 +1,11 @@
-"""Where a BasisLinear step spends its time on the GPU: kernels vs host, compiled vs eager sketch.
+"""Where a BasisLinear step spends its time on the GPU: kernels vs host.
 
     python3 scripts/profile_layer.py --out $OUT/profile     # writes profile.json, profile.md
 
 One process, one shape (default rows 8192, 768 -> 3072, R = 64, bf16 autocast like basis-bench's
-layer benchmark), for nn.Linear, BasisLinear with the compiled sketch (what training uses on CUDA)
-and BasisLinear with the eager sketch (BASIS_SKETCH_COMPILE=0). For each: the wall time of a
+layer benchmark), for nn.Linear and BasisLinear as this process's sketch is configured. To
+profile another sketch implementation, run it again with the environment that selects it
+(today BASIS_SKETCH_COMPILE=0 for the eager sketch) and a --tag naming it. For each: the wall time of a
 forward + backward (CUDA events, median), the host time to issue it (the CPU returns before the
 GPU finishes unless it is the bottleneck), and from torch.profiler the kernels launched per step,
 their summed device time and the largest ones. Wall time well above the kernels' sum means the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,7 +27,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basis_train.core import sketch  # noqa: E402
 from basis_train.core.sketch import BasisLinear  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def parse_args():
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--out", default="out/profile")
+    p.add_argument("--tag", default="", help="appended to the BasisLinear row's name, e.g. 'eager sketch'")
     return p.parse_args()
 
 
@@ -102,14 +104,14 @@ def main():
     ref = nn.Linear(a.n_in, a.n_out).cuda()
     rows.append(measure("nn.Linear", make_step(ref, x, dy, autocast), a.iters))
     basis = BasisLinear(a.n_in, a.n_out, rank=a.rank).cuda()
-    rows.append(measure(f"BasisLinear R={a.rank}, compiled sketch", make_step(basis, x, dy, autocast), a.iters))
-    sketch._compiled_sketch = False  # what BASIS_SKETCH_COMPILE=0 does
-    rows.append(measure(f"BasisLinear R={a.rank}, eager sketch", make_step(basis, x, dy, autocast), a.iters))
+    name = f"BasisLinear R={a.rank}" + (f", {a.tag}" if a.tag else "")
+    rows.append(measure(name, make_step(basis, x, dy, autocast), a.iters))
     base = rows[0]["wall_ms_median"]
     for r in rows:
         r["ratio_to_linear"] = r["wall_ms_median"] / base
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "argv": sys.argv,
-            "shape": [a.rows, a.n_in, a.n_out], "rank": a.rank, "dtype": a.dtype, "iters": a.iters}
+            "shape": [a.rows, a.n_in, a.n_out], "rank": a.rank, "dtype": a.dtype, "iters": a.iters,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("BASIS_")}}
     (out / "profile.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# BasisLinear profile: rows {a.rows}, {a.n_in} -> {a.n_out}, R = {a.rank}, {a.dtype}",
              "", f"{meta['gpu']}, torch {meta['torch']}; `{' '.join(sys.argv)}`", "",

@@ -140,3 +140,18 @@ def test_graphed_cuda_run_matches_cpu_run(tmp_path):
         assert_close(a["train_loss"], b["train_loss"], rtol=1e-4, atol=0)
         assert_close(a["val_loss"], b["val_loss"], rtol=1e-4, atol=0)
     assert gm[-1]["val_loss"] < gm[0]["val_loss"]  # and it learns
+
+
+def test_bench_times_the_graphed_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from basis_train.experiments.bench import app
+
+    res = CliRunner().invoke(app, ["--quick", "--device", "cuda", "--sizes", "paper,gpt2-small", "--ranks", "8",
+                                   "--steps", "3", "--warmup", "1", "--no-layer", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    for size in ("paper", "gpt2-small"):  # SGD and fp32; AdamW (capturable) and bf16 autocast
+        rows = json.loads((tmp_path / f"bench_{size}.json").read_text())["rows"]
+        for r in rows:
+            assert r["graphed_time_ms"]["median"] > 0, (size, r["variant"], r["graphed_time_ms"])
+    assert "CUDA-graph replay" in (tmp_path / "bench.md").read_text()

@@ -29,8 +29,9 @@ from torch import nn
 from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
+from basis_train.experiments.graphed_step import graphed_step
 from basis_train.fsutil import atomic_write_text
-from basis_train.reporting.bench_report import layer_md, memory_md, row_label, size_md
+from basis_train.reporting.bench_report import graphed_md, layer_md, memory_md, row_label, size_md
 
 VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
 # bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.
@@ -72,8 +73,10 @@ def _time(step, device: torch.device, steps: int, warmup: int) -> dict:
     return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "min": min(ms), "all": ms}
 
 
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else nullcontext()
+def _autocast(device: torch.device, bf16: bool, cache: bool = True):
+    # A captured graph must not hold autocast's cast cache: it would replay stale casts.
+    amp = bf16 and device.type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if amp else nullcontext()
 
 
 def _category(shape: tuple, dtype: str, dims: dict) -> str:
@@ -122,11 +125,9 @@ def _step_bench(size: dict, variant: str, rank: int | None, device, opts: dict) 
         torch._dynamo.reset()  # else every new model recompiles GPT.forward until dynamo's limit turns it eager
     torch.manual_seed(opts["seed"])
     model = build_gpt(cfg, seed=opts["seed"], method="basis" if basis else "exact").to(device).train()
-    if size["optimizer"] == "sgd":  # the paper's optimiser; GPT-2 small gets the usual AdamW
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
+    opt = _optimizer_factory(model, size)(capturable=False)
     run = torch.compile(model) if opts["compile"] else model
+    make_opt = _optimizer_factory(model, size)
     idx, tgt = opts["batch"]
 
     def forward():
@@ -152,8 +153,30 @@ def _step_bench(size: dict, variant: str, rank: int | None, device, opts: dict) 
     rows = size["batch"] * size["seq"]
     dims = {**size, "hidden": cfg.mlp_ratio * size["width"], "ranks": {min(rank, rows)} - {rows} if basis else set(),
             "param_shapes": [list(p.shape) for p in model.parameters()]}
+    if device.type == "cuda" and not opts["compile"]:
+        row["graphed_time_ms"] = _guarded(_graphed_time, model, make_opt, run, size, device, opts)
     return {**row, **_breakdown(meter, dims), "rank_effective": min(rank, rows) if basis else None,
             "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
+
+
+def _graphed_time(model, make_opt, run, size: dict, device, opts: dict) -> dict:
+    idx, tgt = opts["batch"]
+
+    def loss():
+        with _autocast(device, size["bf16"], cache=False):
+            return run(idx, tgt)[1]
+
+    replay = graphed_step(model, lambda: make_opt(capturable=True), loss, device)
+    return _time(replay, device, opts["steps"], opts["warmup"])
+
+
+def _optimizer_factory(model, size: dict):
+    def make(capturable: bool) -> torch.optim.Optimizer:
+        if size["optimizer"] == "sgd":  # the paper's optimiser; GPT-2 small gets the usual AdamW
+            return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, capturable=capturable)
+
+    return make
 
 
 def _layer_bench(rank: int | None, device, shape: list[int], opts: dict) -> dict:
@@ -259,7 +282,7 @@ def bench(
               f"{m['gpu'] or m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['date']}", ""]
         for res in results:
             _write(out / f"bench_{res['size']['name']}.json", json.dumps(res, indent=1))
-            md += size_md(res)
+            md += size_md(res) + graphed_md(res)
         if layer_res:
             _write(out / "layer.json", json.dumps(layer_res, indent=1))
             md += layer_md(layer_res)

@@ -47,6 +47,25 @@ def size_md(res: dict) -> list[str]:
     ]
 
 
+def graphed_md(res: dict) -> list[str]:
+    """The CUDA-graphed step (what basis-train replays on CUDA), where it was measured."""
+    rows = [r for r in res["rows"] if r["status"] == "ok" and "graphed_time_ms" in r]
+    if not rows:
+        return []
+    exact = next((r["graphed_time_ms"] for r in rows if r["variant"] == "exact"), None)
+
+    def cells(r):
+        g = r["graphed_time_ms"]
+        if "median" not in g:
+            return [g.get("status", "error").upper(), "-", _x(None)]
+        ratio = g["median"] / exact["median"] if exact and "median" in exact else None
+        return [_ms(g), _x(ratio), _x(r["time_ms"]["median"] / g["median"])]
+
+    return ["Whole step as one CUDA-graph replay (core/graphs.py, as basis-train runs it):", "",
+            *_table(["variant", "R", "graphed ms/step median [IQR]", "ratio to exact", "eager / graphed"],
+                    rows, row_label, cells)]
+
+
 def layer_md(res: dict) -> list[str]:
     rows, n_in, n_out = res["shape"]
     return [f"## single layer: {rows} rows, {n_in} -> {n_out}, fwd+bwd; {res['meta']['dtype']}", "",
