@@ -21,6 +21,7 @@ from pathlib import Path
 
 import typer
 
+from basis_train.cli import fail
 from basis_train.reporting.report import (
     collect_runs,
     config_label,
@@ -209,7 +210,7 @@ def compare(
     names = [v for v in variants.split(",") if v]
     bad = [v for v in names if v not in VARIANTS and v not in EXACT_VARIANTS]
     if bad:
-        _fail(f"unknown variant(s) {bad}; choose from lam0, no-scalars, uniform, gaussian, lr-matched")
+        fail(f"unknown variant(s) {bad}; choose from lam0, no-scalars, uniform, gaussian, lr-matched")
     flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
              "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
              "data.data_files": data_files}
@@ -221,13 +222,8 @@ def compare(
             run_jobs(config, grid, jobs, gpus=_gpu_list(gpus))
         report(out, title=f"exact vs BASIS ({out.name})")
     except (ConfigError, typer.BadParameter) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"wrote {out / 'summary.md'}")
-
-
-def _fail(msg: str):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 def compare_main() -> None:

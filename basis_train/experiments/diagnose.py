@@ -28,6 +28,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
+from basis_train.cli import fail
 from basis_train.core.model import GPT, build_gpt
 from basis_train.core.sketch import _rescale, count_sketch, draw_seed
 from basis_train.data.corpus import DataError, load_tokens
@@ -285,8 +286,7 @@ def run(
         raw = run_draws(caps, names, rank_list, variant_list, draws, seed, progress)
         per_layer, overall = tabulate(raw, names, rank_list, variant_list, rows)
     except (DiagnoseError, ConfigError, DataError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     if Path(sys.argv[0]).name == "diagnose.py":
         command = shlex.join(["python", "-m", "basis_train.experiments.diagnose", *sys.argv[1:]])
     else:  # a console script, or called in-process: rebuild the flags from the parsed options

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from basis_train.cli import fail
 from basis_train.experiments.compare import plan, report, run_jobs
 from basis_train.reporting.report import load_metrics
 from basis_train.reporting.stats import verdict_parity
@@ -139,8 +140,7 @@ def reproduce(
             for line in write_reproduction(out, protocol):
                 typer.echo(f"[{protocol}] {line}")
     except (ConfigError, typer.BadParameter) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        fail(str(e))
 
 
 def reproduce_main() -> None:
