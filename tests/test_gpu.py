@@ -5,6 +5,7 @@ cache travels with the repository ($BASIS_TRAIN_CACHE).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -155,3 +156,14 @@ def test_bench_times_the_graphed_step(tmp_path):
         for r in rows:
             assert r["graphed_time_ms"]["median"] > 0, (size, r["variant"], r["graphed_time_ms"])
     assert "CUDA-graph replay" in (tmp_path / "bench.md").read_text()
+
+
+def test_float16_run_on_cuda_scales_the_loss(tmp_path):
+    run = Run(_cfg(**{"train.dtype": "float16", "train.steps": 20, "train.eval_every": 10}), tmp_path / "fp16",
+              progress=False)
+    summary = run.run()
+    assert not summary["cuda_graphs"]  # the scaler decides on the host whether a step is skipped
+    assert run.train_step.scaler is not None and run.train_step.scaler.get_scale() > 0
+    metrics = _read(tmp_path / "fp16")[1]
+    assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) for m in metrics)
+    assert "scaler" in torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=False)
