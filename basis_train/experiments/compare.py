@@ -39,9 +39,36 @@ VARIANTS = {
     "no-scalars": {"sketch.invariant_scalars": False},
     "uniform": {"sketch.hashing": "uniform"},
     "gaussian": {"sketch.hashing": "gaussian"},
+    "all": {"sketch.layers": "all"},
+    "ckpt": {"model.checkpoint_blocks": True},
+    "lr0.5x": {"optim.lr_factor": 0.5},
+    "lr2x": {"optim.lr_factor": 2.0},
 }
 # Exact backprop with the sketchable weights' lr scaled by (1 - 0.01)^2: what lambda does.
-EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801}}
+EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
+                  "ckpt": {"model.checkpoint_blocks": True},
+                  "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0}}
+VARIANT_HELP = ("comma list of " + ",".join(sorted(set(VARIANTS) | set(EXACT_VARIANTS) - {""}))
+                + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
+
+
+def parse_variants(text: str) -> list[tuple[str, set | None]]:
+    """'ckpt@exact,all@256' -> [('ckpt', {'exact'}), ('all', {256})]; None: no restriction."""
+    out = []
+    for spec in (v.strip() for v in text.split(",")):
+        if not spec:
+            continue
+        name, _, where = spec.partition("@")
+        if name not in VARIANTS and name not in EXACT_VARIANTS:
+            raise ConfigError(f"unknown variant '{name}'; choose from {VARIANT_HELP}")
+        targets = None
+        if where:
+            try:
+                targets = {w if w == "exact" else int(w) for w in where.split("+")}
+            except ValueError:
+                raise ConfigError(f"variant '{spec}': after @ give exact and/or ranks joined by +") from None
+        out.append((name, targets))
+    return out
 
 
 @dataclass
@@ -55,21 +82,27 @@ class Job:
     overrides: dict
 
 
-def plan(base_overrides: dict, ranks: list[int], seeds: list[int], variants: list[str], out: Path,
+def plan(base_overrides: dict, ranks: list[int], seeds: list[int], variants: list, out: Path,
          baselines: bool = True) -> list[Job]:
     """Seed-major order: if time runs out, the finished seeds are complete sets.
 
-    baselines=False leaves out plain exact and plain BASIS (only the variants), for an
-    ablation grid whose baselines are run, or were run, by another grid of the same config.
+    variants: names, or (name, targets) pairs from parse_variants. baselines=False leaves out
+    plain exact and plain BASIS (only the variants), for an ablation grid whose baselines are
+    run, or were run, by another grid of the same config.
     """
+    specs = [(v, None) if isinstance(v, str) else v for v in variants]
     first = [""] if baselines else []
+
+    def wanted(table: dict, target) -> list[str]:
+        return first + [v for v, where in specs if v and v in table and (where is None or target in where)]
+
     jobs = []
     for seed in seeds:
-        for variant in [*first, *[v for v in variants if v in EXACT_VARIANTS and v]]:
+        for variant in wanted(EXACT_VARIANTS, "exact"):
             ov = {**base_overrides, **EXACT_VARIANTS[variant], "train.method": "exact", "train.seed": seed}
             jobs.append(Job(config_label("exact", None, variant), "exact", None, variant, seed, out, ov))
         for rank in ranks:
-            for variant in [*first, *[v for v in variants if v in VARIANTS and v]]:
+            for variant in wanted(VARIANTS, rank):
                 ov = {**base_overrides, **VARIANTS[variant], "train.method": "basis", "sketch.rank": rank,
                       "train.seed": seed}
                 jobs.append(Job(config_label("basis", rank, variant), "basis", rank, variant, seed, out, ov))
@@ -192,7 +225,7 @@ def compare(
     config: Path | None = typer.Option(None, "--config", "-c"),
     ranks: str = typer.Option("32,16,8"),
     seeds: int = typer.Option(5, help="seeds 0..N-1"),
-    variants: str = typer.Option("", help="comma list: lam0,no-scalars,uniform,gaussian,lr-matched"),
+    variants: str = typer.Option("", help=VARIANT_HELP),
     steps: int | None = typer.Option(None),
     eval_every: int | None = typer.Option(None),
     checkpoint_every: int | None = typer.Option(None),
@@ -207,10 +240,10 @@ def compare(
     report_only: bool = typer.Option(False, "--report-only"),
 ):
     """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png."""
-    names = [v for v in variants.split(",") if v]
-    bad = [v for v in names if v not in VARIANTS and v not in EXACT_VARIANTS]
-    if bad:
-        fail(f"unknown variant(s) {bad}; choose from lam0, no-scalars, uniform, gaussian, lr-matched")
+    try:
+        names = parse_variants(variants)
+    except ConfigError as e:
+        fail(str(e))
     flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
              "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
              "data.data_files": data_files}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ def variant_of(cfg: Config) -> str:
             tags.append(f"lam{s.lam:g}")
         if s.layers != "mlp+head":
             tags.append(f"layers={s.layers}")
+    if cfg.model.checkpoint_blocks:
+        tags.append("ckpt")
+    if cfg.optim.lr_factor != 1.0:
+        tags.append(f"lr{cfg.optim.lr_factor:g}x")
     if cfg.optim.lr_scale_sketched != 1.0:
         tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
     return ",".join(tags)
@@ -55,14 +60,39 @@ def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimiz
     """`lr_scale_sketched` scales the weights of the sketchable layers only: lambda
     scales their dW and nothing else, so this is the lr-matched exact baseline."""
     o = cfg.optim
+    lr = o.lr * o.lr_factor
     sketchable = {f"{n}.weight" for n in model.sketchable_names()}
     scaled = [p for n, p in model.named_parameters() if n in sketchable]
     rest = [p for n, p in model.named_parameters() if n not in sketchable]
-    groups = [{"params": rest, "lr": o.lr}, {"params": scaled, "lr": o.lr * o.lr_scale_sketched}]
+    groups = [{"params": rest, "lr": lr}, {"params": scaled, "lr": lr * o.lr_scale_sketched}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+        if capturable and o.schedule != "constant":
+            # A captured CUDA graph bakes in a float lr; a device tensor it reads at replay.
+            g["lr"] = torch.tensor(g["lr"], device=next(model.parameters()).device)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                              capturable=capturable)
+
+
+def lr_multiplier(cfg: Config, step: int) -> float:
+    """Factor on the base lr for 0-based `step`: warmup to 1, then cosine to min_lr_ratio."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.schedule == "constant":
+        return 1.0
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(g["base_lr"] * factor)
+        else:
+            g["lr"] = g["base_lr"] * factor
 
 
 def sketch_seed(seed: int, proc_rank: int = 0) -> int:

@@ -137,7 +137,11 @@ class TrainStep:
 
     def load_state(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
+        lrs = [g["lr"] for g in self.opt.param_groups]
         self.opt.load_state_dict(ckpt["optim"])
+        for g, lr in zip(self.opt.param_groups, lrs, strict=True):
+            if isinstance(lr, torch.Tensor):  # keep the device lr a graph reads (the load gives a CPU one)
+                g["lr"] = lr
         self.gen.set_state(ckpt["gen"])
         self.loss_sum.fill_(ckpt["loss_sum"])
         self.loss_n, self.measured = ckpt["loss_n"], ckpt["measured"]

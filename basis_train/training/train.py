@@ -28,7 +28,16 @@ from basis_train.training.distributed import Dist, init_from_env
 from basis_train.training.evaluate import Evaluator
 from basis_train.training.metrics import MetricsSink, Throughput
 from basis_train.training.runio import RunError, atomic_write_json, default_out_dir, prepare_out_dir
-from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device, sketch_seed, variant_of
+from basis_train.training.setup import (
+    build_optimizer,
+    gpt_config,
+    load_data,
+    lr_multiplier,
+    resolve_device,
+    set_lr,
+    sketch_seed,
+    variant_of,
+)
 from basis_train.training.step import DTYPES, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopRequests
 
@@ -57,6 +66,12 @@ class Run:
         self.data_info = dict(splits.info, source=source)
         self.loader = TrainLoader(splits.train_tokens, t.batch_size, cfg.model.block_size, self.device,
                                   shuffle=cfg.data.shuffle, seed=t.seed, proc_rank=dist.proc_rank, world_size=dist.world_size)
+        if cfg.data.single_pass and t.steps > self.loader.steps_per_epoch - 1:  # -1: the init batch
+            raise RunError(
+                f"data.single_pass: {t.steps} steps need {t.steps + 1} batches of "
+                f"{self.loader.global_batch} chunks but the training set holds "
+                f"{self.loader.steps_per_epoch} ({self.data_info['n_train_tokens']:,} tokens); "
+                f"use at most {self.loader.steps_per_epoch - 1} steps, more data, or data.single_pass false")
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
@@ -97,6 +112,8 @@ class Run:
             with StopRequests(self.dist) as stop:
                 self.clock.start(self.step)
                 while self.step < t.steps:
+                    if self.cfg.optim.schedule != "constant":
+                        set_lr(self.train_step.opt, lr_multiplier(self.cfg, self.step))
                     self.train_step(self.loader.next_indices())
                     self.step += 1
                     self.metrics.stepped()
@@ -163,6 +180,9 @@ class Run:
             "tokens_per_s": sum(self.clock.tokens_per_s) / len(self.clock.tokens_per_s),
             "ms_per_step": 1000 * self.clock.wall_s / max(self.step, 1),
             "val_protocol": cfg.data.val_protocol, "data": self.data_info,
+            # single pass means epoch 0 here: no training chunk was seen twice
+            "tokens_seen": self.step * self.loader.global_batch * cfg.model.block_size,
+            "epoch": self.loader.epoch,
             "sketch_layers": cfg.sketch.layers, "hashing": cfg.sketch.hashing,
             "invariant_scalars": cfg.sketch.invariant_scalars, "lam": cfg.sketch.lam,
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "dtype": cfg.train.dtype,

@@ -161,10 +161,10 @@ def test_cache_write_leaves_no_temp_dirs(tmp_path, cache):
     [
         ({}, None, "no files match"),
         ({"a.txt": b"x", "b.jsonl": b'{"text": "y"}\n'}, None, "mixes extensions"),
-        ({"a.csv": b"text\nx\n"}, None, "use .txt"),
+        ({"a.jsonl": b'{"text": "y"}\n', "b.parquet": b"PAR1"}, None, "mixes extensions"),
         ({"empty.txt": b""}, None, "no documents"),
         ({"blank.txt": b"  \n\n"}, None, "no documents"),
-        ({"bad.txt": b"fine", "zbad.txt": b"\xff\xfe\x00bad"}, None, "zbad.txt"),
+        ({"zbad.txt": b"\xff\xfe\x00bad"}, None, "1 not-utf8"),
         ({"broken.jsonl": b'{"text": "a"}\n{"text": \n'}, None, "broken.jsonl"),
         ({"notext.jsonl": b'{"body": "a"}\n'}, None, "no 'text' field"),
     ],

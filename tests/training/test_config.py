@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,15 @@ def test_yaml_1_1_words_are_not_booleans(tmp_path):
     cfg = load_config(write(tmp_path, "log:\n  wandb: off\nsketch:\n  invariant_scalars: false\n"))
     assert cfg.log.wandb == "off" and cfg.sketch.invariant_scalars is False
     assert "must be bool, got str 'yes'" in error_of(tmp_path, "train:\n  compile: yes\n")
+
+
+def test_new_keys_at_defaults_keep_committed_run_hashes():
+    """Keys added after runs were committed must not change their hash (grids would rerun them)."""
+    runs = sorted(Path(__file__).resolve().parents[2].glob("results/paper/heldout/runs/*/summary.json"))[:3]
+    if not runs:
+        pytest.skip("no committed runs")
+    for path in runs:
+        recorded = json.loads(path.read_text())["config_hash"]
+        assert config_hash(load_config(path.parent / "config.yaml")) == recorded, path
+    cfg = load_config(runs[0].parent / "config.yaml")
+    assert config_hash(apply_overrides(cfg, {"optim.schedule": "cosine"})) != config_hash(cfg)

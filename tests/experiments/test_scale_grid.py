@@ -1,0 +1,125 @@
+"""The issue-12 grid end to end on CPU: tiny GPT on a temp corpus of .py files, both basis-compare
+calls of scripts/scale_grid.sh, then the scale report; plus the grid's planning and lr schedule."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import basis_train
+from basis_train.experiments.compare import compare_app, parse_variants, plan
+from basis_train.reporting.scale import write_report
+from basis_train.training.config import ConfigError, apply_overrides, config_from_dict, load_config
+from basis_train.training.setup import build_optimizer, lr_multiplier, set_lr
+
+runner = CliRunner()
+TINY_CODE = """
+model: {block_size: 32, n_embd: 64, n_head: 2, n_layer: 2}
+sketch: {rank: 8}
+optim: {name: adamw, lr: 1.0e-3, schedule: cosine, warmup_steps: 2, weight_decay: 0.1}
+train: {steps: 6, batch_size: 2, eval_every: 3, checkpoint_every: 3, device: cpu}
+data: {heldout_every: 16, heldout_min_tokens: 2000, eval_batch_size: 16, single_pass: true}
+"""
+
+
+@pytest.fixture(scope="module")
+def code_corpus(tmp_path_factory):
+    """This package's own source, nested as in site-packages: real code nobody wrote for the test."""
+    root = tmp_path_factory.mktemp("site") / "basis_train"
+    shutil.copytree(Path(basis_train.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return str(root.parent / "**" / "*.py")
+
+
+def test_grid_plan_is_the_issue_grid(tmp_path):
+    jobs = plan({}, [64, 256, 1024], [0, 1, 2], parse_variants("ckpt@exact,all@256"), tmp_path)
+    assert [j.label for j in jobs[:6]] == ["exact", "exact [ckpt]", "basis R=64", "basis R=256",
+                                           "basis R=256 [all]", "basis R=1024"]
+    assert len(jobs) == 18
+    lr = plan({}, [256], [0], parse_variants("lr0.5x,lr2x"), tmp_path, baselines=False)
+    assert {j.label for j in lr} == {"exact [lr0.5x]", "exact [lr2x]", "basis R=256 [lr0.5x]", "basis R=256 [lr2x]"}
+    assert {j.overrides["optim.lr_factor"] for j in lr} == {0.5, 2.0}
+    with pytest.raises(ConfigError, match="after @"):
+        parse_variants("ckpt@big")
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = config_from_dict({"optim": {"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
+                            "train": {"steps": 110}})
+    f = [lr_multiplier(cfg, s) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
+    assert f[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert lr_multiplier(config_from_dict({}), 5) == 1.0  # the paper: constant
+
+
+def test_schedule_moves_every_group_and_keeps_lr_factor():
+    cfg = config_from_dict({"optim": {"name": "adamw", "lr": 1e-3, "lr_factor": 2.0, "lr_scale_sketched": 0.5,
+                                      "schedule": "cosine"}})
+    from basis_train.core.model import build_gpt
+    from basis_train.training.setup import gpt_config
+
+    model = build_gpt(gpt_config(apply_overrides(cfg, {"model.vocab_size": 64})), seed=0, method="exact")
+    opt = build_optimizer(model, cfg, capturable=False)
+    set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 * 0.25, 1e-3 * 0.25])
+
+
+def test_scale_grid_end_to_end_on_cpu(tmp_path, code_corpus):
+    config = tmp_path / "tiny-code.yaml"
+    config.write_text(TINY_CODE)
+    grid = tmp_path / "grid"
+    common = ["--config", str(config), "--data-files", code_corpus, "--out", str(grid), "--jobs", "2"]
+    res = runner.invoke(compare_app, [*common, "--ranks", "8", "--variants", "ckpt@exact,all@8", "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(compare_app, [*common, "--ranks", "8", "--variants", "lr0.5x,lr2x", "--seeds", "1",
+                                      "--no-baselines"])
+    assert res.exit_code == 0, res.output
+    summary = write_report(grid, tmp_path / "results", command="test")
+    labels = [s["label"] for s in summary]
+    assert set(labels) == {"exact", "exact [ckpt]", "exact [lr0.5x]", "exact [lr2x]", "basis R=8",
+                           "basis R=8 [layers=all]", "basis R=8 [lr0.5x]", "basis R=8 [lr2x]"}
+    runs = {p.parent.name: json.loads(p.read_text()) for p in grid.glob("runs/*/summary.json")}
+    assert len(runs) == 12
+    assert {(r["epoch"], r["tokens_seen"]) for r in runs.values()} == {(0, 6 * 2 * 32)}
+    # Checkpointing recomputes the same forward: same numbers as exact, seed by seed.
+    for s in (0, 1):
+        assert runs[f"exact_ckpt-s{s}"]["final_val_loss"] == pytest.approx(runs[f"exact-s{s}"]["final_val_loss"],
+                                                                           abs=1e-6)
+    assert len({runs[f"exact{v}-s0"]["final_val_loss"] for v in ("", "_lr0.5x", "_lr2x")}) == 3
+    corpus = runs["exact-s0"]["data"]["corpus"]
+    assert corpus["n_files_used"] >= 20 and corpus["documents"] == "one per file"
+    md = (tmp_path / "results" / "summary.md").read_text()
+    assert "Learning-rate sensitivity" in md and "epoch at the end of every run [0]" in md
+    assert "| files used" in (tmp_path / "results" / "corpus.md").read_text()
+
+
+def test_single_pass_refuses_a_second_epoch(tmp_path, code_corpus):
+    config = tmp_path / "tiny-code.yaml"
+    config.write_text(TINY_CODE)
+    cfg = load_config(config)
+    assert cfg.data.single_pass
+    proc = subprocess.run([sys.executable, "-m", "basis_train.cli", "--config", str(config), "--data-files",
+                           code_corpus, "--steps", "100000", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "data.single_pass" in err[0] and "use at most" in err[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_schedule_reaches_a_captured_graph():
+    cfg = config_from_dict({"optim": {"name": "adamw", "schedule": "cosine"}, "model": {"vocab_size": 64}})
+    from basis_train.core.model import build_gpt
+    from basis_train.training.setup import gpt_config
+
+    model = build_gpt(gpt_config(cfg), seed=0, method="exact").cuda()
+    opt = build_optimizer(model, cfg, capturable=True)
+    assert all(isinstance(g["lr"], torch.Tensor) and g["lr"].is_cuda for g in opt.param_groups)
+    set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(cfg.optim.lr * 0.5)
