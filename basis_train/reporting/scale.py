@@ -157,6 +157,10 @@ def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def _n(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else "–"
+
+
 def corpus_md(summaries: Sequence[Mapping], command: str) -> str:
     data = summaries[0].get("data") or {}
     for s in summaries[1:]:  # every run must have trained and validated on the same split
@@ -177,8 +181,8 @@ def corpus_md(summaries: Sequence[Mapping], command: str) -> str:
              ("tokens (GPT-2 BPE, one end-of-text per document)", c.get("n_tokens")),
              ("validation", f"every {data.get('heldout_every')}-th document held out, evaluated in full"
               if data.get("protocol") == "heldout" else data.get("protocol")),
-             ("train documents / tokens", f"{data.get('n_train_docs')} / {data.get('n_train_tokens')}"),
-             ("validation documents / tokens", f"{data.get('n_val_docs')} / {data.get('n_val_tokens')}")]
+             ("train documents / tokens", f"{_n(data.get('n_train_docs'))} / {_n(data.get('n_train_tokens'))}"),
+             ("validation documents / tokens", f"{_n(data.get('n_val_docs'))} / {_n(data.get('n_val_tokens'))}")]
     for name, value in table:
         if value is not None:
             lines.append(f"| {name} | {value:,} |" if isinstance(value, int) else f"| {name} | {value} |")

@@ -75,7 +75,7 @@ def test_scale_grid_end_to_end_on_cpu(tmp_path, code_corpus):
     config.write_text(TINY_CODE)
     grid = tmp_path / "grid"
     common = ["--config", str(config), "--data-files", code_corpus, "--out", str(grid), "--jobs", "2"]
-    res = runner.invoke(compare_app, [*common, "--ranks", "8", "--variants", "ckpt@exact,all@8", "--seeds", "2"])
+    res = runner.invoke(compare_app, [*common, "--ranks", "8", "--variants", "ckpt@exact,all@8", "--seeds", "1"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(compare_app, [*common, "--ranks", "8", "--variants", "lr0.5x,lr2x", "--seeds", "1",
                                       "--no-baselines"])
@@ -85,12 +85,11 @@ def test_scale_grid_end_to_end_on_cpu(tmp_path, code_corpus):
     assert set(labels) == {"exact", "exact [ckpt]", "exact [lr0.5x]", "exact [lr2x]", "basis R=8",
                            "basis R=8 [layers=all]", "basis R=8 [lr0.5x]", "basis R=8 [lr2x]"}
     runs = {p.parent.name: json.loads(p.read_text()) for p in grid.glob("runs/*/summary.json")}
-    assert len(runs) == 12
+    assert len(runs) == 8
     assert {(r["epoch"], r["tokens_seen"]) for r in runs.values()} == {(0, 6 * 2 * 32)}
     # Checkpointing recomputes the same forward: same numbers as exact, seed by seed.
-    for s in (0, 1):
-        assert runs[f"exact_ckpt-s{s}"]["final_val_loss"] == pytest.approx(runs[f"exact-s{s}"]["final_val_loss"],
-                                                                           abs=1e-6)
+    assert runs["exact_ckpt-s0"]["final_val_loss"] == pytest.approx(runs["exact-s0"]["final_val_loss"], abs=1e-6)
+    assert runs["basis_R8-s0"]["final_val_loss"] != runs["exact-s0"]["final_val_loss"]  # R = 8 < 64 rows: sketched
     assert len({runs[f"exact{v}-s0"]["final_val_loss"] for v in ("", "_lr0.5x", "_lr2x")}) == 3
     corpus = runs["exact-s0"]["data"]["corpus"]
     assert corpus["n_files_used"] >= 20 and corpus["documents"] == "one per file"
@@ -113,13 +112,20 @@ def test_single_pass_refuses_a_second_epoch(tmp_path, code_corpus):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_schedule_reaches_a_captured_graph():
-    cfg = config_from_dict({"optim": {"name": "adamw", "schedule": "cosine"}, "model": {"vocab_size": 64}})
-    from basis_train.core.model import build_gpt
-    from basis_train.training.setup import gpt_config
+def test_schedule_reaches_a_captured_graph(tmp_path):
+    """A captured step bakes in a float lr; the schedule must reach it through the device tensor:
+    graphed and eager runs agree, and both differ from the same run at a constant lr."""
+    from basis_train.training.train import Run
 
-    model = build_gpt(gpt_config(cfg), seed=0, method="exact").cuda()
-    opt = build_optimizer(model, cfg, capturable=True)
-    assert all(isinstance(g["lr"], torch.Tensor) and g["lr"].is_cuda for g in opt.param_groups)
-    set_lr(opt, 0.5)
-    assert opt.param_groups[0]["lr"].item() == pytest.approx(cfg.optim.lr * 0.5)
+    small = {"model.block_size": 32, "model.n_embd": 32, "model.n_head": 2, "model.n_layer": 1,
+             "train.batch_size": 2, "train.steps": 30, "train.eval_every": 10, "train.checkpoint_every": 30,
+             "train.device": "cuda", "train.method": "exact", "data.val_protocol": "paper",
+             "optim.name": "adamw", "optim.lr": 3e-3, "optim.schedule": "cosine", "optim.warmup_steps": 5,
+             "optim.min_lr_ratio": 0.0}
+    cfg = apply_overrides(load_config(None), small)
+    graphed = Run(cfg, tmp_path / "g", progress=False).run()
+    eager = Run(apply_overrides(cfg, {"train.cuda_graphs": False}), tmp_path / "e", progress=False).run()
+    flat = Run(apply_overrides(cfg, {"optim.schedule": "constant"}), tmp_path / "c", progress=False).run()
+    assert graphed["cuda_graphs"] and not eager["cuda_graphs"]
+    assert graphed["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
+    assert abs(graphed["final_val_loss"] - flat["final_val_loss"]) > 1e-3
