@@ -67,6 +67,7 @@ def train_cmd(
     hashing: str | None = typer.Option(None, help="balanced | uniform | gaussian (ablations)"),
     invariant_scalars: bool | None = typer.Option(None, "--invariant-scalars/--no-invariant-scalars"),
     lam: float | None = typer.Option(None, help="lambda shrinkage (paper: 0.01)"),
+    head: str | None = typer.Option(None, help="fused (chunked, never keeps the logits) | plain"),
     lr: float | None = typer.Option(None),
     optimizer: str | None = typer.Option(None, help="sgd | adamw"),
     lr_scale_sketched: float | None = typer.Option(None, help="lr factor on sketchable weights"),
@@ -95,7 +96,7 @@ def train_cmd(
         return
     typer.echo(
         f"final val loss {summary['final_val_loss']:.4f}, train loss {summary['final_train_loss']:.4f}, "
-        f"saved-for-backward {summary['peak_activation_bytes'] / 2**20:.2f} MiB, "
+        f"activations saved for backward {summary['activation_bytes'] / 2**20:.2f} MiB, "
         f"{summary['tokens_per_s']:,.0f} tokens/s"
     )
 

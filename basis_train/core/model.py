@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from basis_train.core.head import DEFAULT_CHUNK, HEADS, FusedBasisHead, FusedHead
 from basis_train.core.sketch import BasisLinear, check_rank
 
 SKETCH_LAYERS = ("none", "mlp+head", "all")
@@ -38,6 +39,8 @@ class GPTConfig:
     lam: float = 0.01
     checkpoint_blocks: bool = False
     exact: bool = False  # True: the same network with every layer exact (the baseline)
+    head: str = "plain"  # "fused": chunked linear + cross-entropy, the logits never kept (core/head.py)
+    head_chunk: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
         if self.sketch_layers not in SKETCH_LAYERS:
@@ -45,6 +48,10 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         check_rank(self.rank)
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head_chunk < 1:
+            raise ValueError(f"head_chunk must be >= 1, got {self.head_chunk!r}")
 
 
 def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -> nn.Linear:
@@ -54,6 +61,16 @@ def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -
         n_in, n_out, bias=bias, rank=cfg.rank, hashing=cfg.hashing,
         invariant_scalars=cfg.invariant_scalars, lam=cfg.lam,
     )
+
+
+def _head(cfg: GPTConfig) -> nn.Linear:
+    sketched = cfg.sketch_layers != "none" and not cfg.exact
+    if cfg.head == "plain":
+        return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
+    if not sketched:
+        return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk)
+    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=cfg.rank, hashing=cfg.hashing,
+                          invariant_scalars=cfg.invariant_scalars, lam=cfg.lam)
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,7 +124,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-6)
-        self.lm_head = _linear(cfg, cfg.n_embd, cfg.vocab_size, False, cfg.sketch_layers != "none")
+        self.lm_head = _head(cfg)
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -155,7 +172,10 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        h = self.ln_f(x)
+        if targets is not None and isinstance(self.lm_head, (FusedHead, FusedBasisHead)):
+            return None, self.lm_head.loss(h, targets)  # the fused head never forms the full logits
+        logits = self.lm_head(h)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -36,6 +36,8 @@ class ModelConfig:
     n_layer: int = 2
     mlp_ratio: int = 4
     checkpoint_blocks: bool = False
+    head: str = "fused"  # fused: chunked linear + cross-entropy that never keeps the logits; plain
+    head_chunk: int = 256  # rows per chunk of the fused head (core/head.py)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "sketch.layers": ("none", "mlp+head", "all"),
+    "model.head": ("fused", "plain"),
     "sketch.hashing": ("balanced", "uniform", "gaussian"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine"),
@@ -132,7 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Inclusive lower bounds.
 MIN_VALUES: dict[str, float] = {
     "model.vocab_size": 1, "model.block_size": 1, "model.n_embd": 1, "model.n_head": 1,
-    "model.n_layer": 1, "model.mlp_ratio": 1, "sketch.rank": 1, "optim.weight_decay": 0,
+    "model.n_layer": 1, "model.mlp_ratio": 1, "model.head_chunk": 1, "sketch.rank": 1, "optim.weight_decay": 0,
     "train.steps": 1, "train.batch_size": 1, "train.eval_every": 1, "train.checkpoint_every": 1,
     "train.seed": 0, "data.max_docs": 1, "data.paper_val_docs": 1, "data.paper_val_batches": 1,
     "data.heldout_min_tokens": 1, "data.eval_batch_size": 1, "optim.warmup_steps": 0,
@@ -151,11 +154,13 @@ CLI_FLAGS: dict[str, str] = {
     "dtype": "train.dtype", "checkpoint_every": "train.checkpoint_every",
     "dataset": "data.dataset", "data_files": "data.data_files",
     "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
-    "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
+    "head": "model.head", "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
 }
 
-# Fields that change speed or bookkeeping but not the numbers a run produces.
-HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs")
+# Fields that change speed or bookkeeping but not the numbers a run produces. The head
+# implementation is one: fused and plain compute the same loss and gradients up to float
+# rounding (tests/core/test_head.py), so runs made before it existed keep their hashes.
+HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs", "model.head", "model.head_chunk")
 # Keys added after runs were committed: left out of the hash while at these defaults, so
 # finished runs keep their hash and resumable grids do not rerun them.
 HASH_OMIT_DEFAULTS: dict[str, object] = {

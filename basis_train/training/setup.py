@@ -52,6 +52,7 @@ def gpt_config(cfg: Config) -> GPTConfig:
     return GPTConfig(
         vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
         n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
+        head=m.head, head_chunk=m.head_chunk,
         sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
     )
 

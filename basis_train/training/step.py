@@ -14,11 +14,15 @@ from contextlib import nullcontext
 import torch
 
 from basis_train.core import graphs
-from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.core import memory
 from basis_train.training.runio import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EAGER_BEFORE_CAPTURE = 3
+# The allocator peak is taken on this (0-based) step: the steps before it allocate optimizer
+# state and library workspaces, so the peak on it is the steady-state step's.
+_MEASURE_AT_STEP = 2
+MEMORY_FIELDS = ("activation_bytes", "weight_cast_bytes", "activation_breakdown", "step_peak_bytes")
 
 
 class NonFiniteLoss(RunError):
@@ -32,8 +36,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 class TrainStep:
-    """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first call also measures
-    what a step keeps for backward (`measured`).
+    """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first eager calls also
+    measure memory (`measured`, see `_measured_step`).
 
     float16 gradients underflow without loss scaling, so float16 steps go through a
     GradScaler: a step whose gradients hold an inf or NaN is skipped and the scale lowered.
@@ -51,6 +55,7 @@ class TrainStep:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.loss_n = 0
         self.measured: dict = {}
+        self.step_peak = memory.step_peak_bytes  # injectable: the tests check when it runs
         self.graph = None
         self._eager_steps = 0
 
@@ -62,7 +67,7 @@ class TrainStep:
             # Before capture, a few eager steps on a side stream let lazy initialisation
             # (optimiser state, cuBLAS workspaces) happen outside the graph.
             with graphs.side_stream(self.device, self.use_graphs):
-                if not self.measured:
+                if self._wants_measure():
                     self._measured_step(idx)
                 elif self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
                     self._capture_and_replay(idx)
@@ -89,17 +94,24 @@ class TrainStep:
         self._fwd_bwd_opt(idx)
         self.opt.zero_grad(set_to_none=True)
 
+    def _wants_measure(self) -> bool:
+        if "activation_bytes" not in self.measured:
+            return True
+        return "step_peak_bytes" not in self.measured and self._eager_steps >= _MEASURE_AT_STEP
+
     def _measured_step(self, idx: torch.Tensor) -> None:
-        meter = SavedTensorMeter(exclude=self.model.parameters())
-        with meter.measure():
-            if self.device.type == "cuda":
-                self.measured["cuda_peak_step_bytes"] = cuda_step_peak(lambda: self._eager_step(idx), self.device)
-            else:
+        """An eager step that also measures memory (definitions in core/memory.py).
+
+        What is saved for backward is the same on every step, so the first step counts it.
+        The allocator peak needs a steady-state step, and one without the meter's own
+        transient copies (its cast checks), so it is taken on a later step of its own."""
+        if "activation_bytes" not in self.measured:
+            meter = memory.SavedTensorMeter(self.model)
+            with meter.measure():
                 self._eager_step(idx)
-        self.measured["peak_activation_bytes"] = meter.total_bytes
-        self.measured.setdefault("cuda_peak_step_bytes", None)
-        top = sorted(meter.by_shape.items(), key=lambda kv: -kv[1])[:5]
-        self.measured["saved_top"] = [[str(list(k[0])), k[1], v] for k, v in top]
+            self.measured = meter.fields()  # a checkpoint's fields from before issue 16 are dropped
+        else:
+            self.measured["step_peak_bytes"] = self.step_peak(lambda: self._eager_step(idx), self.device)
 
     def _capture_and_replay(self, idx: torch.Tensor) -> None:
         self.idx_buf = idx.clone()

@@ -38,10 +38,10 @@ from basis_train.training.setup import (
     sketch_seed,
     variant_of,
 )
-from basis_train.training.step import DTYPES, NonFiniteLoss, TrainStep
+from basis_train.training.step import DTYPES, MEMORY_FIELDS, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopRequests
 
-__all__ = ["Interrupted", "NonFiniteLoss", "Run", "train"]
+__all__ = ["MEMORY_FIELDS", "Interrupted", "NonFiniteLoss", "Run", "train"]
 
 
 class Run:
@@ -141,10 +141,7 @@ class Run:
             raise NonFiniteLoss(f"{e}; stopped, the last good checkpoint in {self.out} was kept") from None
         e0 = time.perf_counter()
         rec["val_loss"] = self.evaluate()
-        measured = self.train_step.measured
-        rec.update(peak_activation_bytes=measured["peak_activation_bytes"],
-                   cuda_peak_step_bytes=measured["cuda_peak_step_bytes"],
-                   eval_s=time.perf_counter() - e0, epoch=self.loader.epoch)
+        rec.update(eval_s=time.perf_counter() - e0, epoch=self.loader.epoch)
         if self.evaluate.restarts is not None:
             rec["val_restarts"] = self.evaluate.restarts
         self.metrics.log(rec)
@@ -163,7 +160,7 @@ class Run:
         """Write summary.json (process 0) and return it on every process."""
         cuda, measured = self.device.type == "cuda", self.train_step.measured
         by_rank = self.dist.all_gather({
-            "cuda_peak_step_bytes": measured["cuda_peak_step_bytes"],
+            "step_peak_bytes": measured.get("step_peak_bytes"),
             "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None,
         })
         if not self.dist.is_main:
@@ -173,9 +170,7 @@ class Run:
             "method": cfg.train.method, "rank": cfg.sketch.rank if cfg.train.method == "basis" else None,
             "variant": self.variant, "seed": cfg.train.seed, "steps": self.step,
             "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
-            "peak_activation_bytes": measured["peak_activation_bytes"],
-            "cuda_peak_step_bytes": measured["cuda_peak_step_bytes"],
-            "saved_top": measured.get("saved_top"),
+            **{k: measured.get(k) for k in MEMORY_FIELDS}, "head": cfg.model.head,
             "wall_s": self.clock.wall_s,
             "tokens_per_s": sum(self.clock.tokens_per_s) / len(self.clock.tokens_per_s),
             "ms_per_step": 1000 * self.clock.wall_s / max(self.step, 1),

@@ -137,11 +137,11 @@ def test_rank_one_norm_identity():
 
 def saved_bytes_of(layer, rows):
     x = torch.randn(rows, layer.in_features, requires_grad=True)
-    meter = SavedTensorMeter(exclude=layer.parameters())
+    meter = SavedTensorMeter(params=layer.parameters())
     with meter.measure():
         y = layer(x)
     y.sum().backward()
-    return meter.total_bytes
+    return meter.activation_bytes
 
 
 def test_saved_bytes_scale_with_rank_not_rows():

@@ -1,0 +1,172 @@
+"""A fused, chunked linear + cross-entropy head: the loss without keeping the logits.
+
+The plain head computes logits = x W^T (rows x vocab) and cross-entropy keeps their
+log-softmax for backward: at the paper's size that is 96% of everything a step keeps.
+Here the forward pass walks over chunks of `chunk` rows, computes each chunk's logits,
+adds its loss and its log-sum-exp to running totals and throws the logits away. It keeps
+the head's input (rows x N), the targets and one float32 log-sum-exp per row. The
+backward pass recomputes each chunk's logits, turns them into dlogits = softmax - onehot,
+and accumulates dX = dlogits W and dW = dlogits^T x chunk by chunk.
+
+The sketched (BASIS) head keeps the same tensors plus the R x N sketch of x, taken in
+forward exactly as BasisLinear takes it. It still needs x itself: the exact dX needs
+dlogits, which need the logits, which need x. Its dW estimate is built from the count
+sketch of dlogits, accumulated over chunks (an index_add of signed rows into R x V, in
+float32) together with the squared Frobenius norm of dlogits for the invariant scalar,
+then rescaled once. With the same seed it is the estimate of BasisLinear + cross_entropy.
+
+Dtypes. Under autocast the chunk's logits are computed in the autocast dtype (bf16 or
+fp16, the same rounding as the plain head's matmul) and the softmax, log-sum-exp and loss
+in float32. Inside the function autocast is off and every cast is explicit. The weight is
+never saved as a cast: backward casts the parameter again (a transient copy).
+
+Shapes depend only on (rows, chunk, vocab), never on data, and nothing reads a value back
+to the host, so the head can be captured in a CUDA graph and run under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basis_train.core import memory
+from basis_train.core.sketch import (
+    BasisLinear,
+    draw_seed,
+    gaussian_projection,
+    scaled_sketch,
+    sketch_bins,
+    sketch_signs,
+    _rescale,
+)
+
+HEADS = ("fused", "plain")
+# Rows per chunk: a chunk's float32 logits take chunk x vocab x 4 bytes (51 MiB at 256 x
+# 50257). Backward holds about three such buffers at once; larger chunks mean fewer,
+# larger matmuls (faster) and more transient memory.
+DEFAULT_CHUNK = 256
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _chunks(rows: int, chunk: int):
+    return [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """Mean cross-entropy of x W^T against targets. `sketch` is None (exact dW) or
+    (rank, hashing, scalars, lam, generator) for the BASIS estimate."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk, sketch):
+        cd = _compute_dtype(x)
+        dev = x.device.type
+        rows = x.shape[0]
+        with torch.autocast(dev, enabled=False):
+            xc, wc = x.to(cd), weight.to(cd)
+            lse = torch.empty(rows, dtype=torch.float32, device=x.device)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            for a, b in _chunks(rows, chunk):
+                logits = (xc[a:b] @ wc.t()).float()
+                lse[a:b] = torch.logsumexp(logits, dim=1)
+                picked = logits.gather(1, targets[a:b, None]).squeeze(1)
+                loss += (lse[a:b] - picked).sum()
+            saved = [xc, targets, lse, weight]
+            ctx.sketch_cfg = None
+            if sketch is not None:
+                rank, hashing, scalars, lam, generator = sketch
+                r = min(rank, rows)
+                seed = draw_seed(x.device, generator)
+                # As BasisLinear: the sketch reads x as given, before any autocast cast.
+                xs = scaled_sketch(x.detach(), seed, r, hashing, scalars, lam)
+                saved += [xs, seed]
+                memory.mark(xs, "sketches")
+                memory.mark(seed, "seeds")
+                ctx.sketch_cfg = (r, hashing, scalars, lam)
+        ctx.save_for_backward(*saved)
+        ctx.chunk, ctx.cd, ctx.x_dtype = chunk, cd, x.dtype
+        return loss / rows
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        xc, targets, lse, weight, *sk = ctx.saved_tensors
+        rows, cd = xc.shape[0], ctx.cd
+        scale = grad_loss.float() / rows
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(xc.device.type, enabled=False):
+            wc = weight.to(cd)
+            grad_x = torch.empty_like(xc) if need_x else None
+            exact_w = need_w and ctx.sketch_cfg is None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=xc.device) if exact_w else None
+            if need_w and ctx.sketch_cfg is not None:
+                r, hashing, scalars, lam = ctx.sketch_cfg
+                xs, seed = sk
+                g_sketch = torch.zeros(r, weight.shape[0], dtype=torch.float32, device=xc.device)
+                g_sq = torch.zeros((), dtype=torch.float32, device=xc.device)
+                if hashing == "gaussian":
+                    proj = gaussian_projection(seed, rows, r)
+                else:
+                    bins = sketch_bins(seed, rows, r, hashing)
+                    signs = sketch_signs(seed, rows, torch.float32)
+            for a, b in _chunks(rows, ctx.chunk):
+                dl = (xc[a:b] @ wc.t()).float()
+                dl.sub_(lse[a:b, None]).exp_()
+                dl.scatter_add_(1, targets[a:b, None], dl.new_full((b - a, 1), -1.0))
+                dl = dl.mul_(scale).to(cd)
+                if need_x:
+                    grad_x[a:b] = dl @ wc
+                if exact_w:
+                    grad_w += (dl.t() @ xc[a:b]).float()
+                elif need_w:
+                    dlf = dl.float()
+                    g_sq += dlf.square().sum()
+                    if hashing == "gaussian":
+                        g_sketch += proj[:, a:b] @ dlf
+                    else:
+                        g_sketch.index_add_(0, bins[a:b], dlf * signs[a:b, None])
+            if need_w and not exact_w:
+                # _rescale reads only the Frobenius norm of the full matrix: pass it as a 1-vector.
+                g_sketch = _rescale(g_sketch, g_sq.sqrt().view(1), lam, scalars)
+                grad_w = g_sketch.t() @ xs
+        grad_x = grad_x.to(ctx.x_dtype) if need_x else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_x, grad_w, None, None, None
+
+
+def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk: int = DEFAULT_CHUNK, sketch: tuple | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (x W^T) over rows of x (rows, N) against targets (rows,)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+    return _FusedLinearCE.apply(x, weight, targets, int(chunk), sketch)
+
+
+class FusedHead(nn.Linear):
+    """A bias-free nn.Linear (same parameters and state_dict) whose `loss` is fused."""
+
+    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, **kw) -> None:
+        super().__init__(in_features, out_features, bias=False, **kw)
+        self.chunk = int(chunk)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), self.chunk)
+
+
+class FusedBasisHead(BasisLinear):
+    """The BASIS head, fused: exact loss and dX, BASIS dW; same seed draws as BasisLinear."""
+
+    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, **kw) -> None:
+        super().__init__(in_features, out_features, bias=False, **kw)
+        self.chunk = int(chunk)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        sketch = None
+        if self.training and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            sketch = (self.rank, self.hashing, self.invariant_scalars, self.lam, self.generator)
+        return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1),
+                                          self.chunk, sketch)

@@ -1,0 +1,126 @@
+"""The fused chunked head: exact loss/dX/dW, and the BASIS estimate equal to BasisLinear's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
+from basis_train.core.memory import SavedTensorMeter
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
+
+ROWS, N, V = 37, 12, 53  # 37 rows: the last chunk is short for every chunk size used
+
+
+def _data(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, N, generator=g, dtype=dtype)
+    w = torch.randn(V, N, generator=g, dtype=dtype) / N**0.5
+    t = torch.randint(0, V, (ROWS,), generator=g)
+    return x, w, t
+
+
+def _grads(loss_fn, x, w):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = loss_fn(x, w)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_exact_head_matches_plain_and_float64(chunk):
+    x, w, t = _data()
+    plain = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x, w)
+    fused = _grads(lambda x, w: fused_linear_cross_entropy(x, w, t, chunk), x, w)
+    ref = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x.double(), w.double())
+    for a, b, r in zip(fused, plain, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def _unfused_basis(x, w, t, gen_seed, **kw):
+    layer = BasisLinear(N, V, bias=False, **kw)
+    layer.weight.data.copy_(w)
+    layer.generator = torch.Generator().manual_seed(gen_seed)
+    xr = x.clone().requires_grad_()
+    loss = F.cross_entropy(layer(xr), t)
+    loss.backward()
+    return loss.detach(), xr.grad, layer.weight.grad
+
+
+def _fused_basis(x, w, t, gen_seed, chunk, **kw):
+    head = FusedBasisHead(N, V, chunk=chunk, **kw)
+    head.weight.data.copy_(w)
+    head.generator = torch.Generator().manual_seed(gen_seed)
+    xr = x.clone().requires_grad_()
+    loss = head.loss(xr, t)
+    loss.backward()
+    return loss.detach(), xr.grad, head.weight.grad
+
+
+@pytest.mark.parametrize("hashing", ["balanced", "uniform", "gaussian"])
+@pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0)])
+@pytest.mark.parametrize("rank,chunk", [(5, 8), (1, 64), (37, 3)])
+def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk):
+    x, w, t = _data(seed=1)
+    kw = dict(rank=rank, hashing=hashing, invariant_scalars=scalars, lam=lam)
+    ref = _unfused_basis(x, w, t, 7, **kw)
+    got = _fused_basis(x, w, t, 7, chunk, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    exact = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x, w)[2]
+    assert not torch.allclose(got[2], exact, atol=1e-3) or rank == ROWS  # an estimate, not dW
+
+
+def test_basis_head_at_full_rank_is_scaled_exact():
+    # R = rows: every bin one row, scalars 1, dW = (1 - lam)^2 X^T dY (PAPER.md section 1).
+    x, w, t = _data(seed=2)
+    got = _fused_basis(x, w, t, 3, 10, rank=ROWS, lam=0.01)
+    exact = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x, w)[2]
+    torch.testing.assert_close(got[2], 0.9801 * exact, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_plain_head():
+    x, w, t = _data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _grads(lambda x, w: F.cross_entropy(F.linear(x, w).float(), t), x, w)
+        fused = _grads(lambda x, w: fused_linear_cross_entropy(x, w, t, 8), x, w)
+    assert fused[1].dtype == torch.float32 and fused[2].dtype == torch.float32
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def _gpt_step(head, method, checkpoint_blocks=False):
+    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, rank=4, head=head,
+                    head_chunk=5, checkpoint_blocks=checkpoint_blocks)
+    model = build_gpt(cfg, seed=0, method=method)
+    for i, m in enumerate(model.sketched_modules()):
+        m.generator = torch.Generator().manual_seed(100)
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = torch.randint(0, 97, (2, 17), generator=g).split([16, 1], dim=1)[0], None
+    tgt = torch.randint(0, 97, (2, 16), generator=g)
+    _, loss = model(idx, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["exact", "basis"])
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_gpt_fused_head_equals_plain_head(method, checkpoint_blocks):
+    lp, gp = _gpt_step("plain", method, checkpoint_blocks)
+    lf, gf = _gpt_step("fused", method, checkpoint_blocks)
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    for n in gp:
+        torch.testing.assert_close(gf[n], gp[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_head_keeps_no_logits():
+    x, w, t = _data()
+    head = FusedHead(N, V, chunk=8)
+    head.weight.data.copy_(w)
+    xr = x.clone().requires_grad_()
+    meter = SavedTensorMeter(params=[head.weight])
+    with meter.measure():
+        head.loss(xr, t)
+    # x (rows x N), targets and one log-sum-exp per row; nothing of size rows x V.
+    assert meter.activation_bytes == ROWS * N * 4 + ROWS * 8 + ROWS * 4

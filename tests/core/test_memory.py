@@ -1,0 +1,92 @@
+"""The one memory accounting: weight casts apart, categories that add up."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basis_train.core.memory import CATEGORIES, SavedTensorMeter
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
+
+ROWS, N, M = 16, 8, 24
+
+
+def _measure(layer, autocast):
+    x = torch.randn(ROWS, N, requires_grad=True)
+    meter = SavedTensorMeter(params=layer.parameters())
+    with meter.measure(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.float().sum().backward()
+    return meter
+
+
+def test_linear_weight_cast_is_not_an_activation():
+    lin = nn.Linear(N, M)
+    m = _measure(lin, autocast=True)
+    # autocast keeps a bf16 copy of the weight (and of x) for backward
+    assert m.weight_cast_bytes == M * N * 2
+    assert m.activation_bytes == ROWS * N * 2
+    plain = _measure(lin, autocast=False)
+    assert plain.weight_cast_bytes == 0 and plain.activation_bytes == ROWS * N * 4
+
+
+def test_basislinear_same_rule():
+    layer = BasisLinear(N, M, rank=4)
+    layer.generator = torch.Generator().manual_seed(0)
+    for autocast in (False, True):
+        m = _measure(layer, autocast)
+        # the fp32 parameter itself is excluded; the sketch (float32) and the seed remain
+        assert m.weight_cast_bytes == 0
+        assert m.activation_bytes == 4 * N * 4 + 8
+
+
+def _gpt_fields(method, head, dtype=torch.float32, rank=4):
+    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, rank=rank, head=head, head_chunk=8)
+    model = build_gpt(cfg, seed=0, method=method)
+    for m in model.sketched_modules():
+        m.generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 97, (2, 16))
+    meter = SavedTensorMeter(model)
+    with meter.measure(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = model(idx, idx)
+    loss.backward()
+    return meter.fields()
+
+
+@pytest.mark.parametrize("method", ["exact", "basis"])
+@pytest.mark.parametrize("head", ["plain", "fused"])
+def test_breakdown_adds_up_and_names_the_head(method, head):
+    f = _gpt_fields(method, head)
+    b = f["activation_breakdown"]
+    assert set(b) == set(CATEGORIES) and sum(b.values()) == f["activation_bytes"]
+    rows, vocab = 32, 97
+    if head == "plain":
+        # cross-entropy's float32 log-softmax (rows x vocab) is the head's
+        assert b["head"] >= rows * vocab * 4
+    else:
+        assert b["head"] < rows * vocab * 4
+    assert b["attention"] > 0 and b["mlp_hidden"] > 0 and b["width_d"] > 0
+    if method == "basis":
+        assert b["seeds"] == 5 * 8  # fc and proj of 2 blocks, and the head
+        assert b["sketches"] == 2 * (4 * 16 * 4 + 4 * 64 * 4) + 4 * 16 * 4
+    else:
+        assert b["seeds"] == b["sketches"] == 0
+
+
+def test_gpt_under_autocast_reports_weight_casts_for_exact_layers_only():
+    exact = _gpt_fields("exact", "plain", torch.bfloat16)
+    basis = _gpt_fields("basis", "plain", torch.bfloat16)
+    # exact: every nn.Linear's bf16 weight; BASIS mlp+head: only the attention projections'
+    attn = 2 * 4 * 16 * 16 * 2
+    mlp = 2 * 2 * 16 * 64 * 2
+    head = 97 * 16 * 2
+    assert exact["weight_cast_bytes"] == attn + mlp + head
+    assert basis["weight_cast_bytes"] == attn
+
+
+def test_fused_head_cuts_paper_size_activations():
+    # PAPER.md section 3 point 9: the logits dominate; the fused head removes them.
+    plain = _gpt_fields("exact", "plain")["activation_bytes"]
+    fused = _gpt_fields("exact", "fused")["activation_bytes"]
+    assert fused < plain
