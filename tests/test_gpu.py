@@ -134,7 +134,7 @@ def test_graphed_cuda_run_matches_cpu_run(tmp_path):
     gpu = Run(_cfg(**cfg), tmp_path / "gpu", progress=False).run()
     cpu = Run(_cfg(**cfg, **{"train.device": "cpu"}), tmp_path / "cpu", progress=False).run()
     assert gpu["cuda_graphs"] and not cpu["cuda_graphs"]
-    assert gpu["cuda_peak_step_bytes"] > 0
+    assert gpu["step_peak_bytes"] > 0
     gm, cm = (_read(tmp_path / d)[1] for d in ("gpu", "cpu"))
     assert [m["step"] for m in gm] == [10, 20, 30, 40]
     for a, b in zip(gm, cm):

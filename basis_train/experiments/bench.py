@@ -26,22 +26,24 @@ import torch
 import typer
 from torch import nn
 
-from basis_train.core.memory import SavedTensorMeter, cuda_step_peak
+from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
 from basis_train.experiments.graphed_step import graphed_step
 from basis_train.fsutil import atomic_write_text
-from basis_train.reporting.bench_report import graphed_md, layer_md, memory_md, row_label, size_md
+from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets
+from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
 
 VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
 # bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.
 SIZES = {
     "paper": {"name": "paper", "vocab": 50257, "seq": 64, "width": 64, "heads": 2, "layers": 2, "batch": 1,
-              "bf16": False, "tf32": False, "optimizer": "sgd"},
+              "bf16": False, "tf32": False, "optimizer": "sgd", "head_chunk": 256},
     "gpt2-small": {"name": "gpt2-small", "vocab": 50257, "seq": 1024, "width": 768, "heads": 12, "layers": 12,
-                   "batch": 8, "bf16": True, "tf32": True, "optimizer": "adamw"},
+                   "batch": 8, "bf16": True, "tf32": True, "optimizer": "adamw", "head_chunk": 1024},
 }
-QUICK = {"vocab": 512, "seq": 32, "width": 32, "heads": 2, "layers": 2, "batch": 2}
+QUICK = {"vocab": 512, "seq": 32, "width": 32, "heads": 2, "layers": 2, "batch": 2, "head_chunk": 16}
+HEADS = ("fused", "plain")
 LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
 
 
@@ -79,48 +81,11 @@ def _autocast(device: torch.device, bf16: bool, cache: bool = True):
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if amp else nullcontext()
 
 
-def _category(shape: tuple, dtype: str, dims: dict) -> str:
-    """What a saved tensor is, from its shape and dtype: all the meter records."""
-    b, t, v, d, h, f = (dims[k] for k in ("batch", "seq", "vocab", "width", "heads", "hidden"))
-    n = math.prod(shape)
-    if n <= 1:
-        return "scalars (sketch seeds, loss weight)"
-    if not dtype.startswith(("float", "bfloat")):
-        return "integers (token ids, targets, RNG state)"
-    if n == b * t * v:
-        return "logits-sized (B x T x V: the log-softmax cross-entropy saves)"
-    if len(shape) == 4 and shape[-2:] == (t, t):
-        return "attention scores (B x H x T x T)"
-    # A sketch with R = rows has an activation's shape and size; it is counted as that activation.
-    if len(shape) == 2 and dtype == "float32" and shape[0] in dims["ranks"] and shape[1] in (d, f):
-        return "BASIS sketches (R x N)"
-    # Autocast's linear saves its low-precision weight copy, sometimes as the transposed view.
-    if dtype != "float32" and (list(shape) in dims["param_shapes"] or list(shape[::-1]) in dims["param_shapes"]):
-        return "autocast weight copies"
-    if shape == (b, h, t, d // h):
-        return "attention q/k/v/output (B x H x T x head)"
-    if shape[-1] == f and n == b * t * f:
-        return "MLP hidden (B x T x 4d: GELU input, Proj input)"
-    if shape[-1] == d and n == b * t * d:
-        return "width-d (B x T x d: LayerNorm and linear inputs)"
-    return "per-token stats (LayerNorm mean/rstd, logsumexp)" if n in (b * t, b * h * t) else "other"
-
-
-def _breakdown(meter: SavedTensorMeter, dims: dict) -> dict:
-    by_shape = sorted(({"shape": list(s), "dtype": dt, "bytes": nb, "category": _category(s, dt, dims)}
-                       for (s, dt), nb in meter.by_shape.items()), key=lambda e: -e["bytes"])
-    by_cat: dict[str, int] = {}
-    for e in by_shape:
-        by_cat[e["category"]] = by_cat.get(e["category"], 0) + e["bytes"]
-    return {"saved_bytes": meter.total_bytes, "saved_top": by_shape[:5], "saved_by_shape": by_shape,
-            "saved_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
-
-
-def _step_bench(size: dict, variant: str, rank: int | None, device, opts: dict) -> dict:
+def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, opts: dict) -> dict:
     basis = rank is not None
     cfg = GPTConfig(vocab_size=size["vocab"], block_size=size["seq"], n_embd=size["width"], n_head=size["heads"],
                     n_layer=size["layers"], sketch_layers=variant if basis else "mlp+head", rank=rank or 1,
-                    checkpoint_blocks=variant == "exact+ckpt")
+                    checkpoint_blocks=variant == "exact+ckpt", head=head, head_chunk=size["head_chunk"])
     if opts["compile"]:
         torch._dynamo.reset()  # else every new model recompiles GPT.forward until dynamo's limit turns it eager
     torch.manual_seed(opts["seed"])
@@ -141,21 +106,18 @@ def _step_bench(size: dict, variant: str, rank: int | None, device, opts: dict) 
         # state are allocated, so the step peak includes the gradients.
         opt.zero_grad(set_to_none=True)
 
+    # The peak is taken after the timed steps: optimiser state and workspaces already exist.
     row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"]),
-           "cuda_peak_bytes": None, "static_bytes": None}
-    if device.type == "cuda":
-        row["static_bytes"] = torch.cuda.memory_allocated(device)
-        row["cuda_peak_bytes"] = cuda_step_peak(step, device)
-    meter = SavedTensorMeter(exclude=model.parameters())
+           "static_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None}
+    row["step_peak_bytes"] = step_peak_bytes(step, device)
+    meter = SavedTensorMeter(model)
     with meter.measure():
         loss = forward()
     del loss  # drops the graph and all it saved
     rows = size["batch"] * size["seq"]
-    dims = {**size, "hidden": cfg.mlp_ratio * size["width"], "ranks": {min(rank, rows)} - {rows} if basis else set(),
-            "param_shapes": [list(p.shape) for p in model.parameters()]}
     if device.type == "cuda" and not opts["compile"]:
         row["graphed_time_ms"] = _guarded(_graphed_time, model, make_opt, run, size, device, opts)
-    return {**row, **_breakdown(meter, dims), "rank_effective": min(rank, rows) if basis else None,
+    return {**row, **meter.fields(), "rank_effective": min(rank, rows) if basis else None,
             "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
 
 
@@ -197,14 +159,14 @@ def _layer_bench(rank: int | None, device, shape: list[int], opts: dict) -> dict
         layer.zero_grad(set_to_none=True)
         forward().backward(dy)
 
-    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"]),
-           "cuda_peak_bytes": cuda_step_peak(step, device) if device.type == "cuda" else None}
-    meter = SavedTensorMeter(exclude=layer.parameters())
+    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"])}
+    row["step_peak_bytes"] = step_peak_bytes(step, device)
+    meter = SavedTensorMeter(params=layer.parameters())
     with meter.measure():
         y = forward()
     del y
-    return {**row, "saved_bytes": meter.total_bytes, "input_dtype": str(dtype).removeprefix("torch."),
-            "saved_by_shape": [{"shape": list(s), "dtype": dt, "bytes": nb} for (s, dt), nb in meter.by_shape.items()]}
+    return {**row, "activation_bytes": meter.activation_bytes, "weight_cast_bytes": meter.weight_cast_bytes,
+            "input_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _guarded(fn, *args) -> dict:
@@ -224,7 +186,7 @@ def _guarded(fn, *args) -> dict:
 
 
 def _ratios(rows: list[dict], base: dict | None) -> None:
-    for field in ("time_ms", "cuda_peak_bytes", "saved_bytes"):
+    for field in ("time_ms", "step_peak_bytes", "activation_bytes"):
         for r in rows:
             num, den = r.get(field), (base or {}).get(field)
             num, den = (x["median"] if isinstance(x, dict) else x for x in (num, den))
@@ -259,11 +221,16 @@ def bench(
     quick: Annotated[bool, typer.Option(help="tiny shapes, for a CPU smoke test")] = False,
     memory_table: Annotated[Path | None, typer.Option(help="also write 'memory at two scales' here")] = None,
     layer: Annotated[bool, typer.Option("--layer/--no-layer", help="single-layer benchmark")] = True,
+    heads: Annotated[str, typer.Option(help="GPT heads to run, from fused,plain")] = "fused,plain",
+    head_bench: Annotated[bool, typer.Option("--head-bench/--no-head-bench",
+                                             help="the head alone: plain, ours, Liger, CCE")] = True,
     seed: int = 0,
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
     variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
-    for given, known, what in ((_csv(sizes), SIZES, "size"), (variant_list, VARIANTS, "variant")):
+    head_list = _csv(heads)
+    for given, known, what in ((_csv(sizes), SIZES, "size"), (variant_list, VARIANTS, "variant"),
+                               (head_list, HEADS, "head")):
         if unknown := [x for x in given if x not in known]:
             raise typer.BadParameter(f"unknown {what} {unknown}; choose from {list(known)}")
     rank_list = [int(r) for r in _csv(ranks) if r.isdigit()]
@@ -275,9 +242,10 @@ def bench(
     opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed}
     results: list[dict] = []
     layer_res: dict = {}
+    head_res: dict = {}
 
     def flush() -> None:
-        m = (results[0] if results else layer_res)["meta"]
+        m = (results[0] if results else layer_res or head_res)["meta"]
         md = ["# BASIS benchmark", "", f"`{' '.join(m['argv'])}`", "",
               f"{m['gpu'] or m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['date']}", ""]
         for res in results:
@@ -286,13 +254,19 @@ def bench(
         if layer_res:
             _write(out / "layer.json", json.dumps(layer_res, indent=1))
             md += layer_md(layer_res)
+        if head_res:
+            _write(out / "head.json", json.dumps(head_res, indent=1))
+            md += head_md(head_res)
         _write(out / "bench.md", "\n".join(md))
+        if results or head_res:
+            _write(out / "memory_targets.json",
+                   json.dumps(targets(results, head_res, out / "head_equivalence" / "equivalence.json"), indent=1))
         if memory_table and results:
             _write(memory_table, memory_md(results))
 
     def record(tag: str, rows: list[dict], row: dict, base: dict | None) -> None:
         rows.append(row)
-        _ratios(rows, base)
+        _ratios([r for r in rows if r.get("head") == row.get("head")], base)
         msg = f"{row['time_ms']['median']:.3f} ms" if row["status"] == "ok" else row["error"]
         typer.echo(f"[{tag}] R={row['rank'] or '-'}: {msg}", err=True)
         flush()
@@ -309,15 +283,16 @@ def bench(
                "size": size, "logits_bytes": size["batch"] * size["seq"] * size["vocab"] * (2 if amp else 4),
                "logits_fp32_bytes": size["batch"] * size["seq"] * size["vocab"] * 4, "rows": []}
         results.append(res)
-        runs = [(v, None) for v in variant_list if v.startswith("exact")]
-        runs += [(v, r) for v in variant_list if not v.startswith("exact") for r in rank_list]
+        runs = [(v, None, h) for h in head_list for v in variant_list if v.startswith("exact")]
+        runs += [(v, r, h) for h in head_list for v in variant_list if not v.startswith("exact") for r in rank_list]
         old_precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(precision)
         try:
-            for variant, rank in runs:
-                row = {"variant": variant, "rank": rank,
-                       **_guarded(_step_bench, size, variant, rank, dev, {**opts, "batch": batch})}
-                base = next((r for r in res["rows"] + [row] if r["variant"] == "exact"), None)
+            for variant, rank, head in runs:
+                row = {"variant": variant, "rank": rank, "head": head,
+                       **_guarded(_step_bench, size, variant, rank, head, dev, {**opts, "batch": batch})}
+                # ratios are to exact with the same head
+                base = next((r for r in res["rows"] + [row] if r["variant"] == "exact" and r["head"] == head), None)
                 record(f"{name}] [{row_label(row)}", res["rows"], row, base)
         finally:
             torch.set_float32_matmul_precision(old_precision)
@@ -328,7 +303,16 @@ def bench(
         for rank in [None, *rank_list]:
             row = {"rank": rank, **_guarded(_layer_bench, rank, dev, shape, opts)}
             record("layer", layer_res["rows"], row, layer_res["rows"][0] if layer_res["rows"] else row)
-    failed = [r for res in [*results, layer_res] for r in res.get("rows", []) if r["status"] == "error"]
+    if head_bench:
+        head_res.update(meta=_meta(dev, "bf16 weights and input" if dev.type == "cuda" else "float32", opts),
+                        shape=HEAD_QUICK if quick else HEAD, rows=[])
+        for impl in HEAD_IMPLS:
+            row = {"impl": impl, **_guarded(_head_bench, impl, dev, head_res["shape"], opts)}
+            head_res["rows"].append(row)
+            msg = f"{row['time_ms']['median']:.3f} ms" if row["status"] == "ok" else row["status"]
+            typer.echo(f"[head] {impl}: {msg}", err=True)
+            flush()
+    failed = [r for res in [*results, layer_res, head_res] for r in res.get("rows", []) if r["status"] == "error"]
     if failed:
         typer.echo(f"{len(failed)} measurement(s) failed; see 'error' and 'traceback' in the JSON files", err=True)
         raise typer.Exit(1)

@@ -194,7 +194,10 @@ def report(out: Path, title: str, paper_table: dict | None = None,
     for r in rows:
         by_label.setdefault(r["label"], []).append(Path(r["run_dir"]))
     plot_val_curves(by_label, out / "val_loss.png")
-    plot_memory(summary, out / "memory.png")
+    from basis_train.experiments.memory_probe import checkpointing_line  # imports torch
+
+    ckpt = [s for s in summary if s["method"] == "exact" and "ckpt" in s["variant"]]
+    plot_memory(summary, out / "memory.png", lines=None if ckpt else checkpointing_line(dirs))
     return summary, by_label
 
 

@@ -1,9 +1,12 @@
-"""Markdown for basis-bench: the per-size and single-layer tables, and the memory table
-whose "where the memory goes" text is generated from the measured breakdown."""
+"""Markdown for basis-bench: the per-size, single-layer and head tables, and the memory
+table whose "where the memory goes" text is generated from the measured breakdown."""
 
 from __future__ import annotations
 
 MIB = 2**20
+CATEGORY_NAMES = {"head": "logits/head", "attention": "attention", "mlp_hidden": "MLP hidden",
+                  "width_d": "width-d and LayerNorm inputs", "sketches": "BASIS sketches", "seeds": "seeds",
+                  "other": "other"}
 
 
 def _mib(x) -> str:
@@ -19,31 +22,36 @@ def _ms(t: dict) -> str:
 
 
 def row_label(r: dict) -> str:
-    return r["variant"] if r["rank"] is None else f"basis {r['variant']}"
+    name = r["variant"] if r["rank"] is None else f"basis {r['variant']}"
+    return f"{name}, {r['head']} head" if r.get("head") else name
 
 
-def _table(header: list[str], rows: list[dict], name, cells) -> list[str]:
+def _table(header: list[str], rows: list[dict], name, cells, rank=lambda r: str(r["rank"] or "-")) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         rest = cells(r) if r["status"] == "ok" else [r["status"].upper()] + ["-"] * (len(header) - 3)
-        out.append("| " + " | ".join([name(r), str(r["rank"] or "-"), *rest]) + " |")
+        out.append("| " + " | ".join([name(r), rank(r), *rest]) + " |")
     return [*out, ""]
+
+
+def _breakdown(r: dict) -> str:
+    b = r.get("activation_breakdown") or {}
+    return "; ".join(f"{CATEGORY_NAMES.get(c, c)} {_mib(nb)}" for c, nb in sorted(b.items(), key=lambda kv: -kv[1]) if nb)
 
 
 def size_md(res: dict) -> list[str]:
     s, m = res["size"], res["meta"]
     return [
         (f"## {s['name']}: B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}, {s['heads']} heads, "
-         f"{s['layers']} layers; {m['dtype']}; {s['optimizer']}"), "",
-        (f"Logits: {_mib(res['logits_bytes'])} MiB (B*T*V*{m['logits_itemsize']} bytes); the float32 copy the loss "
-         f"is computed on: {_mib(res['logits_fp32_bytes'])} MiB."), "",
-        *_table(["variant", "R", "ms/step median [IQR]", "ratio to exact", "CUDA peak MiB", "saved-for-backward MiB",
-                 "ratio to exact"], res["rows"], row_label, lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]),
-                                                                     _mib(r["cuda_peak_bytes"]), _mib(r["saved_bytes"]),
-                                                                     _x(r["ratio_saved_bytes"])]),
-        "Largest saved-for-backward tensors (shape dtype, what it is: MiB):", "",
-        *_table(["variant", "R", "top 5"], res["rows"], row_label, lambda r: ["; ".join(
-            f"{tuple(e['shape'])} {e['dtype']}, {e['category']}: {_mib(e['bytes'])}" for e in r["saved_top"])]),
+         f"{s['layers']} layers; {m['dtype']}; {s['optimizer']}; fused head chunk {s['head_chunk']} rows"), "",
+        (f"Logits: {_mib(res['logits_bytes'])} MiB (B*T*V*{m['logits_itemsize']} bytes); the float32 copy the plain "
+         f"head's loss is computed on: {_mib(res['logits_fp32_bytes'])} MiB."), "",
+        *_table(["variant", "R", "ms/step median [IQR]", "ratio to exact", "step peak MiB", "activation MiB",
+                 "ratio to exact", "weight casts MiB"], res["rows"], row_label,
+                lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _mib(r["step_peak_bytes"]),
+                           _mib(r["activation_bytes"]), _x(r["ratio_activation_bytes"]), _mib(r["weight_cast_bytes"])]),
+        "Activation bytes by category (MiB):", "",
+        *_table(["variant", "R", "breakdown"], res["rows"], row_label, lambda r: [_breakdown(r)]),
     ]
 
 
@@ -52,9 +60,10 @@ def graphed_md(res: dict) -> list[str]:
     rows = [r for r in res["rows"] if r["status"] == "ok" and "graphed_time_ms" in r]
     if not rows:
         return []
-    exact = next((r["graphed_time_ms"] for r in rows if r["variant"] == "exact"), None)
-
     def cells(r):
+        # ratios are to exact with the same head
+        exact = next((e["graphed_time_ms"] for e in rows if e["variant"] == "exact" and e.get("head") == r.get("head")),
+                     None)
         g = r["graphed_time_ms"]
         if "median" not in g:
             return [g.get("status", "error").upper(), "-", _x(None)]
@@ -69,53 +78,66 @@ def graphed_md(res: dict) -> list[str]:
 def layer_md(res: dict) -> list[str]:
     rows, n_in, n_out = res["shape"]
     return [f"## single layer: {rows} rows, {n_in} -> {n_out}, fwd+bwd; {res['meta']['dtype']}", "",
-            *_table(["layer", "R", "ms median [IQR]", "ratio to nn.Linear", "saved MiB", "ratio to nn.Linear",
-                     "CUDA peak MiB"], res["rows"], lambda r: "nn.Linear" if r["rank"] is None else "BasisLinear",
-                    lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _mib(r["saved_bytes"]),
-                               _x(r["ratio_saved_bytes"]), _mib(r["cuda_peak_bytes"])])]
+            *_table(["layer", "R", "ms median [IQR]", "ratio to nn.Linear", "activation MiB", "ratio to nn.Linear",
+                     "weight casts MiB", "step peak MiB"], res["rows"],
+                    lambda r: "nn.Linear" if r["rank"] is None else "BasisLinear",
+                    lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _mib(r["activation_bytes"]),
+                               _x(r["ratio_activation_bytes"]), _mib(r["weight_cast_bytes"]),
+                               _mib(r["step_peak_bytes"])])]
+
+
+def head_md(res: dict) -> list[str]:
+    rows, n, v = res["shape"]
+    return [f"## head alone: {rows} rows, {n} -> {v}, loss + backward, eager; {res['meta']['dtype']}", "",
+            "Peak: allocator peak of one step after warm-up above the resident input, weight and targets.", "",
+            *_table(["implementation", "R", "ms median [IQR]", "step peak MiB"], res["rows"], lambda r: r["impl"],
+                    lambda r: [_ms(r["time_ms"]), _mib(r["step_peak_bytes"])],
+                    rank=lambda r: str(r.get("rank") or "-")),
+            *[f"- {r['impl']}: skipped ({r['reason']})" for r in res["rows"] if r["status"] == "skipped"], ""]
 
 
 def where_memory_goes(res: dict) -> str:
     """A paragraph on one size, generated only from the measured breakdown."""
     s, rows = res["size"], res["rows"]
-    exact = next((r for r in rows if r["variant"] == "exact" and r["status"] == "ok"), None)
-    if exact is None or not exact["saved_bytes"]:
-        return f"At {s['name']} size exact backprop was not measured, so there is no breakdown."
-    total, parts = exact["saved_bytes"], []
-    for cat, nb in exact["saved_by_category"].items():
-        if nb >= 0.01 * total:
-            shapes = [f"{tuple(e['shape'])} {e['dtype']}" for e in exact["saved_by_shape"] if e["category"] == cat]
-            parts.append(f"{cat} [{', '.join(shapes[:2])}] {100 * nb / total:.1f}%")
-    text = (f"At {s['name']} size (B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}) exact backprop "
-            f"saves {_mib(total)} MiB for backward: " + "; ".join(parts) + ".")
-    for variant, what in (("mlp+head", "Sketching the MLP and head"), ("all", "Sketching every linear layer"),
-                          ("exact+ckpt", "Checkpointing every block (exact gradients)")):
-        ok = [r for r in rows if r["variant"] == variant and r["status"] == "ok" and r["ratio_saved_bytes"]]
-        if not ok:
+    text = ""
+    for head in ("plain", "fused"):
+        exact = next((r for r in rows if r["variant"] == "exact" and r.get("head") == head and r["status"] == "ok"),
+                     None)
+        if exact is None or not exact["activation_bytes"]:
             continue
-        r = min(ok, key=lambda r: r["ratio_saved_bytes"])
-        peak = f" and the CUDA step peak to {r['ratio_cuda_peak_bytes']:.3f}x" if r["ratio_cuda_peak_bytes"] else ""
-        logits = sum(nb for c, nb in r["saved_by_category"].items() if c.startswith("logits")) / r["saved_bytes"]
-        at = f" at R={r['rank']}" if r["rank"] else ""
-        text += (f" {what}{at} brings saved bytes to {r['ratio_saved_bytes']:.3f}x exact{peak}; logits-sized "
-                 f"tensors are then {100 * logits:.1f}% of what is saved.")
-    return text
+        total = exact["activation_bytes"]
+        parts = [f"{CATEGORY_NAMES.get(c, c)} {100 * nb / total:.1f}%"
+                 for c, nb in sorted(exact["activation_breakdown"].items(), key=lambda kv: -kv[1]) if nb >= 0.01 * total]
+        text += (f" With the {head} head, exact backprop at {s['name']} size saves {_mib(total)} MiB for backward: "
+                 + "; ".join(parts) + ".")
+        for variant, what in (("mlp+head", "sketching the MLP and head"), ("all", "sketching every linear layer"),
+                              ("exact+ckpt", "checkpointing every block (exact gradients)")):
+            ok = [r for r in rows if r["variant"] == variant and r.get("head") == head and r["status"] == "ok"
+                  and r["ratio_activation_bytes"]]
+            if ok:
+                r = min(ok, key=lambda r: r["ratio_activation_bytes"])
+                at = f" at R={r['rank']}" if r["rank"] else ""
+                peak = f", step peak {r['ratio_step_peak_bytes']:.3f}x" if r.get("ratio_step_peak_bytes") else ""
+                text += f" {what.capitalize()}{at}: {r['ratio_activation_bytes']:.3f}x{peak}."
+    return text.strip() or f"At {s['name']} size exact backprop was not measured, so there is no breakdown."
 
 
 def memory_md(results: list[dict]) -> str:
     m = results[0]["meta"]
     lines = ["# Memory at two scales", "",
              (f"Measured on {m['gpu'] or m['device']} (torch {m['torch']}, CUDA {m['cuda']}), {m['date']}. "
-              "Saved-for-backward: bytes autograd keeps between forward and backward, parameters excluded. "
-              "CUDA step peak: allocator peak over one training step (forward, backward, optimiser) minus what was "
-              "allocated before it."), ""]
+              "Activation bytes: what autograd keeps for backward over one step, parameters and casts of parameters "
+              "excluded (the casts are the weight-cast column). Step peak: allocator peak over one steady-state "
+              "training step (forward, backward, optimiser) minus what was allocated before it. Ratios are to exact "
+              "with the same head. Definitions: basis_train/core/memory.py."), ""]
     for res in results:
         s = res["size"]
         lines += [(f"## {s['name']} (B={s['batch']}, T={s['seq']}, V={s['vocab']}, width {s['width']}, "
                    f"{s['layers']} layers; {res['meta']['dtype']})"), "",
-                  *_table(["variant", "R", "saved-for-backward MiB", "ratio to exact", "CUDA step peak MiB",
+                  *_table(["variant", "R", "activation MiB", "ratio to exact", "weight casts MiB", "step peak MiB",
                            "ratio to exact"], res["rows"], row_label,
-                          lambda r: [_mib(r["saved_bytes"]), _x(r["ratio_saved_bytes"]), _mib(r["cuda_peak_bytes"]),
-                                     _x(r["ratio_cuda_peak_bytes"])]),
+                          lambda r: [_mib(r["activation_bytes"]), _x(r["ratio_activation_bytes"]),
+                                     _mib(r["weight_cast_bytes"]), _mib(r["step_peak_bytes"]),
+                                     _x(r["ratio_step_peak_bytes"])]),
                   where_memory_goes(res), ""]
     return "\n".join(lines)

@@ -17,12 +17,16 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from basis_train.core.memory import CATEGORIES
 from basis_train.reporting.stats import mean_ci, paired_diff
 
+MEMORY_CATEGORIES: tuple[str, ...] = CATEGORIES
+# activation_breakdown (summary.json) flattened to one column per category: act_<category>
+BREAKDOWN_COLUMNS: tuple[str, ...] = tuple(f"act_{c}" for c in MEMORY_CATEGORIES)
 RESULT_COLUMNS: tuple[str, ...] = (
     "method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",
-    "peak_activation_bytes", "cuda_peak_step_bytes", "wall_s", "tokens_per_s", "val_protocol",
-    "label",
+    "activation_bytes", "weight_cast_bytes", "step_peak_bytes", *BREAKDOWN_COLUMNS, "head",
+    "wall_s", "tokens_per_s", "val_protocol", "label",
 )
 MIB = 2 ** 20
 
@@ -51,6 +55,8 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         row = {col: summary.get(col) for col in RESULT_COLUMNS if col != "label"}
+        for cat, col in zip(MEMORY_CATEGORIES, BREAKDOWN_COLUMNS, strict=True):
+            row[col] = (summary.get("activation_breakdown") or {}).get(cat)
         row["variant"] = row["variant"] or ""
         row["label"] = config_label(row["method"], row["rank"], row["variant"])
         row["run_dir"] = str(run_dir)
@@ -112,13 +118,13 @@ def summarize(rows: Sequence[Mapping], baseline: str = "exact", level: float = 0
             raise ValueError(f"configuration '{label}' has several runs for seed(s) {dupes}")
         by_seed[label] = {r["seed"]: r for r in group}
     base = by_seed.get(baseline)
-    base_act = _mean(r.get("peak_activation_bytes") for r in base.values()) if base else None
+    base_act = _mean(r.get("activation_bytes") for r in base.values()) if base else None
 
     out = []
     for label, runs in by_seed.items():
         first = next(iter(runs.values()))
         val = mean_ci([r["final_val_loss"] for r in runs.values()], level)
-        act = _mean(r.get("peak_activation_bytes") for r in runs.values())
+        act = _mean(r.get("activation_bytes") for r in runs.values())
         entry = {
             "label": label, "method": first["method"], "rank": first["rank"],
             "variant": first["variant"], "baseline": baseline, "level": level, "n": val["n"],
@@ -128,7 +134,9 @@ def summarize(rows: Sequence[Mapping], baseline: str = "exact", level: float = 0
             "train_mean": _mean(r.get("final_train_loss") for r in runs.values()),
             "act_bytes_mean": act,
             "act_ratio": act / base_act if act is not None and base_act else None,
-            "cuda_peak_step_bytes_mean": _mean(r.get("cuda_peak_step_bytes") for r in runs.values()),
+            "act_breakdown_mean": {c: _mean(r.get(f"act_{c}") for r in runs.values()) for c in MEMORY_CATEGORIES},
+            "weight_cast_bytes_mean": _mean(r.get("weight_cast_bytes") for r in runs.values()),
+            "step_peak_bytes_mean": _mean(r.get("step_peak_bytes") for r in runs.values()),
             "tokens_per_s_mean": _mean(r.get("tokens_per_s") for r in runs.values()),
             "wall_s_mean": _mean(r.get("wall_s") for r in runs.values()),
             "diff_n": 0, "diff_mean": None, "diff_ci_low": None, "diff_ci_high": None,
@@ -164,7 +172,7 @@ def write_summary_md(summary: Sequence[Mapping], path: str | Path, title: str,
     ci = f"{100 * (summary[0]['level'] if summary else 0.95):g}% CI"
     header = ["configuration", "n", "val loss mean ± std", ci,
               f"Δ vs {baseline} (paired, {ci})", "p", "activation memory (MiB)",
-              f"ratio to {baseline}"]
+              f"ratio to {baseline}", "step peak (MiB)"]
     if paper_table:
         header.append("paper val")
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
@@ -185,12 +193,16 @@ def write_summary_md(summary: Sequence[Mapping], path: str | Path, title: str,
             f"[{_fmt(s['val_ci_low'])}, {_fmt(s['val_ci_high'])}]",
             delta, _fmt_p(s["p_value"]),
             _fmt(act / MIB if act is not None else None, 3), _fmt(s["act_ratio"], 3),
+            _fmt(s["step_peak_bytes_mean"] / MIB if s.get("step_peak_bytes_mean") is not None else None, 3),
         ]
         if paper_table:
             cells.append(_fmt(paper_table.get(s["label"]), 3))
         lines.append("| " + " | ".join(cells) + " |")
     footnote = (f"Δ = configuration − {baseline} on the same seeds; negative means lower "
-                "validation loss. p: two-sided paired t-test. CIs use Student's t.")
+                "validation loss. p: two-sided paired t-test. CIs use Student's t. Activation memory: "
+                "bytes saved for backward over one training step, parameters and their casts excluded; "
+                "step peak: CUDA allocator peak of a steady-state step above what the step began with "
+                "(– on CPU). Definitions: basis_train/core/memory.py.")
     lines += ["", footnote]
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
@@ -258,22 +270,38 @@ def plot_val_curves(run_dirs_by_label: Mapping[str, Sequence[str | Path]], path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def plot_memory(summary: Sequence[Mapping], path: str | Path,
-                title: str = "Peak activation memory (mean over seeds)") -> None:
-    """Bar per configuration; the label above each bar is its ratio to the baseline."""
-    entries = [s for s in summary if s.get("act_bytes_mean") is not None]
-    fig = Figure(figsize=(max(5.0, 1.1 * len(entries) + 2), 4.5))
+_COLORS = {"head": "tab:red", "attention": "tab:orange", "mlp_hidden": "tab:green", "width_d": "tab:blue",
+           "sketches": "tab:purple", "seeds": "tab:brown", "other": "tab:gray"}
+
+
+def plot_memory(summary: Sequence[Mapping], path: str | Path, lines: Mapping[str, float] | None = None,
+                title: str = "Activation memory vs R (saved for backward, mean over seeds)") -> None:
+    """BASIS activation bytes vs R, stacked by category, one panel per BASIS variant; exact
+    configurations (and `lines`, e.g. exact with checkpointing: label -> bytes) as horizontal lines."""
+    basis = [s for s in summary if s["method"] != "exact" and s.get("act_bytes_mean") is not None]
+    exact = {s["label"]: s["act_bytes_mean"] for s in summary
+             if s["method"] == "exact" and s.get("act_bytes_mean") is not None}
+    exact.update(lines or {})
+    variants = sorted({s["variant"] for s in basis}) or [""]
+    fig = Figure(figsize=(5.5 * len(variants), 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    xs = range(len(entries))
-    bars = ax.bar(xs, [s["act_bytes_mean"] / MIB for s in entries], color="tab:blue")
-    for bar, s in zip(bars, entries, strict=True):
-        if s.get("act_ratio") is not None:
-            ax.annotate(f"{s['act_ratio']:.3f}x", (bar.get_x() + bar.get_width() / 2,
-                        bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [s["label"] for s in entries], rotation=30, ha="right")
-    ax.set_ylabel("activation memory (MiB)")
-    ax.set_title(title)
+    for i, variant in enumerate(variants):
+        ax = fig.add_subplot(1, len(variants), i + 1)
+        entries = sorted((s for s in basis if s["variant"] == variant), key=lambda s: s["rank"])
+        xs = list(range(len(entries)))
+        bottom = [0.0] * len(entries)
+        for cat in MEMORY_CATEGORIES:
+            h = [((s.get("act_breakdown_mean") or {}).get(cat) or 0.0) / MIB for s in entries]
+            if any(h):
+                ax.bar(xs, h, bottom=bottom, color=_COLORS[cat], label=cat)
+                bottom = [b + v for b, v in zip(bottom, h, strict=True)]
+        for j, (label, nbytes) in enumerate(exact.items()):
+            ax.axhline(nbytes / MIB, color="black", linestyle=("-", "--", ":", "-.")[j % 4], label=label)
+        ax.set_xticks(xs, [f"R={s['rank']}" for s in entries])
+        ax.set_ylabel("activation memory (MiB)")
+        ax.set_title(f"BASIS [{variant}]" if variant else "BASIS")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -24,7 +24,7 @@ def test_tiny_compare_writes_everything_and_resumes(tmp_path, tiny_config):
     assert len(rows) == 1 + 2 * (2 + 2 * 2)  # header + seeds x (exact, lr-matched, 2 ranks x 2 variants)
     header = rows[0].split(",")
     for col in ("method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",
-                "peak_activation_bytes", "cuda_peak_step_bytes", "wall_s", "tokens_per_s"):
+                "activation_bytes", "weight_cast_bytes", "step_peak_bytes", "act_head", "wall_s", "tokens_per_s"):
         assert col in header
     md = (out / "summary.md").read_text()
     assert "basis R=8 [lam0]" in md and "exact [lr-matched]" in md and "Δ vs exact" in md

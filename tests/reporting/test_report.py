@@ -41,14 +41,16 @@ def make_run(root: Path, method, rank, variant, seed, val, act_mib, steps=(0, 10
     summary = {
         "method": method, "rank": rank, "variant": variant, "seed": seed, "steps": 20,
         "final_val_loss": val, "final_train_loss": val + 0.1,
-        "peak_activation_bytes": int(act_mib * MIB), "cuda_peak_step_bytes": None,
+        "activation_bytes": int(act_mib * MIB), "weight_cast_bytes": 0, "step_peak_bytes": None,
+        "activation_breakdown": {"head": int(act_mib * MIB) // 2,
+                                 "attention": int(act_mib * MIB) - int(act_mib * MIB) // 2},
         "wall_s": 10.0 + seed, "tokens_per_s": 1000.0, "val_protocol": "heldout",
     }
     (d / "summary.json").write_text(json.dumps(summary))
     with (d / "metrics.jsonl").open("w") as fh:
         for i, step in enumerate(steps):
             rec = {"step": step, "train_loss": 10.0 - i, "val_loss": val + 2.0 - i,
-                   "peak_activation_bytes": int(act_mib * MIB), "tokens_per_s": 1000.0}
+                   "tokens_per_s": 1000.0}
             fh.write(json.dumps(rec) + "\n")
     return d
 
@@ -78,11 +80,14 @@ def test_collect_and_csv(runs, tmp_path):
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == RESULT_COLUMNS
         out = list(reader)
-    assert list(RESULT_COLUMNS[:12]) == [
+    assert list(RESULT_COLUMNS[:10]) == [
         "method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",
-        "peak_activation_bytes", "cuda_peak_step_bytes", "wall_s", "tokens_per_s", "val_protocol"]
+        "activation_bytes", "weight_cast_bytes", "step_peak_bytes"]
+    assert {"act_head", "act_attention", "act_sketches", "head"} <= set(RESULT_COLUMNS)
     assert len(out) == 8
-    assert out[0]["rank"] == "" and out[0]["cuda_peak_step_bytes"] == ""
+    assert out[0]["rank"] == "" and out[0]["step_peak_bytes"] == ""
+    assert int(out[0]["act_head"]) + int(out[0]["act_attention"]) == int(out[0]["activation_bytes"])
+    assert out[0]["act_sketches"] == ""
     assert out[3]["rank"] == "32" and float(out[3]["final_val_loss"]) == 6.58
     assert out[7]["variant"] == "lam0" and out[7]["label"] == "basis R=8 [lam0]"
 
@@ -146,11 +151,11 @@ def test_summary_markdown(runs, tmp_path):
     assert "Δ vs exact (paired, 95% CI)" in header and header.endswith("| paper val |")
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
     assert rows["exact"].startswith("| exact | 3 | 6.6500 ± 0.0500 | [6.5258, 6.7742] |")
-    assert "(baseline)" in rows["exact"] and rows["exact"].endswith("| 4.000 | 1.000 | 6.616 |")
+    assert "(baseline)" in rows["exact"] and rows["exact"].endswith("| 4.000 | 1.000 | – | 6.616 |")
     r32 = rows["basis R=32"]
     assert "| -0.0200 [-0.0448, +0.0048] (n=3, better 3/3) | 0.0742 |" in r32
-    assert r32.endswith("| 3.000 | 0.750 | 6.575 |")
-    assert rows["basis R=8 [lam0]"].endswith("| 2.000 | 0.500 | – |")
+    assert r32.endswith("| 3.000 | 0.750 | – | 6.575 |")
+    assert rows["basis R=8 [lam0]"].endswith("| 2.000 | 0.500 | – | – |")
     assert "- 3 seeds" in text and "- heldout validation" in text
 
 
