@@ -124,8 +124,8 @@ def one_run(a, method: str, gpus: int, graphs: bool, work: Path, env: dict) -> d
         ok=True, world_size=summary.get("world_size"), global_batch_size=summary.get("global_batch_size"),
         cuda_graphs=summary["cuda_graphs"], gpu=summary.get("gpu"), torch=summary.get("torch"),
         **timed_throughput(metrics, a.eval_every),
-        peak_activation_bytes=summary["peak_activation_bytes"],
-        cuda_peak_step_bytes_by_rank=by_rank.get("cuda_peak_step_bytes"),
+        activation_bytes=summary["activation_bytes"],
+        step_peak_bytes_by_rank=by_rank.get("step_peak_bytes"),
         cuda_max_allocated_bytes_by_rank=by_rank.get("cuda_max_allocated_bytes"),
         final_train_loss=summary["final_train_loss"], final_val_loss=summary["final_val_loss"],
         metrics=metrics,
@@ -149,10 +149,10 @@ def markdown(a, rows: list[dict], cache: str) -> str:
         f"{a.gpus}-GPU tokens/s / 1-GPU tokens/s and efficiency = scaling / {a.gpus}, both against the 1-GPU run "
         "without CUDA graphs (DDP disables them). "
         "Memory columns list rank 0 / rank 1 ...: the allocator peak of one training step "
-        "(cuda_peak_step_bytes) and torch.cuda.max_memory_allocated over the run."),
+        "after warm-up (step_peak_bytes) and torch.cuda.max_memory_allocated over the run."),
         "",
         ("| run | GPUs | CUDA graphs | global batch | tokens/s | ms/step | scaling | efficiency "
-        "| saved-for-backward / GPU (GiB) | step peak / GPU (GiB) | max allocated / GPU (GiB) | train loss | val loss |"),
+        "| activation bytes / GPU (GiB) | step peak / GPU (GiB) | max allocated / GPU (GiB) | train loss | val loss |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -163,7 +163,7 @@ def markdown(a, rows: list[dict], cache: str) -> str:
         lines.append(
             f"| {r['name']} | {r['gpus']} | {r['cuda_graphs']} | {r['global_batch_size']} "
             f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {scaling} | {eff} "
-            f"| {r['peak_activation_bytes'] / GIB:.3f} | {_gib(r['cuda_peak_step_bytes_by_rank'])} "
+            f"| {r['activation_bytes'] / GIB:.3f} | {_gib(r['step_peak_bytes_by_rank'])} "
             f"| {_gib(r['cuda_max_allocated_bytes_by_rank'])} | {r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} |"
         )
     gpu = next((r.get("gpu") for r in rows if r.get("ok")), None)

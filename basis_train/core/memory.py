@@ -174,14 +174,6 @@ class SavedTensorMeter:
             self._after_head_input = False
 
 
-def saved_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tuple[dict, torch.Tensor]:
-    """The memory fields of what `forward()` (which returns the loss) saves, and that loss."""
-    meter = SavedTensorMeter(model)
-    with meter.measure():
-        loss = forward()
-    return meter.fields(), loss
-
-
 def step_peak_bytes(step: Callable[[], object], device: torch.device) -> int | None:
     """Allocator peak during `step()` minus what was allocated before it; None off CUDA.
 
