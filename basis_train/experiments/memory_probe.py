@@ -17,7 +17,7 @@ import yaml
 from basis_train.training.config import Config, apply_overrides, load_config
 from basis_train.training.train import MEMORY_FIELDS, Run
 
-_STEPS = 3  # the allocator peak is taken on step 2 (train._MEASURE_AT_STEP), after warm-up
+_STEPS = 3  # the allocator peak is taken on step 2 (step._MEASURE_AT_STEP), after warm-up
 
 
 def measure_memory(cfg: Config, splits=None) -> dict:
@@ -26,9 +26,9 @@ def measure_memory(cfg: Config, splits=None) -> dict:
                   log=replace(cfg.log, wandb="off"))
     with tempfile.TemporaryDirectory(prefix="basis-memory-") as tmp:
         run = Run(cfg, tmp, splits=splits, progress=False)
-        while run.step < _STEPS:
-            run.train_step()
-        return {k: run.measured.get(k) for k in MEMORY_FIELDS}
+        for _ in range(_STEPS):
+            run.train_step(run.loader.next_indices())
+        return {k: run.train_step.measured.get(k) for k in MEMORY_FIELDS}
 
 
 def run_config(run_dir: Path) -> Config:
