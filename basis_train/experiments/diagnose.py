@@ -17,7 +17,7 @@ import pickle
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -269,7 +269,9 @@ def run(
             cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
         seed = cfg.train.seed if seed is None else seed
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the paper's T4 had none
-        model, source, ckpt = build_gpt(gpt_config(cfg), seed, method="exact"), f"fresh init (seed {seed})", {}
+        # The plain head: the hooks read each linear's input and dY, which the fused head never forms.
+        gcfg = replace(gpt_config(cfg), head="plain")
+        model, source, ckpt = build_gpt(gcfg, seed, method="exact"), f"fresh init (seed {seed})", {}
         if after_steps:
             checkpoint = _trained_checkpoint(cfg, after_steps, seed, device, out, progress)
         if checkpoint:
