@@ -24,7 +24,6 @@ from basis_train.experiments.memory_probe import measure_memory, run_config
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.config import apply_overrides, config_to_dict
 from basis_train.training.setup import load_data
-from basis_train.training.train import MEMORY_FIELDS
 
 OLD_FIELDS = ("peak_activation_bytes", "cuda_peak_step_bytes", "saved_top")
 

@@ -27,18 +27,17 @@ to the host, so the head can be captured in a CUDA graph and run under DDP.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from basis_train.core import memory
 from basis_train.core.sketch import (
     BasisLinear,
+    _rescale,
     draw_seed,
     gaussian_projection,
     scaled_sketch,
     sketch_bins,
     sketch_signs,
-    _rescale,
 )
 
 HEADS = ("fused", "plain")

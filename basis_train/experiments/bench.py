@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -30,8 +29,8 @@ from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
 from basis_train.experiments.graphed_step import graphed_step
-from basis_train.fsutil import atomic_write_text
 from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets
+from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
 
 VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")

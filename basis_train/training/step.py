@@ -13,8 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from basis_train.core import graphs
-from basis_train.core import memory
+from basis_train.core import graphs, memory
 from basis_train.training.runio import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

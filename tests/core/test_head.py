@@ -94,11 +94,10 @@ def _gpt_step(head, method, checkpoint_blocks=False):
     cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, rank=4, head=head,
                     head_chunk=5, checkpoint_blocks=checkpoint_blocks)
     model = build_gpt(cfg, seed=0, method=method)
-    for i, m in enumerate(model.sketched_modules()):
+    for m in model.sketched_modules():
         m.generator = torch.Generator().manual_seed(100)
     g = torch.Generator().manual_seed(0)
-    idx, tgt = torch.randint(0, 97, (2, 17), generator=g).split([16, 1], dim=1)[0], None
-    tgt = torch.randint(0, 97, (2, 16), generator=g)
+    idx, tgt = torch.randint(0, 97, (2, 2, 16), generator=g)
     _, loss = model(idx, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
