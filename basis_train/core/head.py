@@ -53,6 +53,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 stays float64 (tests)
+
+
 def _chunks(rows: int, chunk: int):
     return [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
 
@@ -63,15 +67,15 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk, sketch):
-        cd = _compute_dtype(x)
+        cd, acc = _compute_dtype(x), _acc_dtype(x)
         dev = x.device.type
         rows = x.shape[0]
         with torch.autocast(dev, enabled=False):
             xc, wc = x.to(cd), weight.to(cd)
-            lse = torch.empty(rows, dtype=torch.float32, device=x.device)
-            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            lse = torch.empty(rows, dtype=acc, device=x.device)
+            loss = torch.zeros((), dtype=acc, device=x.device)
             for a, b in _chunks(rows, chunk):
-                logits = (xc[a:b] @ wc.t()).float()
+                logits = (xc[a:b] @ wc.t()).to(acc)
                 lse[a:b] = torch.logsumexp(logits, dim=1)
                 picked = logits.gather(1, targets[a:b, None]).squeeze(1)
                 loss += (lse[a:b] - picked).sum()
@@ -95,34 +99,35 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         xc, targets, lse, weight, *sk = ctx.saved_tensors
         rows, cd = xc.shape[0], ctx.cd
-        scale = grad_loss.float() / rows
+        acc = lse.dtype
+        scale = grad_loss.to(acc) / rows
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(xc.device.type, enabled=False):
             wc = weight.to(cd)
             grad_x = torch.empty_like(xc) if need_x else None
             exact_w = need_w and ctx.sketch_cfg is None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=xc.device) if exact_w else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=xc.device) if exact_w else None
             if need_w and ctx.sketch_cfg is not None:
                 r, hashing, scalars, lam = ctx.sketch_cfg
                 xs, seed = sk
-                g_sketch = torch.zeros(r, weight.shape[0], dtype=torch.float32, device=xc.device)
-                g_sq = torch.zeros((), dtype=torch.float32, device=xc.device)
+                g_sketch = torch.zeros(r, weight.shape[0], dtype=acc, device=xc.device)
+                g_sq = torch.zeros((), dtype=acc, device=xc.device)
                 if hashing == "gaussian":
-                    proj = gaussian_projection(seed, rows, r)
+                    proj = gaussian_projection(seed, rows, r).to(acc)
                 else:
                     bins = sketch_bins(seed, rows, r, hashing)
-                    signs = sketch_signs(seed, rows, torch.float32)
+                    signs = sketch_signs(seed, rows, acc)
             for a, b in _chunks(rows, ctx.chunk):
-                dl = (xc[a:b] @ wc.t()).float()
+                dl = (xc[a:b] @ wc.t()).to(acc)
                 dl.sub_(lse[a:b, None]).exp_()
                 dl.scatter_add_(1, targets[a:b, None], dl.new_full((b - a, 1), -1.0))
                 dl = dl.mul_(scale).to(cd)
                 if need_x:
                     grad_x[a:b] = dl @ wc
                 if exact_w:
-                    grad_w += (dl.t() @ xc[a:b]).float()
+                    grad_w += (dl.t() @ xc[a:b]).to(acc)
                 elif need_w:
-                    dlf = dl.float()
+                    dlf = dl.to(acc)
                     g_sq += dlf.square().sum()
                     if hashing == "gaussian":
                         g_sketch += proj[:, a:b] @ dlf

@@ -39,7 +39,7 @@ class GPTConfig:
     lam: float = 0.01
     checkpoint_blocks: bool = False
     exact: bool = False  # True: the same network with every layer exact (the baseline)
-    head: str = "plain"  # "fused": chunked linear + cross-entropy, the logits never kept (core/head.py)
+    head: str = "fused"  # chunked linear + cross-entropy, the logits never kept (core/head.py); or "plain"
     head_chunk: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:

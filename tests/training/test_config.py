@@ -201,7 +201,7 @@ def test_cli_flags_point_at_real_fields():
         section, key = dotted.split(".")
         assert key in fields[section], flag
     assert CLI_FLAGS["rank"] == "sketch.rank" and CLI_FLAGS["optimizer"] == "optim.name"
-    assert len(CLI_FLAGS) == 21
+    assert len(CLI_FLAGS) == 22 and CLI_FLAGS["head"] == "model.head"
 
 
 def test_config_hash():
