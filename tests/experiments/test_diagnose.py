@@ -27,7 +27,7 @@ from basis_train.experiments.diagnose import (
     tabulate,
 )
 
-TINY = GPTConfig(vocab_size=97, block_size=8, n_embd=16, n_head=2, n_layer=1)
+TINY = GPTConfig(vocab_size=97, block_size=8, n_embd=16, n_head=2, n_layer=1, head="plain")  # hooks read dY
 ROWS = 16  # 2 sequences x 8 tokens
 RANKS = [1, 2, 4, 8, ROWS]
 SHRINK = 1 - 0.99**2  # (1 - lam)^2 with the paper's lam
