@@ -5,7 +5,7 @@
 One process, one shape (default rows 8192, 768 -> 3072, R = 64, bf16 autocast like basis-bench's
 layer benchmark), for nn.Linear and BasisLinear as this process's sketch is configured. To
 profile another sketch implementation, run it again with the environment that selects it
-(today BASIS_SKETCH_COMPILE=0 for the eager sketch) and a --tag naming it. For each: the wall time of a
+(the fused Triton kernel on CUDA; the PyTorch sketch where Triton is missing) and a --tag naming it. For each: the wall time of a
 forward + backward (CUDA events, median), the host time to issue it (the CPU returns before the
 GPU finishes unless it is the bottleneck), and from torch.profiler the kernels launched per step,
 their summed device time and the largest ones. Wall time well above the kernels' sum means the

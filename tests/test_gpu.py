@@ -61,10 +61,13 @@ def test_rank_equal_rows_on_cuda(dtype):
     for a, b in zip(grads[0][:2], grads[1][:2]):
         assert_close(b, a, **tol)
     # BASIS sums its sketches in float32 from the fp32 input and the (bf16/fp16) output
-    # gradient, so the reference for dW is that product in float64, not nn.Linear's
-    # low-precision dW.
+    # gradient, so the reference for dW is that product in float64. Under autocast the
+    # rank-R product runs on tensor cores from the sketches rounded to the autocast dtype.
     expected = 0.99**2 * dy.to(dtype).double().t() @ x.double()
-    assert_close(grads[1][2].double(), expected, rtol=1e-4, atol=1e-4)
+    if dtype == torch.float32:
+        assert_close(grads[1][2].double(), expected, rtol=1e-4, atol=1e-4)
+    else:  # rounding both factors to 8 (bf16) or 11 (fp16) bits: ~0.3% relative error
+        assert (grads[1][2].double() - expected).norm() < 1e-2 * expected.norm()
     assert_close(grads[1][3], grads[0][3], **tol)
 
 

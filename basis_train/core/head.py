@@ -171,6 +171,6 @@ class FusedBasisHead(BasisLinear):
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         sketch = None
         if self.training and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            sketch = (self.rank, self.hashing, self.invariant_scalars, self.lam, self.generator)
+            sketch = (self.rank, self.sketch, self.invariant_scalars, self.lam, self.generator)
         return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1),
                                           self.chunk, sketch)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from basis_train.core.head import DEFAULT_CHUNK, HEADS, FusedBasisHead, FusedHead
-from basis_train.core.sketch import BasisLinear, check_rank
+from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
 SKETCH_LAYERS = ("none", "mlp+head", "all")
 # trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.
@@ -58,7 +58,7 @@ def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -
     if not sketched or cfg.exact:
         return nn.Linear(n_in, n_out, bias=bias)
     return BasisLinear(
-        n_in, n_out, bias=bias, rank=cfg.rank, hashing=cfg.hashing,
+        n_in, n_out, bias=bias, rank=cfg.rank, sketch=cfg.hashing,
         invariant_scalars=cfg.invariant_scalars, lam=cfg.lam,
     )
 
@@ -69,7 +69,7 @@ def _head(cfg: GPTConfig) -> nn.Linear:
         return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
     if not sketched:
         return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk)
-    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=cfg.rank, hashing=cfg.hashing,
+    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=cfg.rank, sketch=cfg.hashing,
                           invariant_scalars=cfg.invariant_scalars, lam=cfg.lam)
 
 
@@ -169,7 +169,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
         for block in self.blocks:
             if self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = _checkpointed(block, x)
             else:
                 x = block(x)
         h = self.ln_f(x)
@@ -180,6 +180,34 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+
+def _sketching(block: Block) -> list[BasisLinear]:
+    """The block's layers that draw a sketch seed in a training forward, in the order they run."""
+    return [m for m in block.modules() if isinstance(m, BasisLinear) and m.training and m.weight.requires_grad]
+
+
+def _run_with_seeds(block: Block, x: torch.Tensor, seeds: list[torch.Tensor]) -> torch.Tensor:
+    layers = _sketching(block)
+    for m, s in zip(layers, seeds):
+        m.seed = s
+    try:
+        return block(x)
+    finally:
+        for m in layers:
+            m.seed = None
+
+
+def _checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """Checkpoint a block; its sketches reuse the forward's seeds when backward recomputes it.
+
+    Checkpointing restores torch's global RNG for the recompute, not the sketch's private
+    generator, so the recompute would draw new seeds and the stream would drift from a plain
+    run's. The block's seeds are drawn here, in the order its layers run (registration order),
+    as a plain forward draws them, and handed to both the forward and the recompute.
+    """
+    seeds = [draw_seed(x.device, m.generator) for m in _sketching(block)]
+    return checkpoint(_run_with_seeds, block, x, seeds, use_reentrant=False)
 
 
 def build_gpt(cfg: GPTConfig, seed: int, method: str = "basis") -> GPT:

@@ -33,10 +33,9 @@ def pair(n_in=6, n_out=5, seed=0, **kw):
     return ref, basis
 
 
-@pytest.mark.parametrize("reference", [True, False])
 @pytest.mark.parametrize("rank", [12, 1000])  # rows = 3 * 4 = 12; 1000 exercises R_safe = min(R, rows)
-def test_rank_equal_rows_is_exact_up_to_lambda(rank, reference):
-    ref, basis = pair(rank=rank, lam=0.01, reference=reference)
+def test_rank_equal_rows_is_exact_up_to_lambda(rank):
+    ref, basis = pair(rank=rank, lam=0.01)
     x, dy = torch.randn(3, 4, 6, dtype=F64), torch.randn(3, 4, 5, dtype=F64)
     y0, dx0, dw0, db0 = grads(ref, x, dy)
     y1, dx1, dw1, db1 = grads(basis, x, dy)
@@ -62,9 +61,9 @@ def monte_carlo(basis, x, dy, draws):
     return est.mean(0), est.std(0) / draws**0.5
 
 
-@pytest.mark.parametrize("hashing", ["balanced", "uniform", "gaussian"])
-def test_unbiased_without_scalars_and_lambda(hashing):
-    ref, basis = pair(n_in=4, n_out=3, rank=3, hashing=hashing, invariant_scalars=False, lam=0.0)
+@pytest.mark.parametrize("kind", ["balanced", "uniform", "gaussian"])
+def test_unbiased_without_scalars_and_lambda(kind):
+    ref, basis = pair(n_in=4, n_out=3, rank=3, sketch=kind, invariant_scalars=False, lam=0.0)
     torch.manual_seed(7)
     x, dy = torch.randn(13, 4, dtype=F64), torch.randn(13, 3, dtype=F64)
     exact = grads(ref, x, dy)[2]
@@ -224,21 +223,3 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(low, backend="aot_eager")
     for a, b in zip(run(low, compiled), run(low, compiled)):
         assert torch.equal(a, b)
-
-
-def test_compiled_scaled_sketch_matches_eager():
-    # What BasisLinear runs on CUDA: hash, sort, gather, bin sum and norms in one compiled
-    # graph. Same bins and signs; only the float32 summation order may differ.
-    from basis_train.core.sketch import _row_plan, scaled_sketch_eager
-
-    compiled = torch.compile(scaled_sketch_eager, dynamic=False, fullgraph=True)
-    seed = torch.tensor(987654321)
-    for rows, cols, rank, dtype in ((64, 24, 8, torch.float32), (100, 40, 16, torch.bfloat16)):
-        m = torch.randn(rows, cols).to(dtype)
-        for scalars, lam in ((True, 0.01), (False, 0.0)):
-            expected = scaled_sketch_eager(m, seed, rank, "balanced", scalars, lam)
-            assert expected.dtype == torch.float32
-            assert_close(compiled(m, seed, rank, "balanced", scalars, lam), expected, rtol=1e-5, atol=1e-5)
-        q, signs = torch.compile(_row_plan, dynamic=False, fullgraph=True)(seed, rows, torch.float32)
-        q0, signs0 = _row_plan(seed, rows, torch.float32)
-        assert torch.equal(q, q0) and torch.equal(signs, signs0)
