@@ -223,6 +223,8 @@ def bench(
     heads: Annotated[str, typer.Option(help="GPT heads to run, from fused,plain")] = "fused,plain",
     head_bench: Annotated[bool, typer.Option("--head-bench/--no-head-bench",
                                              help="the head alone: plain, ours, Liger, CCE")] = True,
+    speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
+                                          "(CUDA graphs), merged into OUT/targets.json")] = False,
     seed: int = 0,
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
@@ -238,6 +240,13 @@ def bench(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda, but torch sees no CUDA device")
+    if speed_targets:
+        if dev.type != "cuda":
+            raise typer.BadParameter("--targets needs a CUDA GPU")
+        from basis_train.experiments.bench_kernels import report_targets
+
+        report_targets(out)
+        return
     opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed}
     results: list[dict] = []
     layer_res: dict = {}

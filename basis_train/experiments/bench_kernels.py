@@ -154,7 +154,8 @@ def measure_targets(out: Path, parts=PARTS, reps: int = 50, ranks: tuple[int, ..
     if not torch.cuda.is_available():
         raise RuntimeError("the speed targets need a CUDA GPU")
     device = torch.device("cuda")
-    command = " ".join(shlex.quote(a) for a in sys.argv)
+    argv = ["python", "-m", __spec__.name, *sys.argv[1:]] if sys.argv[0] == __file__ and __spec__ else sys.argv
+    command = " ".join(shlex.quote(a) for a in argv)
     path = out / "targets.json"
     kept = [t for t in json.loads(path.read_text()) if t.get("part") not in parts] if path.exists() else []
     targets = []
@@ -194,8 +195,12 @@ def _paper_targets(targets, reps, device, command):
                            exact_ms=round(ms["exact"], 4)))
 
 
-if __name__ == "__main__":
-    # python -m basis_train.experiments.bench_kernels OUT [PART ...]
-    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench")
-    for t in measure_targets(out_dir, tuple(sys.argv[2:]) or PARTS):
+def report_targets(out: Path, parts=PARTS) -> None:
+    for t in measure_targets(out, parts):
         print(f"{'MET ' if t['met'] else 'MISS'} {t['measured']:.4f} (limit {t['limit']}) {t['target']}")
+
+
+if __name__ == "__main__":
+    # python -m basis_train.experiments.bench_kernels OUT [PART ...]: one part per process keeps
+    # what the others measured if one of them dies.
+    report_targets(Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench"), tuple(sys.argv[2:]) or PARTS)
