@@ -25,7 +25,7 @@ def interpreted(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("with a GPU the compiled kernels are tested instead (the tests marked cuda)")
     if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
-        pytest.fail("Triton was imported before tests/core/conftest.py could switch on its interpreter")
+        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
     spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted", KERNEL_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
