@@ -63,7 +63,7 @@ def _fused_basis(x, w, t, gen_seed, chunk, **kw):
 @pytest.mark.parametrize("rank,chunk", [(5, 8), (1, 64), (37, 3)])
 def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk):
     x, w, t = _data(seed=1)
-    kw = dict(rank=rank, hashing=hashing, invariant_scalars=scalars, lam=lam)
+    kw = dict(rank=rank, sketch=hashing, invariant_scalars=scalars, lam=lam)
     ref = _unfused_basis(x, w, t, 7, **kw)
     got = _fused_basis(x, w, t, 7, chunk, **kw)
     for a, b in zip(got, ref):
@@ -133,7 +133,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_cuda_basis_head_equals_unfused(hashing):
     torch.backends.cuda.matmul.allow_tf32 = False
     x, w, t = (a.cuda() for a in _data(seed=3))
-    kw = dict(rank=5, hashing=hashing)
+    kw = dict(rank=5, sketch=hashing)
 
     def run(fused):
         layer = (FusedBasisHead(N, V, chunk=8, **kw) if fused else BasisLinear(N, V, bias=False, **kw)).cuda()
