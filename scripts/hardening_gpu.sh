@@ -2,7 +2,7 @@
 # The GPU half of issue 14's tests and the re-measured graphed step, on one H200 (~5 min).
 # Usage on the device, from the repository root: bash scripts/hardening_gpu.sh  -> $OUT/*.log, $OUT/bench/
 set -u
-export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
 OUT=${OUT:-out/hardening}; mkdir -p "$OUT"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 # CUDA graphs (replay k = eager step k, generator continuity), resume with graphs, graphed run vs CPU,

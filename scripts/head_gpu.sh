@@ -5,7 +5,7 @@
 # Before: pip install the carried wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 (optional;
 # without them their rows read "skipped"). Usage: bash scripts/head_gpu.sh  -> $OUT/head_gpu.tgz
 set -u
-export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
 W=${OUT:-/tmp}/head_gpu; mkdir -p $W
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $W/gpu.txt
 pip list 2>/dev/null | grep -iE "liger|cut.cross|^torch |triton" | tee -a $W/gpu.txt
@@ -22,7 +22,7 @@ echo "bench rc=$?"; tail -8 $W/bench.log
 
 # The training step as basis-train runs it (CUDA graphs): ms/step of the second 50-step interval.
 for h in plain fused; do
-  timeout 90 basis-train --config configs/gpt2-small.yaml --method exact --head $h --steps 100 --eval-every 50 \
+  timeout 90 python3 -m basis_train.cli --config configs/gpt2-small.yaml --method exact --head $h --steps 100 --eval-every 50 \
     --checkpoint-every 1000 --quiet --out $W/step_$h > $W/step_$h.log 2>&1
   echo "exact $h head: rc=$? $(tail -1 $W/step_$h/metrics.jsonl 2>/dev/null | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["ms_per_step"], "ms/step")' 2>&1)"
   rm -f $W/step_$h/checkpoint.pt

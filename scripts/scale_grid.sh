@@ -14,7 +14,7 @@
 # (seed 0: exact and BASIS R = 256 at 0.5x and 2x the lr). PER_GPU runs share each GPU (default 1).
 # At the deadline the runs are checkpointed (SIGTERM) and the report covers the finished ones.
 set -u
-export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=${BASIS_TRAIN_CACHE:-$PWD/.cache} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} BASIS_TRAIN_CACHE=${BASIS_TRAIN_CACHE:-$PWD/.cache} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 START=$(date +%s); BUDGET=${BUDGET:-570}; SEEDS=${SEEDS:-3}; PER_GPU=${PER_GPU:-1}
 CONFIG=${CONFIG:-configs/gpt2-small-code.yaml}; RES=${RES:-$PWD/results/scale}; GRID=$RES/grid
 OUT=${OUT:-$PWD/out}; mkdir -p "$GRID" "$OUT"
