@@ -6,7 +6,7 @@
 # without them their rows read "skipped"). Usage: bash scripts/head_gpu.sh  -> $OUT/head_gpu.tgz
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
-W=${OUT:-/tmp}/head_gpu; mkdir -p $W
+W=/tmp/head_gpu; mkdir -p $W  # only the archive goes to $OUT (the device returns at most 8 files)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $W/gpu.txt
 pip list 2>/dev/null | grep -iE "liger|cut.cross|^torch |triton" | tee -a $W/gpu.txt
 
