@@ -9,7 +9,12 @@ from pathlib import Path
 
 import typer
 
-from basis_train.training.config import CLI_FLAGS, ConfigError, apply_overrides, load_config
+from basis_train.training.config import CLI_FLAGS, Config, ConfigError, apply_overrides, load_config
+
+try:  # typer vendors click from 0.2x on; older ones raise click's own exceptions
+    from typer import TyperException as _CliError
+except ImportError:  # pragma: no cover
+    from click import ClickException as _CliError
 
 
 class Method(str, Enum):
@@ -29,7 +34,40 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def resolve_config(config: Path | None, flags: dict):
+def make_app(help: str) -> typer.Typer:
+    """Every command's app: plain click help, which wraps long option names instead of cutting
+    them off at 80 columns the way rich's option table does."""
+    return typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False, help=help)
+
+
+def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
+    """Run `app`, with click's multi-line usage errors (unknown option, bad number) as one line, exit 2."""
+    _require_torch()
+    try:
+        code = app(args=argv, prog_name=prog_name, standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a training loop
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except _CliError as exc:  # outside the command, so fail()'s typer.Exit would not be caught
+        if _is_main_process():
+            typer.echo(f"error: {exc.format_message()} (see {prog_name} --help)", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def config_default(key: str) -> str:
+    """Help text for a flag that overrides config key `key`: where its default comes from."""
+    section, name = key.split(".")
+    value = getattr(getattr(Config(), section), name)
+    shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else value
+    return f"[default: --config's {key}, else {shown}]"
+
+
+def _opt(key: str, help: str, *names: str):
+    return typer.Option(None, *names, help=f"{help} {config_default(key)}")
+
+
+def resolve_config(config: str | None, flags: dict):
     """The config file (default: the paper's), then every flag the user actually gave."""
     from basis_train.data.corpus import DataError
     from basis_train.training.runio import RunError
@@ -42,52 +80,80 @@ def resolve_config(config: Path | None, flags: dict):
         fail(str(e))
 
 
-train_app = typer.Typer(add_completion=False, help="Train the paper's GPT with exact or BASIS gradients.")
+def _os_error_line(exc: OSError) -> str:
+    from basis_train.data.corpus import default_cache_dir
+
+    where = exc.filename or ""
+    msg = f"cannot access {where}: {exc.strerror or exc}" if where else f"file system error: {exc}"
+    try:
+        if where and Path(where).resolve().is_relative_to(default_cache_dir().resolve()):
+            msg += " (the token cache; point BASIS_TRAIN_CACHE at a writable directory)"
+    except OSError:
+        pass
+    return msg
+
+
+train_app = make_app("Train the paper's GPT with exact or BASIS gradients (flags override --config).")
 
 
 @train_app.command()
 def train_cmd(
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default: configs/paper.yaml values)"),
-    method: Method | None = typer.Option(None, help="basis (default) or exact backprop"),
-    rank: int | None = typer.Option(None, help="sketch rank R"),
-    sketch_layers: str | None = typer.Option(None, help="mlp+head | all | none"),
-    steps: int | None = typer.Option(None),
-    eval_every: int | None = typer.Option(None),
-    checkpoint_every: int | None = typer.Option(None),
-    seed: int | None = typer.Option(None, help="fixes initial weights and batch order (pairs runs)"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
-    dtype: str | None = typer.Option(None, help="float32 | bfloat16 | float16 (autocast)"),
-    batch_size: int | None = typer.Option(None),
-    dataset: str | None = typer.Option(None, help="wiki-offline (embedded) | fineweb-edu | files"),
-    data_files: str | None = typer.Option(None, help="glob of local .txt/.jsonl/.parquet files"),
-    val_protocol: str | None = typer.Option(None, help="heldout (default) | paper"),
-    out: str | None = typer.Option(None, help="output directory (default under runs/)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
-    wandb: str | None = typer.Option(None, help="off | offline | online"),
-    hashing: str | None = typer.Option(None, help="balanced | uniform | gaussian (ablations)"),
-    invariant_scalars: bool | None = typer.Option(None, "--invariant-scalars/--no-invariant-scalars"),
-    lam: float | None = typer.Option(None, help="lambda shrinkage (paper: 0.01)"),
-    head: str | None = typer.Option(None, help="fused (chunked, never keeps the logits) | plain"),
-    lr: float | None = typer.Option(None),
-    optimizer: str | None = typer.Option(None, help="sgd | adamw"),
-    lr_scale_sketched: float | None = typer.Option(None, help="lr factor on sketchable weights"),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
-    compile: bool = typer.Option(False, "--compile/--no-compile"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    config: str | None = typer.Option(
+        None, "--config", "-c",
+        help="YAML config file, or a shipped config's name: paper, tiny, gpt2-small [default: paper's protocol]"),
+    method: Method | None = _opt("train.method", "basis or exact backprop"),
+    rank: int | None = _opt("sketch.rank", "sketch rank R"),
+    sketch_layers: str | None = _opt("sketch.layers", "mlp+head | all | none"),
+    steps: int | None = _opt("train.steps", "training steps (with --resume: may raise a run's steps)"),
+    eval_every: int | None = _opt("train.eval_every", "evaluate every N steps"),
+    checkpoint_every: int | None = _opt("train.checkpoint_every", "checkpoint every N steps"),
+    seed: int | None = _opt("train.seed", "fixes initial weights and batch order (pairs runs)"),
+    device: str | None = _opt("train.device", "auto | cpu | cuda"),
+    dtype: str | None = _opt("train.dtype", "float32 | bfloat16 | float16 (autocast)"),
+    batch_size: int | None = _opt("train.batch_size", "sequences per step (per GPU under torchrun)"),
+    dataset: str | None = _opt("data.dataset", "wiki-offline (embedded) | fineweb-edu | files"),
+    data_files: str | None = _opt("data.data_files", "glob of local .txt/.jsonl/.parquet files (implies --dataset files)"),
+    val_protocol: str | None = _opt("data.val_protocol", "heldout | paper"),
+    out: str | None = typer.Option(
+        None, help="output directory [default: --config's log.out, else runs/<method>-s<seed>-<config hash>]"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint [default: off]"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace the run already in --out (its checkpoint and metrics) [default: off]"),
+    wandb: str | None = _opt("log.wandb", "off | offline | online"),
+    hashing: str | None = _opt("sketch.hashing", "balanced | uniform | gaussian (ablations)"),
+    invariant_scalars: bool | None = _opt("sketch.invariant_scalars", "rescale sketches to the input's norm",
+                                          "--invariant-scalars/--no-invariant-scalars"),
+    lam: float | None = _opt("sketch.lam", "lambda shrinkage of the sketches"),
+    head: str | None = _opt("model.head", "fused (chunked, never keeps the logits) | plain"),
+    lr: float | None = _opt("optim.lr", "learning rate"),
+    optimizer: str | None = _opt("optim.name", "sgd | adamw"),
+    lr_scale_sketched: float | None = _opt("optim.lr_scale_sketched", "lr factor on the sketchable weights"),
+    cuda_graphs: bool | None = _opt("train.cuda_graphs", "replay each step as one CUDA graph",
+                                    "--cuda-graphs/--no-cuda-graphs"),
+    compile: bool | None = _opt("train.compile", "torch.compile the model", "--compile/--no-compile"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar or start/end messages [default: off]"),
 ):
-    """Train one run; writes config.yaml, metrics.jsonl, summary.json and a checkpoint."""
-    from basis_train.training.runio import RunError
+    """Train one run; writes config.yaml, metrics.jsonl, summary.json and checkpoint.pt to --out."""
+    from basis_train.training.runio import RunError, check_out_dir, default_out_dir, remove_run_files
+    from basis_train.training.setup import variant_of
     from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
     flags = {k: v for k, v in locals().items() if k in CLI_FLAGS}
     cfg = resolve_config(config, flags)
     try:
-        cfg = apply_overrides(cfg, {"train.cuda_graphs": cuda_graphs, "train.compile": compile})
+        out_dir = Path(cfg.log.out or default_out_dir(cfg, variant_of(cfg)))
+        cfg = apply_overrides(cfg, {"log.out": str(out_dir)})
+        if _is_main_process():
+            check_out_dir(cfg, out_dir, resume, overwrite)
+            if overwrite:
+                remove_run_files(out_dir)
         summary = train(cfg, resume=resume, progress=not quiet)
     except NonFiniteLoss as e:
         fail(str(e), code=3)
     except (RunError, ConfigError) as e:
         fail(str(e))
+    except OSError as e:  # a read-only or full disk, mostly: the user's to fix, not a crash
+        fail(_os_error_line(e))
     except Interrupted as e:
         if _is_main_process():
             typer.echo(str(e), err=True)
@@ -109,25 +175,23 @@ def _require_torch() -> None:
         sys.exit(2)
 
 
-def train_main() -> None:
-    _require_torch()
-    train_app(prog_name="basis-train")
+def train_main(argv: list[str] | None = None) -> None:
+    run_app(train_app, "basis-train", argv)
 
 
-def _lazy(module: str, attr: str = "main"):
-    def run() -> None:
+def _lazy(module: str, app: str, prog_name: str):
+    def main(argv: list[str] | None = None) -> None:
         import importlib
 
-        _require_torch()
-        getattr(importlib.import_module(module), attr)()
+        run_app(getattr(importlib.import_module(module), app), prog_name, argv)
 
-    return run
+    return main
 
 
-compare_main = _lazy("basis_train.experiments.compare", "compare_main")
-reproduce_main = _lazy("basis_train.experiments.reproduce", "reproduce_main")
-diagnose_main = _lazy("basis_train.experiments.diagnose")
-bench_main = _lazy("basis_train.experiments.bench")
+compare_main = _lazy("basis_train.experiments.compare", "compare_app", "basis-compare")
+reproduce_main = _lazy("basis_train.experiments.reproduce", "reproduce_app", "basis-reproduce")
+diagnose_main = _lazy("basis_train.experiments.diagnose", "app", "basis-diagnose")
+bench_main = _lazy("basis_train.experiments.bench", "app", "basis-bench")
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_main()

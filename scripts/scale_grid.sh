@@ -75,7 +75,7 @@ EOF
 
 # One background chain (its own process group), so the deadline can stop exactly it.
 setsid bash -c "python3 -m basis_train.experiments.compare --config $CONFIG $(printf '%q ' "${DATA_FLAGS[@]}") \
-  ${MAIN[*]} --out $GRID --jobs $JOBS ${GPU_FLAGS[*]:-} $EXTRA && \
+  ${MAIN[*]} --out $GRID --jobs $JOBS ${GPU_FLAGS[*]:-} $EXTRA; \
   python3 -m basis_train.experiments.compare --config $CONFIG $(printf '%q ' "${DATA_FLAGS[@]}") \
   ${LRCHECK[*]} --out $GRID --jobs $JOBS ${GPU_FLAGS[*]:-} $EXTRA" >> "$GRID/compare.log" 2>&1 &
 CHAIN=$!

@@ -25,6 +25,7 @@ import torch
 import typer
 from torch import nn
 
+from basis_train.cli import make_app
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
@@ -204,7 +205,7 @@ def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-app = typer.Typer(add_completion=False)
+app = make_app("Step time and activation memory: exact, checkpointing and BASIS, model and single layer.")
 
 
 @app.command()
@@ -216,16 +217,18 @@ def bench(
     warmup: Annotated[int, typer.Option(min=0, help="untimed steps first; compilation happens here")] = 5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("results/bench"),
+    out: Annotated[Path, typer.Option(help="output directory (the committed results: --out results/bench)")] = Path(
+        "runs/bench"),
     quick: Annotated[bool, typer.Option(help="tiny shapes, for a CPU smoke test")] = False,
-    memory_table: Annotated[Path | None, typer.Option(help="also write 'memory at two scales' here")] = None,
+    memory_table: Annotated[Path | None, typer.Option(
+        help="also write 'memory at two scales' here [default: not written]")] = None,
     layer: Annotated[bool, typer.Option("--layer/--no-layer", help="single-layer benchmark")] = True,
     heads: Annotated[str, typer.Option(help="GPT heads to run, from fused,plain")] = "fused,plain",
     head_bench: Annotated[bool, typer.Option("--head-bench/--no-head-bench",
                                              help="the head alone: plain, ours, Liger, CCE")] = True,
     speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
-                                          "(CUDA graphs), merged into OUT/targets.json")] = False,
-    seed: int = 0,
+                                          "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
+    seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
     variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
@@ -327,7 +330,9 @@ def bench(
 
 
 def main() -> None:
-    app()
+    from basis_train.cli import run_app
+
+    run_app(app, "basis-bench")
 
 
 if __name__ == "__main__":

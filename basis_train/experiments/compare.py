@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
+from tqdm.auto import tqdm
 
-from basis_train.cli import fail
+from basis_train.cli import config_default, fail, make_app, run_app
 from basis_train.reporting.report import (
     collect_runs,
     config_label,
@@ -69,6 +70,10 @@ def parse_variants(text: str) -> list[tuple[str, set | None]]:
                 raise ConfigError(f"variant '{spec}': after @ give exact and/or ranks joined by +") from None
         out.append((name, targets))
     return out
+
+
+class GridError(Exception):
+    """Runs of a grid failed or are missing: exit code 1 (bad input is 2)."""
 
 
 @dataclass
@@ -143,8 +148,17 @@ class GpuSlots:
                 self.busy[g] -= 1
 
 
-def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
-             gpus: list[int] | None = None) -> None:
+def _child_command(job: Job) -> list[str]:
+    # A run with a checkpoint continues; one without has nothing worth keeping (a run killed before
+    # its first checkpoint, or a stale one of another config), so it starts over explicitly.
+    resume = (job.out / "checkpoint.pt").exists()
+    return [sys.executable, "-m", "basis_train.cli", "--quiet", "--config", str(job.out / "requested.yaml"),
+            "--resume" if resume else "--overwrite"]
+
+
+def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
+             gpus: list[int] | None = None, keep_checkpoints: bool = False, progress: bool = True) -> list[Job]:
+    """Run every unfinished job; returns the jobs that failed (their train.log says why)."""
     todo = []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
@@ -157,10 +171,13 @@ def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
     log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"
         + (f" over GPUs {gpus}" if gpus else ""))
     slots = GpuSlots(gpus)
+    bar = tqdm(total=len(todo), unit="run", desc="grid", disable=not progress or not todo, dynamic_ncols=True,
+               file=sys.stderr)
+    say = bar.write if not bar.disable else log  # lines printed above the bar, not through it
+    lock = threading.Lock()
 
     def one(job: Job) -> int:
-        cmd = [sys.executable, "-m", "basis_train.cli", "--quiet", "--config", str(job.out / "requested.yaml"),
-               "--resume"]
+        cmd = _child_command(job)
         gpu = slots.take()
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu)) if gpu is not None else None
         t = time.perf_counter()
@@ -169,21 +186,31 @@ def run_jobs(config: Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
                 rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         finally:
             slots.give(gpu)
+        if rc == 0 and not keep_checkpoints:
+            # A finished run's 50 MB checkpoint is only needed to extend it later.
+            (job.out / "checkpoint.pt").unlink(missing_ok=True)
         where = f" on GPU {gpu}" if gpu is not None else ""
-        log(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed}{where} "
-            f"({time.perf_counter() - t:.0f}s)")
+        with lock:
+            say(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed}{where} "
+                f"({time.perf_counter() - t:.0f}s)")
+            bar.update(1)
         return rc
 
-    with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
-        codes = list(pool.map(one, todo))
-    if any(codes):
-        log(f"{sum(c != 0 for c in codes)} runs failed; see train.log in their directories")
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+            codes = list(pool.map(one, todo))
+    finally:
+        bar.close()
+    return [job for job, rc in zip(todo, codes) if rc != 0]
 
 
-def report(out: Path, title: str, paper_table: dict | None = None,
-           notes: list[str] = ()) -> tuple[list[dict], dict[str, list[Path]]]:
-    """Write the grid's report; returns the per-configuration summary and each label's run dirs."""
-    dirs = sorted(p.parent for p in (out / "runs").glob("*/summary.json"))
+def report(out: Path, title: str, paper_table: dict | None = None, notes: list[str] = (),
+           dirs: list[Path] | None = None) -> tuple[list[dict], dict[str, list[Path]]]:
+    """Write the grid's report from `dirs` (default: every finished run under out/runs).
+
+    Returns the per-configuration summary and each label's run dirs, both in table order."""
+    if dirs is None:
+        dirs = sorted(p.parent for p in (out / "runs").glob("*/summary.json"))
     if not dirs:
         raise typer.BadParameter(f"no finished runs under {out / 'runs'}")
     rows = collect_runs(dirs)
@@ -193,12 +220,35 @@ def report(out: Path, title: str, paper_table: dict | None = None,
     by_label: dict[str, list[Path]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(Path(r["run_dir"]))
+    # Table order (exact, then R from large to small), not the directories' string order.
+    by_label = {s["label"]: by_label[s["label"]] for s in summary if s["label"] in by_label}
     plot_val_curves(by_label, out / "val_loss.png")
     from basis_train.experiments.memory_probe import checkpointing_line  # imports torch
 
     ckpt = [s for s in summary if s["method"] == "exact" and "ckpt" in s["variant"]]
     plot_memory(summary, out / "memory.png", lines=None if ckpt else checkpointing_line(dirs))
     return summary, by_label
+
+
+def grid_report(out: Path, grid: list[Job], failed: list[Job], title: str, paper_table: dict | None = None,
+                notes: list[str] = ()) -> tuple[list[dict], dict[str, list[Path]], list[Job]]:
+    """Report the finished runs of `grid` only (never stale runs of another grid in the same dir);
+    the third value is the planned runs missing from the report."""
+    failed_dirs = {j.out for j in failed}
+    done = [j for j in grid if j.out not in failed_dirs and (j.out / "summary.json").is_file()]
+    missing = [j for j in grid if j not in done]
+    if missing:
+        notes = [*notes, f"{len(missing)} of {len(grid)} planned runs are missing from this report "
+                         f"(failed or unfinished): {_names(missing)}."]
+    if not done:
+        raise GridError(f"none of the {len(grid)} planned runs under {out / 'runs'} finished: {_names(missing)}")
+    summary, by_label = report(out, title, paper_table, notes, dirs=[j.out for j in done])
+    return summary, by_label, missing
+
+
+def _names(jobs: list[Job], limit: int = 8) -> str:
+    names = [f"{j.label} seed {j.seed}" for j in jobs]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _ints(text: str, what: str, minimum: int = 1) -> list[int]:
@@ -220,50 +270,70 @@ def _gpu_list(text: str) -> list[int] | None:
     return gpus
 
 
-compare_app = typer.Typer(add_completion=False, help="Exact vs BASIS at several ranks, paired over seeds.")
+compare_app = make_app("Exact vs BASIS at several ranks, paired over seeds; each run a basis-train process.")
 
 
 @compare_app.command()
 def compare(
-    config: Path | None = typer.Option(None, "--config", "-c"),
-    ranks: str = typer.Option("32,16,8"),
-    seeds: int = typer.Option(5, help="seeds 0..N-1"),
-    variants: str = typer.Option("", help=VARIANT_HELP),
-    steps: int | None = typer.Option(None),
-    eval_every: int | None = typer.Option(None),
-    checkpoint_every: int | None = typer.Option(None),
-    val_protocol: str | None = typer.Option(None),
-    device: str | None = typer.Option(None),
-    dataset: str | None = typer.Option(None),
-    data_files: str | None = typer.Option(None),
-    out: Path = typer.Option(Path("runs/compare")),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="YAML config or shipped config name (paper, tiny, ...) [default: paper's protocol]"),
+    ranks: str = typer.Option("32,16,8", help="comma list of sketch ranks R"),
+    seeds: int = typer.Option(5, help="number of seeds: runs use seeds 0..N-1"),
+    variants: str = typer.Option("", help=f"{VARIANT_HELP} [default: none]"),
+    steps: int | None = typer.Option(None, help=f"training steps per run {config_default('train.steps')}"),
+    eval_every: int | None = typer.Option(None, help=f"evaluate every N steps {config_default('train.eval_every')}"),
+    checkpoint_every: int | None = typer.Option(
+        None, help=f"checkpoint every N steps {config_default('train.checkpoint_every')}"),
+    val_protocol: str | None = typer.Option(None, help=f"heldout | paper {config_default('data.val_protocol')}"),
+    device: str | None = typer.Option(None, help=f"auto | cpu | cuda {config_default('train.device')}"),
+    dataset: str | None = typer.Option(
+        None, help=f"wiki-offline | fineweb-edu | files {config_default('data.dataset')}"),
+    data_files: str | None = typer.Option(
+        None, help=f"glob of local .txt/.jsonl/.parquet files {config_default('data.data_files')}"),
+    out: Path = typer.Option(Path("runs/compare"), help="grid directory: runs/ per run, then the report"),
     jobs: int = typer.Option(1, help="runs in parallel (processes)"),
-    gpus: str = typer.Option("", help="comma list of CUDA device indices to spread the parallel runs over"),
+    gpus: str = typer.Option("", help="comma list of CUDA device indices to spread the parallel runs over "
+                                      "[default: all runs see the same devices]"),
     baselines: bool = typer.Option(True, help="--no-baselines: run only the variants (baselines from elsewhere)"),
-    report_only: bool = typer.Option(False, "--report-only"),
+    keep_checkpoints: bool = typer.Option(
+        False, "--keep-checkpoints", help="keep each finished run's checkpoint.pt (needed only to extend a run "
+                                          "later with more steps) [default: deleted once the run finishes]"),
+    report_only: bool = typer.Option(False, "--report-only", help="only write the report from finished runs "
+                                                                  "[default: off]"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
 ):
-    """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png."""
+    """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png.
+
+    Exits 1 when runs fail (the report then holds the others and names the missing ones)."""
     try:
         names = parse_variants(variants)
     except ConfigError as e:
         fail(str(e))
+    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
     flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
              "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
              "data.data_files": data_files}
     base = {k: v for k, v in flags.items() if v is not None}
     try:
-        load_config(config)
+        apply_overrides(load_config(config), base)  # bad flags fail here, not once per run
         grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out, baselines)
-        if not report_only:
-            run_jobs(config, grid, jobs, gpus=_gpu_list(gpus))
-        report(out, title=f"exact vs BASIS ({out.name})")
-    except (ConfigError, typer.BadParameter) as e:
+        failed = [] if report_only else run_jobs(config, grid, jobs, gpus=_gpu_list(gpus),
+                                                 keep_checkpoints=keep_checkpoints, progress=not quiet)
+        _, _, missing = grid_report(out, grid, failed, title=f"exact vs BASIS ({out.name})")
+    except (ConfigError, typer.BadParameter, ValueError) as e:
         fail(str(e))
+    except GridError as e:
+        fail(str(e), code=1)
     typer.echo(f"wrote {out / 'summary.md'}")
+    if missing:
+        fail(f"{len(missing)} of {len(grid)} runs failed or are unfinished and are missing from the report: "
+              f"{_names(missing)} (see train.log in their directories under {out / 'runs'})", code=1)
 
 
-def compare_main() -> None:
-    compare_app(prog_name="basis-compare")
+def compare_main(argv: list[str] | None = None) -> None:
+    run_app(compare_app, "basis-compare", argv)
 
 
 if __name__ == "__main__":

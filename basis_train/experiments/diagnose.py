@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -28,7 +29,7 @@ import typer
 from torch import nn
 from tqdm import tqdm
 
-from basis_train.cli import fail
+from basis_train.cli import fail, make_app
 from basis_train.core.model import GPT, build_gpt
 from basis_train.core.sketch import _rescale, count_sketch, draw_seed
 from basis_train.data.corpus import DataError, load_tokens
@@ -187,9 +188,17 @@ def load_weights(model: GPT, path: Path) -> dict:
     if not path.is_file():
         raise DiagnoseError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a basis-train checkpoint the user named, holding non-tensor state
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "weights_only" not in str(exc):
+                raise
+            # A basis-train checkpoint the user named holds non-tensor state (optimiser, loader).
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, random bytes, empty: torch raises many kinds
+        first = str(exc).strip().splitlines()
+        raise DiagnoseError(f"{path} is not a readable checkpoint ({type(exc).__name__}"
+                            f"{': ' + first[0] if first else ''})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise DiagnoseError(f"{path}: no model state_dict inside")
@@ -207,11 +216,13 @@ def _trained_checkpoint(cfg: Config, steps: int, seed: int, device: str, out: Pa
     except ImportError:
         raise DiagnoseError("--after-steps needs basis_train.training.train, which is not available; use --checkpoint") from None
     overrides = {"train.steps": steps, "train.seed": seed, "train.device": device, "log.wandb": "off"}
+    scratch = out / "after_steps_run"
+    shutil.rmtree(scratch, ignore_errors=True)  # diagnose's own scratch run: replaced on every call
     try:
-        train(apply_overrides(cfg, overrides), out / "after_steps_run", progress=progress)
+        train(apply_overrides(cfg, overrides), scratch, progress=progress)
     except RunError as exc:
         raise DiagnoseError(f"training for --after-steps failed: {exc}") from None
-    return out / "after_steps_run" / "checkpoint.pt"
+    return scratch / "checkpoint.pt"
 
 
 def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, ckpt: dict) -> tuple[list, dict]:
@@ -229,24 +240,27 @@ def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, ckpt: dict
     return [loader.next() for _ in range(n)], dict(splits.info, loader=loader.state_dict())
 
 
-app = typer.Typer(add_completion=False)
+app = make_app("Estimator diagnostics: error, cosine, norm and bias of BASIS weight gradients vs exact.")
 Opt = typer.Option
 
 
 @app.command()
 def run(
-    config: Annotated[str | None, Opt(help="YAML config or a name in configs/ (default: the paper's)")] = None,
-    checkpoint: Annotated[Path | None, Opt(help="load the 'model' state_dict of this checkpoint")] = None,
+    config: Annotated[str | None, Opt(help="YAML config or shipped config name (paper, tiny, ...) "
+                                           "[default: paper's protocol]")] = None,
+    checkpoint: Annotated[Path | None, Opt(help="load the 'model' state_dict of this checkpoint [default: fresh init]")] = None,
     after_steps: Annotated[int, Opt(help="first train this many steps (basis_train.training.train)")] = 0,
-    seed: Annotated[int | None, Opt(help="init and sketch seed (default: the config's train.seed)")] = None,
+    seed: Annotated[int | None, Opt(help="init and sketch seed [default: the config's train.seed]")] = None,
     ranks: Annotated[str, Opt(help="comma list of sketch ranks; 'rows' = batch x sequence")] = DEFAULT_RANKS,
     variants: Annotated[str, Opt(help="comma list of: " + ", ".join(VARIANTS))] = ",".join(VARIANTS),
     draws: Annotated[int, Opt(help="estimates per batch, layer, rank and variant")] = 200,
     batches: Annotated[int, Opt(help="real training batches")] = 4,
-    batch_size: Annotated[int | None, Opt(help="sequences per batch (default: the config's)")] = None,
-    sketch_layers: Annotated[str | None, Opt(help="mlp+head, all, or a comma list of layer names")] = None,
+    batch_size: Annotated[int | None, Opt(help="sequences per batch [default: the config's train.batch_size]")] = None,
+    sketch_layers: Annotated[str | None, Opt(help="mlp+head, all, or a comma list of layer names "
+                                                      "[default: the config's sketch.layers]")] = None,
     device: Annotated[str, Opt(help="auto, cpu or cuda")] = "auto",
-    out: Annotated[Path, Opt(help="output directory")] = Path("results/diagnostics"),
+    out: Annotated[Path, Opt(help="output directory (the committed results: --out results/diagnostics)")] = Path(
+        "runs/diagnostics"),
     progress: Annotated[bool, Opt(help="show a progress bar")] = True,
 ) -> None:
     """Measure error, cosine, norm and bias of BASIS weight-gradient estimates against exact backprop."""
@@ -262,8 +276,7 @@ def run(
         if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
             raise DiagnoseError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
         dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-        named = Path(__file__).resolve().parents[2] / "configs" / f"{config}.yaml"
-        cfg = load_config(named if config and not Path(config).exists() and named.is_file() else config)
+        cfg = load_config(config)
         layer_choice = sketch_layers in ("mlp+head", "all", "none")
         if layer_choice:
             cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
@@ -306,7 +319,9 @@ def run(
 
 
 def main() -> None:
-    app()
+    from basis_train.cli import run_app
+
+    run_app(app, "basis-diagnose")
 
 
 if __name__ == "__main__":

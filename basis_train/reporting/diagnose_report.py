@@ -86,7 +86,7 @@ def findings(overall: list[dict], rows: int) -> list[str]:
     return out
 
 
-def _plot(path: Path, overall: list[dict], key: str, ylabel: str) -> None:
+def _plot(path: Path, overall: list[dict], key: str, ylabel: str, title: str) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -104,7 +104,7 @@ def _plot(path: Path, overall: list[dict], key: str, ylabel: str) -> None:
         ax.set_ylim(bottom=5e-3)  # lam0's 1e-7 at R = rows (the scalars' epsilon) would squash the rest
     else:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set(xscale="log", yscale="log", xlabel="sketch rank R", ylabel=ylabel)
+    ax.set(xscale="log", yscale="log", xlabel="sketch rank R", ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -140,8 +140,10 @@ def write_outputs(out: Path, per_layer: list[dict], overall: list[dict], meta: d
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-    _plot(out / "error_vs_rank.png", overall, "rel_err_mean", "relative error ||dW^-dW||/||dW|| (p10-p90 band)")
-    _plot(out / "norm_ratio_vs_rank.png", overall, "norm_ratio_mean", "norm ratio ||dW^||/||dW||")
+    _plot(out / "error_vs_rank.png", overall, "rel_err_mean", "relative error ||dW^-dW||/||dW|| (p10-p90 band)",
+          "Error of the BASIS weight gradient vs sketch rank")
+    _plot(out / "norm_ratio_vs_rank.png", overall, "norm_ratio_mean", "norm ratio ||dW^||/||dW||",
+          "Norm of the BASIS weight gradient relative to exact vs sketch rank")
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
     variants = list(dict.fromkeys(r["variant"] for r in overall))
     md = ["# BASIS estimator diagnostics", "", (

@@ -155,6 +155,7 @@ CLI_FLAGS: dict[str, str] = {
     "dataset": "data.dataset", "data_files": "data.data_files",
     "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
     "head": "model.head", "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
+    "cuda_graphs": "train.cuda_graphs", "compile": "train.compile",
 }
 
 # Fields that change speed or bookkeeping but not the numbers a run produces. The head
@@ -189,6 +190,40 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys; a config where `rank: 8` is silently beaten by a
+    # later `rank: 32` is a run nobody asked for.
+    seen: dict[object, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+# The configs ship inside the package, so `--config tiny` (or `configs/tiny.yaml`) works from
+# any directory and in an installed wheel; the repository's configs/ is a link to this folder.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file as given, else a shipped config by name: `tiny`, `tiny.yaml` or `configs/tiny.yaml`."""
+    path = Path(path)
+    if path.exists() or path.parent.name not in ("", "configs") or len(path.parts) > 2:
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
 
 
 def _field_types(section: str) -> dict[str, object]:
@@ -309,16 +344,20 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, object]]:
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read a YAML config; None gives the paper's defaults. Any subset of keys may be set."""
+    """Read a YAML config (a path or a shipped config's name); None gives the paper's defaults.
+
+    Any subset of keys may be set."""
     if path is None:
         return config_from_dict({})
-    path = Path(path)
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); is it really a YAML config?") from None
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:

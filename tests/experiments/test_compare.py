@@ -2,6 +2,7 @@
 
 import json
 import threading
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -72,9 +73,81 @@ def test_compare_sets_cuda_visible_devices_per_run(tmp_path, tiny_config, monkey
     res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "2", "--steps", "2",
                                       "--out", str(tmp_path / "c"), "--jobs", "2", "--gpus", "3,1"])
     assert sorted(seen) == ["1", "1", "3", "3"], res.output
-    assert "4 runs failed" in res.output
+    assert res.exit_code == 1 and "none of the 4 planned runs" in res.output
     res = runner.invoke(compare_app, ["--gpus", "1,x", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "--gpus" in res.output
+
+
+def _fake_run(out, method, rank, seed=0, evals=(10.0, 9.0)):
+    """A finished run directory as basis-train leaves it (the files the report reads)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"method": method, "rank": rank, "variant": "", "seed": seed, "steps": 2 * len(evals),
+               "final_val_loss": evals[-1], "final_train_loss": evals[-1], "peak_activation_bytes": 1000,
+               "cuda_peak_step_bytes": None, "wall_s": 1.0, "tokens_per_s": 1.0, "val_protocol": "heldout"}
+    (out / "summary.json").write_text(json.dumps(summary))
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": 2 * (i + 1), "val_loss": v}) + "\n"
+                                               for i, v in enumerate(evals)))
+
+
+def test_grid_with_a_failed_run_exits_1_and_names_it(tmp_path, tiny_config, monkeypatch):
+    calls = {}
+
+    def fake_call(cmd, stdout, stderr, env):
+        run_dir = Path(cmd[cmd.index("--config") + 1]).parent
+        calls[run_dir.name] = cmd[-1]
+        (run_dir / "checkpoint.pt").write_bytes(b"ckpt")
+        if run_dir.name.startswith("basis_R4"):
+            return 2  # fails after its first checkpoint: an unfinished run
+        _fake_run(run_dir, "exact" if run_dir.name.startswith("exact") else "basis",
+                  None if run_dir.name.startswith("exact") else 8)
+        return 0
+
+    monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
+    out = tmp_path / "g"
+    (out / "runs" / "exact-s0").mkdir(parents=True)
+    (out / "runs" / "exact-s0" / "checkpoint.pt").write_bytes(b"old")  # interrupted earlier: resumed
+    args = ["--config", str(tiny_config), "--ranks", "8,4", "--seeds", "1", "--out", str(out), "--quiet"]
+    res = runner.invoke(compare_app, args)
+    assert res.exit_code == 1, res.output
+    assert calls == {"exact-s0": "--resume", "basis_R8-s0": "--overwrite", "basis_R4-s0": "--overwrite"}
+    assert "1 of 3 runs failed or are unfinished" in res.output and "basis R=4 seed 0" in res.output
+    assert "basis R=4 seed 0" in (out / "summary.md").read_text()
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2
+    # Finished runs drop their checkpoint, the unfinished one keeps it to resume from.
+    assert not (out / "runs" / "exact-s0" / "checkpoint.pt").exists()
+    assert (out / "runs" / "basis_R4-s0" / "checkpoint.pt").exists()
+    res = runner.invoke(compare_app, [*args, "--keep-checkpoints"])
+    assert calls["basis_R4-s0"] == "--resume" and res.exit_code == 1
+
+
+def test_keep_checkpoints_keeps_them(tmp_path, tiny_config, monkeypatch):
+    def fake_call(cmd, stdout, stderr, env):
+        run_dir = Path(cmd[cmd.index("--config") + 1]).parent
+        (run_dir / "checkpoint.pt").write_bytes(b"ckpt")
+        _fake_run(run_dir, "exact" if run_dir.name.startswith("exact") else "basis",
+                  None if run_dir.name.startswith("exact") else 8)
+        return 0
+
+    monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
+    out = tmp_path / "k"
+    res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "1", "--out", str(out),
+                                      "--quiet", "--keep-checkpoints"])
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2
+
+
+def test_report_orders_configurations_by_rank_not_as_strings(tmp_path):
+    for rank in (1, 16, 32, 64, 8, None):
+        _fake_run(tmp_path / "runs" / f"r{rank}", "exact" if rank is None else "basis", rank)
+    _, by_label = compare_mod.report(tmp_path, "t")
+    assert list(by_label) == ["exact", "basis R=64", "basis R=32", "basis R=16", "basis R=8", "basis R=1"]
+
+
+def test_r1_verdict_is_never_dropped_silently(tmp_path):
+    _fake_run(tmp_path / "r1", "basis", 1, evals=(9.0,))
+    base = [_summary("exact", None, None, None, 1.0)]
+    assert "R=1 converges smoothly**: not tested at this length" in " ".join(verdicts(base, {"basis R=1": [tmp_path / "r1"]}))
+    assert "not tested at this length (no R=1 run finished)" in " ".join(verdicts(base, {}))
 
 
 def _summary(label, diff, lo, hi, ratio, n=5):

@@ -170,11 +170,34 @@ def test_bad_files_and_yaml(tmp_path, tiny_config):
     assert "did you mean 'steps'" in res.output
 
 
-def test_existing_out_with_other_config(tmp_path, tiny_config):
+def test_existing_run_is_never_silently_replaced(tmp_path, tiny_config):
     out = tmp_path / "o"
     assert train("--config", tiny_config, "--out", out, "--steps", 2).exit_code == 0
-    res = train("--config", tiny_config, "--out", out, "--steps", 3)
+    before = (out / "metrics.jsonl").read_text()
+    res = train("--config", tiny_config, "--out", out, "--steps", 2)
+    assert res.exit_code == 2 and "--resume" in res.output and "--overwrite" in res.output
+    assert (out / "metrics.jsonl").read_text() == before
+    res = train("--config", tiny_config, "--out", out, "--steps", 4, "--lr", 0.02, "--resume")
     assert res.exit_code == 2 and "different config" in res.output
+    res = train("--config", tiny_config, "--out", out, "--steps", 3, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert read(out)[0]["steps"] == 3
+
+
+def test_resume_raises_the_steps_of_a_finished_run(tmp_path, tiny_config):
+    out = tmp_path / "grow"
+    assert train("--config", tiny_config, "--out", out, "--steps", 8).exit_code == 0
+    res = train("--config", tiny_config, "--out", out, "--steps", 12, "--resume")
+    assert res.exit_code == 0, res.output
+    summary, metrics = read(out)
+    assert summary["steps"] == 12 and [m["step"] for m in metrics] == [4, 8, 12]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 12
+    # Identical to a run that was asked for 12 steps from the start (its step-8 eval falls on eval_every).
+    ref = tmp_path / "ref12"
+    assert train("--config", tiny_config, "--out", ref, "--steps", 12).exit_code == 0
+    _assert_same_run((summary, metrics), read(ref))
+    res = train("--config", tiny_config, "--out", out, "--steps", 10, "--resume")
+    assert res.exit_code == 2 and "may only be raised" in res.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -183,13 +206,21 @@ def test_device_cuda_without_gpu(tmp_path, tiny_config):
     assert res.exit_code == 2 and "no CUDA GPU" in res.output
 
 
-def test_wandb_offline_run(tmp_path, tiny_config):
-    pytest.importorskip("wandb")
+def test_wandb_offline_run(tmp_path, tiny_config, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import warnings
+
+    said = []  # wandb tells deprecations (e.g. a boolean `reinit`) through termwarn, which WANDB_SILENT hides
+    monkeypatch.setattr(wandb, "termwarn", lambda msg, *a, **k: said.append(msg))
     out = tmp_path / "w"
-    res = train("--config", tiny_config, "--out", out, "--steps", 4, "--wandb", "offline")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train("--config", tiny_config, "--out", out, "--steps", 4, "--wandb", "offline")
     assert res.exit_code == 0, res.output
     runs = list(out.glob("wandb/offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+    assert not [m for m in said if "deprecat" in m.lower()], said
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()], [str(w.message) for w in caught]
 
 
 def _run(tmp_path, tiny_config, **overrides):
