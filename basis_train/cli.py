@@ -134,20 +134,13 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or start/end messages [default: off]"),
 ):
     """Train one run; writes config.yaml, metrics.jsonl, summary.json and checkpoint.pt to --out."""
-    from basis_train.training.runio import RunError, check_out_dir, default_out_dir, remove_run_files
-    from basis_train.training.setup import variant_of
+    from basis_train.training.runio import RunError
     from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
     flags = {k: v for k, v in locals().items() if k in CLI_FLAGS}
     cfg = resolve_config(config, flags)
     try:
-        out_dir = Path(cfg.log.out or default_out_dir(cfg, variant_of(cfg)))
-        cfg = apply_overrides(cfg, {"log.out": str(out_dir)})
-        if _is_main_process():
-            check_out_dir(cfg, out_dir, resume, overwrite)
-            if overwrite:
-                remove_run_files(out_dir)
-        summary = train(cfg, resume=resume, progress=not quiet)
+        summary = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except NonFiniteLoss as e:
         fail(str(e), code=3)
     except (RunError, ConfigError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -66,6 +67,19 @@ class MetricsSink:
 
         self.bar = tqdm(total=total, initial=initial, disable=not self.progress, unit="step",
                         dynamic_ncols=True, mininterval=0.5)
+
+    def say(self, *lines: str) -> None:
+        """Tell the user what is happening (stderr, above the bar; nothing under --quiet)."""
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            for line in lines:
+                tqdm.write(line, file=sys.stderr)
+
+    def evaluating(self, step: int) -> None:
+        # A full held-out evaluation takes seconds to minutes on a CPU; the bar would look frozen.
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"evaluating at step {step}...")
 
     def stepped(self) -> None:
         self.bar.update(1)

@@ -48,6 +48,13 @@ def load_checkpoint(out: Path) -> dict | None:
     return ckpt
 
 
+def checkpoint_note(out: Path) -> str:
+    """What a stopped run left to resume from, for its error message."""
+    if (out / CHECKPOINT).is_file():
+        return f"the last good checkpoint in {out} was kept (continue with --resume)"
+    return f"no checkpoint had been written to {out} yet, so nothing was kept"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

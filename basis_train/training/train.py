@@ -27,7 +27,14 @@ from basis_train.training.config import Config, config_hash
 from basis_train.training.distributed import Dist, init_from_env
 from basis_train.training.evaluate import Evaluator
 from basis_train.training.metrics import MetricsSink, Throughput
-from basis_train.training.runio import RunError, atomic_write_json, default_out_dir, prepare_out_dir
+from basis_train.training.runio import (
+    RunError,
+    atomic_write_json,
+    check_out_dir,
+    checkpoint_note,
+    default_out_dir,
+    prepare_out_dir,
+)
 from basis_train.training.setup import (
     build_optimizer,
     gpt_config,
@@ -45,15 +52,16 @@ __all__ = ["MEMORY_FIELDS", "Interrupted", "NonFiniteLoss", "Run", "train"]
 
 
 class Run:
-    def __init__(self, cfg: Config, out: Path | str | None = None, *, resume: bool = False,
+    def __init__(self, cfg: Config, out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
                  variant: str | None = None, splits=None, progress: bool = True, dist: Dist | None = None) -> None:
         self.cfg, t = cfg, cfg.train
         self.dist = dist = dist or Dist()
         self.variant = variant_of(cfg) if variant is None else variant
         self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
         self.device = dist.local_device(resolve_device(t.device))
-        # Only process 0 writes to the out dir; the others wait so they never read it half-prepared.
-        dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume), others=False)
+        # Refuse a bad --out before the (slow) data load, but create it only after: a failed
+        # load leaves no directory behind.
+        dist.main_first(lambda: check_out_dir(cfg, self.out, resume, overwrite), others=False)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # the paper ran on a T4: true fp32
             torch.backends.cudnn.allow_tf32 = False
@@ -72,6 +80,8 @@ class Run:
                 f"{self.loader.global_batch} chunks but the training set holds "
                 f"{self.loader.steps_per_epoch} ({self.data_info['n_train_tokens']:,} tokens); "
                 f"use at most {self.loader.steps_per_epoch - 1} steps, more data, or data.single_pass false")
+        # Only rank 0 writes to the out dir; the others wait so they never read it half-prepared.
+        dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume, overwrite, checked=True), others=False)
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
@@ -104,9 +114,22 @@ class Run:
         self.metrics = MetricsSink(cfg, self.out, dist, resumed_step=self.step if ckpt else None,
                                    wandb_id=ckpt.get("wandb_id") if ckpt else None, progress=progress)
 
+    def _describe(self) -> list[str]:
+        """What is about to happen, in three lines: model and device, data, output."""
+        c, d = self.cfg, self.data_info
+        n_params = sum(p.numel() for p in self.model.parameters())
+        what = "exact backprop" if c.train.method == "exact" else f"BASIS R={c.sketch.rank} on {c.sketch.layers}"
+        start = f"from the step-{self.step} checkpoint" if self.step else "from scratch"
+        return [f"{what}: {n_params / 1e6:.2f}M parameters, {self.device} {c.train.dtype}, "
+                f"{c.train.steps} steps of {c.train.batch_size} x {c.model.block_size} tokens, {start}",
+                f"data: {d.get('source', '?')}; {d['n_train_docs']} train / {d['n_val_docs']} validation documents, "
+                f"{d['n_train_tokens']:,} / {d['n_val_tokens']:,} tokens ({d['protocol']} protocol)",
+                f"output: {self.out}/"]
+
     def run(self) -> dict:
         t = self.cfg.train
         die_at = int(os.environ.get("BASIS_TRAIN_DIE_AT_STEP", "0"))  # test hook: simulate kill -9
+        self.metrics.say(*self._describe())
         self.metrics.open_bar(t.steps, self.step)
         try:
             with StopRequests(self.dist) as stop:
@@ -138,8 +161,9 @@ class Run:
         try:
             rec["train_loss"] = self.train_step.take_mean_loss(self.dist, self.step)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e}; stopped, the last good checkpoint in {self.out} was kept") from None
+            raise NonFiniteLoss(f"{e}; stopped, {checkpoint_note(self.out)}") from None
         e0 = time.perf_counter()
+        self.metrics.evaluating(self.step)
         rec["val_loss"] = self.evaluate()
         rec.update(eval_s=time.perf_counter() - e0, epoch=self.loader.epoch)
         if self.evaluate.restarts is not None:
@@ -149,8 +173,7 @@ class Run:
 
     def save(self) -> None:
         if not self.dist.all(self.train_step.finite()):
-            raise NonFiniteLoss(f"non-finite training loss before step {self.step}; "
-                                f"the last good checkpoint in {self.out} was kept")
+            raise NonFiniteLoss(f"non-finite training loss before step {self.step}; {checkpoint_note(self.out)}")
         shared = {"step": self.step, **self.train_step.shared_state(), "loader": self.loader.state_dict(),
                   "val_stream": self.evaluate.state_dict(), **self.clock.state_dict(),
                   "wandb_id": self.metrics.wandb_id}
@@ -190,10 +213,13 @@ class Run:
             summary["val_restarts"] = self.evaluate.restarts
         atomic_write_json(self.out / "summary.json", summary)
         self.metrics.finish(summary)
+        written = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+        self.metrics.say(f"wrote {self.out}/: {', '.join(written)}")
         return self.dist.broadcast(summary)
 
 
-def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
     """Train one run to completion and return its summary (also in out/summary.json).
 
     Under torchrun (WORLD_SIZE > 1) every process calls this and they train one run
@@ -202,7 +228,7 @@ def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, p
     dist = init_from_env(resolve_device(cfg.train.device))
     run = None
     try:
-        run = Run(cfg, out, resume=resume, progress=progress, dist=dist)
+        run = Run(cfg, out, resume=resume, overwrite=overwrite, progress=progress, dist=dist)
         return run.run()
     except (DataError, graphs.GraphSupportError) as e:
         raise RunError(str(e)) from e

@@ -65,6 +65,16 @@ def test_exact_is_paired_and_saves_more(tmp_path, tiny_config):
     assert e_metrics[1]["train_loss"] != b_metrics[1]["train_loss"]
 
 
+def test_says_what_it_is_doing(tmp_path, tiny_config):
+    out = tmp_path / "talk"
+    res = runner.invoke(train_app, ["--config", str(tiny_config), "--out", str(out), "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    text = res.output
+    for needle in ("parameters", "cpu float32", "validation documents", "tokens (heldout protocol)",
+                   f"output: {out}/", f"wrote {out}/", "summary.json", "checkpoint.pt", "metrics.jsonl"):
+        assert needle in text, (needle, text)
+
+
 def test_paper_val_protocol(tmp_path, tiny_config):
     res = train("--config", tiny_config, "--out", tmp_path / "p", "--val-protocol", "paper")
     assert res.exit_code == 0, res.output
@@ -134,10 +144,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_con
     out = tmp_path / "nan"
     res = train("--config", tiny_config, "--out", out, "--lr", 1e6, "--checkpoint-every", 1, "--steps", 40)
     assert res.exit_code == 3, res.output
-    assert "non-finite" in res.output
+    assert "non-finite" in res.output and "last good checkpoint" in res.output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] < 40
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_loss_says_when_no_checkpoint_was_kept(tmp_path, tiny_config):
+    out = tmp_path / "nan0"
+    res = train("--config", tiny_config, "--out", out, "--lr", 1e6, "--checkpoint-every", 1000, "--steps", 40)
+    assert res.exit_code == 3, res.output
+    assert "no checkpoint had been written" in res.output and "last good checkpoint" not in res.output
+    assert not (out / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -167,6 +185,7 @@ def test_bad_files_and_yaml(tmp_path, tiny_config):
         res = train("--out", tmp_path / "y", "--device", "cpu", *args)
         assert res.exit_code == 2, (args, res.output)
         assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+        assert not (tmp_path / "y").exists(), args  # a failed start leaves no half-made run behind
     assert "did you mean 'steps'" in res.output
 
 
