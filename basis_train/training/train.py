@@ -80,7 +80,7 @@ class Run:
                 f"{self.loader.global_batch} chunks but the training set holds "
                 f"{self.loader.steps_per_epoch} ({self.data_info['n_train_tokens']:,} tokens); "
                 f"use at most {self.loader.steps_per_epoch - 1} steps, more data, or data.single_pass false")
-        # Only rank 0 writes to the out dir; the others wait so they never read it half-prepared.
+        # Only process 0 writes to the out dir; the others wait so they never read it half-prepared.
         dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume, overwrite, checked=True), others=False)
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
