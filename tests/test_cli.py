@@ -155,7 +155,7 @@ def test_boolean_from_yaml_survives_unless_the_flag_is_given(name, tmp_path, mon
 
     def fake_train(cfg, **kw):
         seen.append(getattr(getattr(cfg, section), key))
-        return {"final_val_loss": 1.0, "final_train_loss": 1.0, "peak_activation_bytes": 0, "tokens_per_s": 1.0}
+        return {"final_val_loss": 1.0, "final_train_loss": 1.0, "activation_bytes": 0, "tokens_per_s": 1.0}
 
     monkeypatch.setattr("basis_train.training.train.train", fake_train)
     flag = "--" + name.replace("_", "-")
@@ -198,7 +198,7 @@ def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatc
     for name in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
         assert load_config(name).model.n_embd == 32, name
     assert load_config("configs/paper.yaml") == Config()
-    assert config_mod.shipped_configs() == ["gpt2-small", "paper", "tiny"]
+    assert {"gpt2-small", "paper", "tiny"} <= set(config_mod.shipped_configs())
 
 
 def test_configs_dir_is_the_packaged_one():
