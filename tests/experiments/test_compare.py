@@ -120,7 +120,7 @@ def test_grid_with_a_failed_run_exits_1_and_names_it(tmp_path, tiny_config, monk
     assert calls["basis_R4-s0"] == "--resume" and res.exit_code == 1
 
 
-def test_keep_checkpoints_keeps_them(tmp_path, tiny_config, monkeypatch):
+def test_keep_checkpoints_keeps_them_and_one_bar_counts_the_runs(tmp_path, tiny_config, monkeypatch):
     def fake_call(cmd, stdout, stderr, env):
         run_dir = Path(cmd[cmd.index("--config") + 1]).parent
         (run_dir / "checkpoint.pt").write_bytes(b"ckpt")
@@ -131,9 +131,10 @@ def test_keep_checkpoints_keeps_them(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
     out = tmp_path / "k"
     res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "1", "--out", str(out),
-                                      "--quiet", "--keep-checkpoints"])
+                                      "--keep-checkpoints"])
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2
+    assert "grid: 100%" in res.output and "2/2" in res.output  # one bar over the grid: runs done of runs to do
 
 
 def test_report_orders_configurations_by_rank_not_as_strings(tmp_path):
