@@ -13,14 +13,12 @@ import gc
 import json
 import platform
 import sys
-import time
 import traceback
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 import typer
 from torch import nn
@@ -31,6 +29,7 @@ from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
 from basis_train.experiments.graphed_step import graphed_step
 from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets
+from basis_train.experiments.timing import time_step
 from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
 
@@ -50,29 +49,6 @@ LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
 def _write(path: Path, text: str) -> None:
     # Atomic: a run killed mid-write (e.g. at a device time limit) leaves the previous file whole.
     atomic_write_text(path, text)
-
-
-def _time(step, device: torch.device, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        # Events time the device without a host sync per step, which would itself add latency.
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
-        ms = [start.elapsed_time(end) for start, end in events]
-    else:
-        ms = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            ms.append((time.perf_counter() - t0) * 1e3)
-    q25, med, q75 = np.percentile(ms, [25, 50, 75]).tolist()
-    return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "min": min(ms), "all": ms}
 
 
 def _autocast(device: torch.device, bf16: bool, cache: bool = True):
@@ -107,7 +83,7 @@ def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, o
         opt.zero_grad(set_to_none=True)
 
     # The peak is taken after the timed steps: optimiser state and workspaces already exist.
-    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"]),
+    row = {"status": "ok", "time_ms": time_step(step, device, opts["steps"], opts["warmup"]),
            "static_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None}
     row["step_peak_bytes"] = step_peak_bytes(step, device)
     meter = SavedTensorMeter(model)
@@ -129,7 +105,7 @@ def _graphed_time(model, make_opt, run, size: dict, device, opts: dict) -> dict:
             return run(idx, tgt)[1]
 
     replay = graphed_step(model, lambda: make_opt(capturable=True), loss, device)
-    return _time(replay, device, opts["steps"], opts["warmup"])
+    return time_step(replay, device, opts["steps"], opts["warmup"])
 
 
 def _optimizer_factory(model, size: dict):
@@ -159,7 +135,7 @@ def _layer_bench(rank: int | None, device, shape: list[int], opts: dict) -> dict
         layer.zero_grad(set_to_none=True)
         forward().backward(dy)
 
-    row = {"status": "ok", "time_ms": _time(step, device, opts["steps"], opts["warmup"])}
+    row = {"status": "ok", "time_ms": time_step(step, device, opts["steps"], opts["warmup"])}
     row["step_peak_bytes"] = step_peak_bytes(step, device)
     meter = SavedTensorMeter(params=layer.parameters())
     with meter.measure():

@@ -81,7 +81,7 @@ def summary_md(summary: Sequence[Mapping], rows: Sequence[Mapping], title: str) 
              "| activation MiB | step peak GiB | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        step_peak = s.get("cuda_peak_step_bytes_mean")
+        step_peak = s.get("step_peak_bytes_mean")
         lines.append(
             f"| {s['label']} | {s['n']} | {_f(s['val_mean'])} ± {_f(s['val_std'])} | {_gap(s)} | "
             f"{_f(s['p_value'])} | {_f(s['act_bytes_mean'] and s['act_bytes_mean'] / MIB, '.1f')} | "
@@ -133,8 +133,8 @@ def _lr_table(rows: Sequence[Mapping]) -> list[str]:
 
 def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
     """One point per configuration: step peak (or activation bytes off CUDA) vs final val loss."""
-    have_peak = all(s.get("cuda_peak_step_bytes_mean") for s in summary)
-    key, xlabel = (("cuda_peak_step_bytes_mean", "CUDA step peak memory (GiB)") if have_peak
+    have_peak = all(s.get("step_peak_bytes_mean") for s in summary)
+    key, xlabel = (("step_peak_bytes_mean", "CUDA step peak memory (GiB)") if have_peak
                    else ("act_bytes_mean", "activation bytes saved for backward (GiB; no CUDA step peak)"))
     fig = Figure(figsize=(8, 5.5))
     FigureCanvasAgg(fig)
