@@ -170,7 +170,8 @@ class FusedBasisHead(BasisLinear):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         sketch = None
-        if self.training and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        # The sketch only serves dW: a frozen weight gets the exact head and draws no seed (as BasisLinear).
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
             sketch = (self.rank, self.sketch, self.invariant_scalars, self.lam, self.generator)
         return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1),
                                           self.chunk, sketch)

@@ -176,3 +176,19 @@ def test_cuda_bf16_and_graph_capture():
     for got, ref, want in zip((xr.grad, wr.grad), eager, plain[1:]):
         torch.testing.assert_close(got, ref)  # replays compute what eager computes
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_frozen_basis_head_is_the_exact_head_and_draws_no_seed():
+    # The sketch only serves dW: with the head's weight frozen there is nothing to estimate.
+    torch.manual_seed(0)
+    head = FusedBasisHead(8, 11, chunk=4, rank=2)
+    head.weight.requires_grad_(False)
+    head.generator = torch.Generator().manual_seed(1)
+    state = head.generator.get_state()
+    x = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (10,))
+    head.loss(x, targets).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(x_ref @ head.weight.t(), targets).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert torch.equal(head.generator.get_state(), state)

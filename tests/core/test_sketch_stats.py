@@ -43,9 +43,15 @@ def test_signs_are_fair_independent_and_independent_of_bins():
     assert abs(signs[together, 0].mean()) / n**-0.5 < 4.5
 
 
-def test_stats_have_power():
-    # The pair check rejects a biased family: bins = row index mod R never puts rows 0 and 1 together.
-    rows, rank = 24, 8
+def test_pair_check_rejects_a_weak_bijection(monkeypatch):
+    # Power: with 2 Feistel rounds instead of 6 the bijection is far from a uniform permutation, and the
+    # same pair statistic (same draws, same threshold) must notice it on some pair.
+    from basis_train.core import feistel
+
+    monkeypatch.setattr(feistel, "ROUNDS", 2)
+    rows, rank = 13, 3
+    bins, _ = draws(rows, rank)
     sizes = torch.bincount(torch.arange(rows) % rank).double()
     p = ((sizes * (sizes - 1)).sum() / (rows * (rows - 1))).item()
-    assert z(0.0, p) > 4.5
+    worst = max(z((bins[:, i] == bins[:, j]).double().mean().item(), p) for i in range(rows) for j in range(i))
+    assert worst > 4.5
