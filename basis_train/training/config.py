@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from basis_train.fsutil import atomic_write_text
+from basis_train.training.yaml_strict import StrictLoader
 
 
 class ConfigError(Exception):
@@ -169,44 +169,6 @@ HASH_OMIT_DEFAULTS: dict[str, object] = {
     "optim.min_lr_ratio": 0.1, "data.single_pass": False,
 }
 
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 scalars where 1.1 surprises people.
-
-    `lr: 6e-4` would otherwise be the string '6e-4' (1.1 demands a dot), and `wandb: off` would be
-    the bool False rather than the choice 'off'; only true/false are booleans here.
-    """
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    # PyYAML keeps the last of two equal keys; a config where `rank: 8` is silently beaten by a
-    # later `rank: 32` is a run nobody asked for.
-    seen: dict[object, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
-                key_node.start_mark)
-        seen[key] = key_node
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 # The configs ship inside the package, so `--config tiny` (or `configs/tiny.yaml`) works from
 # any directory and in an installed wheel; the repository's configs/ is a link to this folder.
@@ -359,7 +321,7 @@ def load_config(path: str | Path | None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); is it really a YAML config?") from None
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
