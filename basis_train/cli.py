@@ -112,7 +112,7 @@ def train_cmd(
     dtype: str | None = _opt("train.dtype", "float32 | bfloat16 | float16 (autocast)"),
     batch_size: int | None = _opt("train.batch_size", "sequences per step (per GPU under torchrun)"),
     dataset: str | None = _opt("data.dataset", "wiki-offline (embedded) | fineweb-edu | files"),
-    data_files: str | None = _opt("data.data_files", "glob of local .txt/.jsonl/.parquet files (implies --dataset files)"),
+    data_files: str | None = _opt("data.data_files", "glob of local text files, any UTF-8 (implies --dataset files)"),
     val_protocol: str | None = _opt("data.val_protocol", "heldout | paper"),
     out: str | None = typer.Option(
         None, help="output directory [default: --config's log.out, else runs/<method>-s<seed>-<config hash>]"),

@@ -53,6 +53,12 @@ VARIANT_HELP = ("comma list of " + ",".join(sorted(set(VARIANTS) | set(EXACT_VAR
                 + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
 
 
+def check_counts(**counts: int) -> None:
+    """Grid sizes from the command line (--seeds, --jobs) must be positive: one line, exit 2."""
+    for name, value in counts.items():
+        if value < 1:
+            fail(f"--{name} must be >= 1, got {value}")
+
 def parse_variants(text: str) -> list[tuple[str, set | None]]:
     """'ckpt@exact,all@256' -> [('ckpt', {'exact'}), ('all', {256})]; None: no restriction."""
     out = []
@@ -289,7 +295,7 @@ def compare(
     dataset: str | None = typer.Option(
         None, help=f"wiki-offline | fineweb-edu | files {config_default('data.dataset')}"),
     data_files: str | None = typer.Option(
-        None, help=f"glob of local .txt/.jsonl/.parquet files {config_default('data.data_files')}"),
+        None, help=f"glob of local text files (any UTF-8; .jsonl/.json/.parquet as records) {config_default('data.data_files')}"),
     out: Path = typer.Option(Path("runs/compare"), help="grid directory: runs/ per run, then the report"),
     jobs: int = typer.Option(1, help="runs in parallel (processes)"),
     gpus: str = typer.Option("", help="comma list of CUDA device indices to spread the parallel runs over "
@@ -309,9 +315,7 @@ def compare(
         names = parse_variants(variants)
     except ConfigError as e:
         fail(str(e))
-    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
+    check_counts(seeds=seeds, jobs=jobs)
     flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
              "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
              "data.data_files": data_files}

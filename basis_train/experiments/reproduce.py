@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from basis_train.cli import config_default, fail, make_app, run_app
-from basis_train.experiments.compare import GridError, Job, _names, grid_report, plan, run_jobs
+from basis_train.experiments.compare import GridError, Job, _names, check_counts, grid_report, plan, run_jobs
 from basis_train.reporting.report import load_metrics
 from basis_train.reporting.stats import verdict_parity
 from basis_train.training.config import ConfigError, load_config
@@ -149,9 +149,7 @@ def reproduce(
     """Exact and R = 64, 32, 16, 8, 1, seeds 0..N-1, each protocol in OUT/<protocol>/.
 
     Exits 1 when runs fail (the reports then hold the others and name the missing ones)."""
-    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
+    check_counts(seeds=seeds, jobs=jobs)
     missing: list[Job] = []
     try:
         load_config(config)
