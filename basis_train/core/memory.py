@@ -95,11 +95,15 @@ class SavedTensorMeter:
         return False
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # Always hand autograd a detached alias: a saved *output* packed as itself keeps its own
+        # grad_fn alive through a cycle in C++ that Python's gc cannot see, so a measured forward
+        # without a backward would leak the whole graph (and its AccumulateGrad nodes, which then
+        # break a later CUDA-graph capture on another stream).
         if not t.numel() or t.layout != torch.strided:
-            return t
+            return t.detach()
         key = _storage_key(t)
         if key in self._param_keys or key in self._storages:
-            return t
+            return t.detach()
         nbytes = t.untyped_storage().nbytes()
         if self._is_cast(t):
             category = "weight_cast"
@@ -111,7 +115,7 @@ class SavedTensorMeter:
             name, module = self._stack[-1] if self._stack else ("", None)
             category = self._categorize(name, module, t, self._after_head_input)
         self._storages[key] = (category, nbytes)
-        return t
+        return t.detach()
 
     def _bytes(self, pick) -> int:
         return sum(nb for cat, nb in self._storages.values() if pick(cat))
