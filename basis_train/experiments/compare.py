@@ -165,15 +165,25 @@ def _child_command(job: Job) -> list[str]:
 def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
              gpus: list[int] | None = None, keep_checkpoints: bool = False, progress: bool = True) -> list[Job]:
     """Run every unfinished job; returns the jobs that failed (their train.log says why)."""
-    todo = []
+    todo, stale = [], []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
         if _finished(job, cfg):
             log(f"skip (finished): {job.label} seed {job.seed}")
             continue
+        # A finished run of another config, with no checkpoint to extend, would be started over
+        # with --overwrite: its results would vanish. Refuse before anything runs.
+        if (job.out / "summary.json").exists() and not (job.out / "checkpoint.pt").exists():
+            stale.append(job)
+        todo.append((job, cfg))
+    if stale:
+        raise ConfigError(
+            f"{len(stale)} finished run(s) under {stale[0].out.parent} were made with another config "
+            f"({_names(stale)}); choose another --out, or move them away to re-run them")
+    for job, cfg in todo:
         job.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, job.out / "requested.yaml")
-        todo.append(job)
+    todo = [job for job, _ in todo]
     log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"
         + (f" over GPUs {gpus}" if gpus else ""))
     slots = GpuSlots(gpus)

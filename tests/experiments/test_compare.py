@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from basis_train.experiments import compare as compare_mod
 from basis_train.experiments.compare import GpuSlots, compare_app, plan
 from basis_train.experiments.reproduce import verdicts
+from basis_train.training.config import config_hash, load_config
 
 runner = CliRunner()
 
@@ -100,6 +101,10 @@ def test_grid_with_a_failed_run_exits_1_and_names_it(tmp_path, tiny_config, monk
             return 2  # fails after its first checkpoint: an unfinished run
         _fake_run(run_dir, "exact" if run_dir.name.startswith("exact") else "basis",
                   None if run_dir.name.startswith("exact") else 8)
+        # as basis-train does: the summary names the config it ran, so a later call skips the run
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["config_hash"] = config_hash(load_config(run_dir / "requested.yaml"))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
         return 0
 
     monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
@@ -126,6 +131,10 @@ def test_keep_checkpoints_keeps_them_and_one_bar_counts_the_runs(tmp_path, tiny_
         (run_dir / "checkpoint.pt").write_bytes(b"ckpt")
         _fake_run(run_dir, "exact" if run_dir.name.startswith("exact") else "basis",
                   None if run_dir.name.startswith("exact") else 8)
+        # as basis-train does: the summary names the config it ran, so a later call skips the run
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["config_hash"] = config_hash(load_config(run_dir / "requested.yaml"))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
         return 0
 
     monkeypatch.setattr(compare_mod.subprocess, "call", fake_call)
@@ -181,3 +190,25 @@ def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
     assert "paper val" in md and "6.575" in md and "## Verdicts" in md
     assert "6 of 6 planned runs finished" in md
     assert len((out / "heldout" / "results.csv").read_text().splitlines()) == 7
+
+
+def test_a_finished_run_of_another_config_is_never_overwritten(tmp_path, tiny_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare_mod.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    out = tmp_path / "g"
+    done = out / "runs" / "exact-s0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"config_hash": "made-with-another-config"}))
+    (done / "metrics.jsonl").write_text('{"step": 2000}\n')
+    res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "1",
+                                      "--out", str(out), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "another config" in res.output and "exact seed 0" in res.output
+    assert calls == []  # refused before any run started
+    assert json.loads((done / "summary.json").read_text()) == {"config_hash": "made-with-another-config"}
+    assert (done / "metrics.jsonl").read_text() == '{"step": 2000}\n'
+    # With a checkpoint it is an extension (--resume keeps its files), not a loss: allowed.
+    (done / "checkpoint.pt").write_bytes(b"ckpt")
+    res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "1",
+                                      "--out", str(out), "--quiet"])
+    assert any(c[-1] == "--resume" and "exact-s0" in c[c.index("--config") + 1] for c in calls), calls
