@@ -105,13 +105,15 @@ def _gather_kernel(m_ptr, table_ptr, out_ptr, sumsq_ptr, colsum_ptr, rows, cols,
     acc = tl.zeros((BLOCK_R * BLOCK_K, BLOCK_C), dtype=tl.float32)
     sq = tl.zeros((BLOCK_R * BLOCK_K, BLOCK_C), dtype=tl.float32)
     cs = tl.zeros((BLOCK_R * BLOCK_K, BLOCK_C), dtype=tl.float32)
+    # steps_per_split is a multiple of BLOCK_K (launch_shape), so a split's steps never spill
+    # into the next split's: only bins beyond R and slots beyond the rows need masking.
     slot = b + (k_first + kk) * rank
-    valid = (b < rank) & (kk < steps_per_split) & (slot < rows)
+    valid = (b < rank) & (slot < rows)
     entry = tl.load(table_ptr + slot, mask=valid, other=0)
-    for k0 in range(0, steps_per_split, BLOCK_K):
+    for _ in range(0, steps_per_split, BLOCK_K):
         # Prefetch the next iteration's table entries before this iteration's rows.
         slot_next = slot + BLOCK_K * rank
-        valid_next = (b < rank) & (k0 + BLOCK_K + kk < steps_per_split) & (slot_next < rows)
+        valid_next = (b < rank) & (slot_next < rows)
         entry_next = tl.load(table_ptr + slot_next, mask=valid_next, other=0)
         row = (entry >> 1).to(tl.int64)
         tile = tl.load(m_ptr + row[:, None] * stride_m + c[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
