@@ -184,10 +184,20 @@ def _rescale(sketch: torch.Tensor, full: torch.Tensor, lam: float, scalars: bool
     return _scale(sketch, torch.linalg.vector_norm(full, dtype=sketch.dtype).square(), lam, scalars)
 
 
+def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
+                  colsum: bool = False):
+    """(rescaled sketch of m, column sums of m if asked). Kernels that also fuse the rescale
+    (v2's `scaled_stats`) save the dozen small launches of `_scale` and the partial sums."""
+    fused = getattr(_kernels, "scaled_stats", None) if _use_kernel(m, kind) else None
+    if fused is not None:
+        return fused(m, seed, rank, scalars, lam, _EPS, colsum)
+    sk, sumsq, cs = _sketch_stats(m, seed, rank, kind, colsum)
+    return _scale(sk, sumsq, lam, scalars), cs
+
+
 def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float) -> torch.Tensor:
     """The rescaled sketch of one matrix: what each pass of BasisLinear keeps or multiplies."""
-    sk, sumsq, _ = _sketch_stats(m, seed, rank, kind)
-    return _scale(sk, sumsq, lam, scalars)
+    return _scaled_stats(m, seed, rank, kind, scalars, lam)[0]
 
 
 def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
@@ -222,8 +232,8 @@ class BasisLinearFunction(torch.autograd.Function):
         need_b = has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             # One pass over dY: its sketch, its norm and (for the bias) its column sums.
-            gs, sumsq, colsum = _sketch_stats(grad_out, seed, r, kind, colsum=need_b)
-            grad_w = _weight_grad(_scale(gs, sumsq, lam, scalars), xs, grad_out.dtype).to(weight.dtype)
+            gs, colsum = _scaled_stats(grad_out, seed, r, kind, scalars, lam, colsum=need_b)
+            grad_w = _weight_grad(gs, xs, grad_out.dtype).to(weight.dtype)
             if need_b:
                 grad_b = colsum.to(weight.dtype)
         elif need_b:

@@ -233,3 +233,20 @@ def test_kernel_version_switch(monkeypatch):
         assert sketch._kernel_module().__name__.endswith(name)
     with pytest.raises(ValueError, match="BASIS_SKETCH_KERNEL"):
         sketch.set_kernel_version("v3")
+
+
+@pytest.mark.parametrize("tuning", ["", "programs=100000,tile_rows=4"])  # unsplit; steps split (reduce kernel)
+@pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0), (False, 0.2)])
+def test_interpreted_v2_fused_rescale_matches_scale_of_the_reference(interpreted_v2, monkeypatch, tuning, scalars,
+                                                                     lam):
+    monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
+    torch.manual_seed(1)
+    rows, cols, rank, seed = 67, 150, 8, torch.tensor(99)  # two column blocks in every kernel
+    m = torch.randn(rows, cols)
+    sk, cs = interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS, colsum=True)
+    m64 = m.double()
+    expected = sketch._scale(count_sketch_reference(m64, seed, rank), m64.square().sum(), lam, scalars)
+    assert sk.dtype == torch.float32 and sk.shape == (rank, cols)
+    assert_close(sk.double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close(cs.double(), m64.sum(0), rtol=1e-5, atol=1e-4)
+    assert interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS)[1] is None

@@ -88,8 +88,9 @@ def _slot_table_kernel(seed_ptr, table_ptr, rows, BITS: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _gather_kernel(m_ptr, table_ptr, out_ptr, sumsq_ptr, colsum_ptr, rows, cols, stride_m, rank, steps_per_split,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, COLSUM: tl.constexpr):
+def _gather_kernel(m_ptr, table_ptr, out_ptr, sumsq_ptr, colsum_ptr, sknorm_ptr, rows, cols, stride_m, rank,
+                   steps_per_split, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                   COLSUM: tl.constexpr, SKNORM: tl.constexpr):
     rb = tl.program_id(0)
     cb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -129,8 +130,61 @@ def _gather_kernel(m_ptr, table_ptr, out_ptr, sumsq_ptr, colsum_ptr, rows, cols,
              mask=(bins < rank)[:, None] & cmask[None, :])
     part = sp * n_rb + rb
     tl.store(sumsq_ptr + part * n_cb + cb, tl.sum(tl.sum(sq, axis=1), axis=0))
+    if SKNORM:  # unsplit: this tile of the sketch is final, so its squared norm is a partial of ||S m||^2
+        tl.store(sknorm_ptr + rb * n_cb + cb, tl.sum(tl.sum(sk * sk, axis=1), axis=0))
     if COLSUM:
         tl.store(colsum_ptr + part * cols + c, tl.sum(cs, axis=0), mask=cmask)
+
+
+@triton.jit
+def _reduce_splits_kernel(parts_ptr, out_ptr, sknorm_ptr, rank, cols, splits,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum the per-split partial sketches in split order; squared norm of each finished tile."""
+    rb = tl.program_id(0)
+    cb = tl.program_id(1)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r < rank)[:, None] & (c < cols)[None, :]
+    offs = r[:, None] * cols + c[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for sp in range(0, splits):
+        acc += tl.load(parts_ptr + sp * rank * cols + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+    tl.store(sknorm_ptr + rb * tl.num_programs(1) + cb, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _fixed_order_sum(ptr, n, BLOCK: tl.constexpr):
+    # Every program that calls this sums the same values in the same order: the same bits.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        acc += tl.load(ptr + i + tl.arange(0, BLOCK), mask=i + tl.arange(0, BLOCK) < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_ptr, n_cs, cs_ptr, rank, cols, shrink, eps, SCALARS: tl.constexpr, COLSUM: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """In place: sketch *= (1 - lam) * ||m||_F / (||S m||_F + eps) (the invariant scalars, as
+    sketch._scale), and the column sums of m from their partials."""
+    cb = tl.program_id(0)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < cols
+    sumsq = _fixed_order_sum(sumsq_ptr, n_sumsq, BLOCK_N)
+    if SCALARS:
+        factor = tl.sqrt(sumsq) / (tl.sqrt(_fixed_order_sum(sknorm_ptr, n_sknorm, BLOCK_N)) + eps) * shrink
+    else:
+        factor = shrink
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        offs = r[:, None] * cols + c[None, :]
+        mask = (r < rank)[:, None] & cmask[None, :]
+        tl.store(sk_ptr + offs, tl.load(sk_ptr + offs, mask=mask, other=0.0) * factor, mask=mask)
+    if COLSUM:
+        cs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p in range(0, n_cs):
+            cs += tl.load(cs_parts_ptr + p * cols + c, mask=cmask, other=0.0)
+        tl.store(cs_ptr + c, cs, mask=cmask)
 
 
 def _tuning() -> dict[str, int]:
@@ -177,22 +231,61 @@ def slot_table(seed: torch.Tensor, rows: int, block: int | None = None) -> torch
     return table
 
 
-def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool = False):
-    """(S m in float32, ||m||_F^2 as a 0-d float32 tensor, column sums of m or None)."""
+def _gather(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool, sknorm: bool):
+    """Launch the table and gather kernels. (sketch partials [splits, R, C], squared-norm partials,
+    column-sum partials [parts, C] or None, sketch-norm partials or None (unsplit only), shape)."""
     rows, cols = m.shape
-    if m.stride(1) != 1:
-        m = m.contiguous()
     cfg = _tuning()
     table = slot_table(seed, rows, cfg["table_block"])
     sh = launch_shape(rows, cols, rank, cfg)
-    splits = sh["splits"]
+    splits, n_tiles = sh["splits"], sh["n_rb"] * sh["n_cb"]
     out = torch.empty(splits, rank, cols, device=m.device, dtype=torch.float32)
-    sumsq = torch.empty(splits * sh["n_rb"] * sh["n_cb"], device=m.device, dtype=torch.float32)
-    cs = torch.empty(splits * sh["n_rb"], cols, device=m.device, dtype=torch.float32) if colsum else out
+    sumsq = torch.empty(splits * n_tiles, device=m.device, dtype=torch.float32)
+    cs = torch.empty(splits * sh["n_rb"], cols, device=m.device, dtype=torch.float32) if colsum else None
+    skn = torch.empty(n_tiles, device=m.device, dtype=torch.float32) if sknorm and splits == 1 else None
     _gather_kernel[(sh["n_rb"], sh["n_cb"], splits)](
-        m, table, out, sumsq, cs, rows, cols, m.stride(0), rank, sh["steps"],
-        BLOCK_R=sh["block_r"], BLOCK_K=sh["block_k"], BLOCK_C=sh["block_c"], COLSUM=colsum,
-        num_warps=cfg["warps"],
+        m, table, out, sumsq, out if cs is None else cs, sumsq if skn is None else skn, rows, cols, m.stride(0),
+        rank, sh["steps"], BLOCK_R=sh["block_r"], BLOCK_K=sh["block_k"], BLOCK_C=sh["block_c"],
+        COLSUM=colsum, SKNORM=skn is not None, num_warps=cfg["warps"],
     )
-    sketch = out[0] if splits == 1 else out.sum(0)
+    return out, sumsq, cs, skn, sh
+
+
+def _contiguous_rows(m: torch.Tensor) -> torch.Tensor:
+    return m if m.stride(1) == 1 else m.contiguous()
+
+
+def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool = False):
+    """(S m in float32, ||m||_F^2 as a 0-d float32 tensor, column sums of m or None)."""
+    out, sumsq, cs, _, _ = _gather(_contiguous_rows(m), seed, rank, colsum, sknorm=False)
+    sketch = out[0] if out.shape[0] == 1 else out.sum(0)
     return sketch, sumsq.sum(), (cs[0] if cs.shape[0] == 1 else cs.sum(0)) if colsum else None
+
+
+_FINISH_BLOCK_C = 128
+_FINISH_BLOCK_R = 16
+
+
+def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, scalars: bool, lam: float, eps: float,
+                 colsum: bool = False):
+    """(sketch._scale(S m, ||m||_F^2, lam, scalars), column sums of m or None), in at most four
+    launches (table, gather, split reduction when the bins' steps are split, finish) instead of
+    a dozen small torch ops after the kernel."""
+    m = _contiguous_rows(m)
+    rows, cols = m.shape
+    out, sumsq, cs, skn, sh = _gather(m, seed, rank, colsum, sknorm=scalars)
+    sketch = out[0]
+    if sh["splits"] > 1:
+        sketch = torch.empty(rank, cols, device=m.device, dtype=torch.float32)
+        grid = (triton.cdiv(rank, _FINISH_BLOCK_R), triton.cdiv(cols, _FINISH_BLOCK_C))
+        skn = torch.empty(grid[0] * grid[1], device=m.device, dtype=torch.float32)
+        _reduce_splits_kernel[grid](out, sketch, skn, rank, cols, sh["splits"],
+                                    BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
+    colsums = torch.empty(cols, device=m.device, dtype=torch.float32) if colsum else None
+    _finish_kernel[(triton.cdiv(cols, _FINISH_BLOCK_C),)](
+        sketch, sumsq, sumsq.numel(), sumsq if skn is None else skn, 0 if skn is None else skn.numel(),
+        sketch if cs is None else cs, 0 if cs is None else cs.shape[0], sketch if colsums is None else colsums,
+        rank, cols, 1.0 - lam, eps, SCALARS=scalars, COLSUM=colsum,
+        BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C, BLOCK_N=1024,
+    )
+    return sketch, colsums
