@@ -240,6 +240,9 @@ def test_kernel_version_switch(monkeypatch):
 def test_interpreted_v2_fused_rescale_matches_scale_of_the_reference(interpreted_v2, monkeypatch, tuning, scalars,
                                                                      lam):
     monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
+    # Small finish blocks: several row blocks and several chunks of the fixed-order partial sums.
+    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_R", 4)
+    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_N", 2)
     torch.manual_seed(1)
     rows, cols, rank, seed = 67, 150, 8, torch.tensor(99)  # two column blocks in every kernel
     m = torch.randn(rows, cols)

@@ -262,8 +262,10 @@ def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool = 
     return sketch, sumsq.sum(), (cs[0] if cs.shape[0] == 1 else cs.sum(0)) if colsum else None
 
 
+# Finish kernels' blocks (module-level so the tests can shrink them to cover every loop).
 _FINISH_BLOCK_C = 128
 _FINISH_BLOCK_R = 16
+_FINISH_BLOCK_N = 1024
 
 
 def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, scalars: bool, lam: float, eps: float,
@@ -286,6 +288,6 @@ def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, scalars: bool, 
         sketch, sumsq, sumsq.numel(), sumsq if skn is None else skn, 0 if skn is None else skn.numel(),
         sketch if cs is None else cs, 0 if cs is None else cs.shape[0], sketch if colsums is None else colsums,
         rank, cols, 1.0 - lam, eps, SCALARS=scalars, COLSUM=colsum,
-        BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C, BLOCK_N=1024,
+        BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C, BLOCK_N=_FINISH_BLOCK_N,
     )
     return sketch, colsums
