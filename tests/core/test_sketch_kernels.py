@@ -125,11 +125,32 @@ def test_gpu_kernel_bins_and_signs_match_cpu(version):
 
 
 @cuda
-def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream():
+@pytest.mark.parametrize("rows,cols,rank", [(8192, 3072, 64), (8192, 768, 16), (1000, 257, 256)])
+def test_gpu_v2_fused_rescale_matches_reference_and_is_deterministic(rows, cols, rank):
+    kernels = compiled("v2")
+    torch.manual_seed(0)
+    m = torch.randn(rows, cols, device="cuda").bfloat16()
+    seed = torch.tensor(2**32 - 5, device="cuda")
+    sk, cs = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    m64, seed64 = m.double().cpu(), seed.cpu()
+    expected = sketch._scale(count_sketch_reference(m64, seed64, rank), m64.square().sum(), 0.01, True)
+    assert_close(sk.double().cpu(), expected, rtol=1e-5, atol=1e-4)
+    assert_close(cs.double().cpu(), m64.sum(0), rtol=1e-5, atol=1e-4)
+    again = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    assert torch.equal(sk, again[0]) and torch.equal(cs, again[1])
+
+
+@cuda
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream(version, monkeypatch):
     # At R < rows every seed gives another dW, so a sketch frozen into the graph would fail.
     from basis_train.core import graphs
 
+    monkeypatch.setattr(sketch, "_kernel_version", sketch.kernel_version())
+    monkeypatch.setattr(sketch, "_kernels", None)
+    sketch.set_kernel_version(version)
     assert sketch._use_kernel(torch.empty(4, 4, device="cuda"), "balanced")
+    assert sketch._kernels.__name__.endswith(sketch.KERNEL_VERSIONS[version])
 
     def make():
         torch.manual_seed(0)

@@ -170,8 +170,8 @@ def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_pt
     cb = tl.program_id(0)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < cols
-    sumsq = _fixed_order_sum(sumsq_ptr, n_sumsq, BLOCK_N)
     if SCALARS:
+        sumsq = _fixed_order_sum(sumsq_ptr, n_sumsq, BLOCK_N)
         factor = tl.sqrt(sumsq) / (tl.sqrt(_fixed_order_sum(sknorm_ptr, n_sknorm, BLOCK_N)) + eps) * shrink
     else:
         factor = shrink
