@@ -10,7 +10,8 @@ then the whole result as one JSON object (also written to --out):
   replayed interleaved with the others; "floor_ms" is one read of the matrix at a nominal
   4.8 TB/s (H200 HBM3e), "read_ms" a torch column sum (one real read of it) for scale;
 - "layer": BasisLinear forward + backward (8192 x 768 -> 3072, bf16 autocast) at R = 16, 64,
-  256 with v1 and with v2, and nn.Linear, all CUDA graphs replayed interleaved; ratio =
+  256 with v1 and with v2 (and v2 with a torch finish at R = 64), and nn.Linear, all CUDA
+  graphs replayed interleaved; ratio =
   BasisLinear / nn.Linear (issue 11's target: <= 0.75 at R = 64).
 Every contender is set up in its own try block: one failure is recorded as {"error": ...}
 and the others are still timed.
@@ -23,6 +24,7 @@ import json
 import os
 import sys
 import traceback
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,11 +133,15 @@ def layer_section(reps: int, bf16: bool, device) -> dict:
         graphs["linear"] = bk._layer_graph(None, bf16, device)
     except Exception as e:  # noqa: BLE001
         errors["linear"] = error(e)
-    for version in ("v1", "v2"):
-        for rank in RANKS:
+    # "v2-torch-finish": v2's table and gather, but the split sums and rescale in torch ops as v1
+    # (what the fused finish kernels save).
+    for version in ("v1", "v2", "v2-torch-finish"):
+        for rank in RANKS if version != "v2-torch-finish" else (64,):
             label = f"{version} R={rank}"
             try:
-                with kernels(version):
+                with kernels(version[:2]) as k:
+                    if version == "v2-torch-finish":
+                        sketch._kernels = types.SimpleNamespace(sketch_stats=k.sketch_stats)
                     graphs[label] = bk._layer_graph(rank, bf16, device)
             except Exception as e:  # noqa: BLE001
                 errors[label] = error(e)
