@@ -10,8 +10,9 @@ Balanced bins without sorting: pi is a Feistel network over the next power of tw
 restricted to range(rows) by cycle-walking (apply it again until the value lands in range,
 which keeps it a bijection). Row i goes to bin pi(i) mod R, so every bin receives floor or
 ceil of rows / R rows. The kernels gather instead of scatter: the program for bin b reads
-rows pi^-1(b), pi^-1(b + R), ... (the inverse network, cycle-walked), so no atomics are needed
-and sums are deterministic.
+rows pi^-1(b), pi^-1(b + R), ... so no atomics are needed and sums are deterministic. The v2
+kernels (`kernels/sketch_gather.py`) get pi^-1 as a table written by every row i in parallel
+at pi(i) (the forward network, cycle-walked); v1 evaluated the inverse network per slot.
 
 All arithmetic is on int64 values below 2**32, with multipliers below 2**31 so no product
 overflows; the kernels do exactly the same operations.

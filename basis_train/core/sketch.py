@@ -17,8 +17,9 @@ hashes for signs). Only the R x N sketch and the 8-byte seed are kept for backwa
 Implementations sharing that randomness:
 - `count_sketch_reference`: a scatter (index_add) over explicit bins, the readable
   definition the tests compare against;
-- `count_sketch` / `scaled_sketch`: on CUDA one fused Triton kernel per matrix
-  (`kernels/sketch_triton.py`); elsewhere, or without Triton, a PyTorch gather.
+- `count_sketch` / `scaled_sketch`: on CUDA the fused Triton kernels (`kernels/sketch_gather.py`:
+  a slot table, then one gather-and-sum pass per matrix; `kernels/sketch_triton.py`, the older
+  v1, by BASIS_SKETCH_KERNEL=v1); elsewhere, or without Triton, a PyTorch gather.
 
 Vocabulary: a *hashing* assigns rows to the bins of a count-sketch ("balanced", "uniform").
 A *sketch kind* is what summarises a matrix: a count-sketch with one of the hashings, or
@@ -27,7 +28,9 @@ A *sketch kind* is what summarises a matrix: a count-sketch with one of the hash
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import warnings
 
 import torch
@@ -44,19 +47,43 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Device types routed to the Triton kernels. Tests add "cpu" to run them under the Triton
 # interpreter (with `_kernels` replaced by an interpreted copy of the module).
 _KERNEL_DEVICES = {"cuda"}
+# The fused kernels, by version: v2 builds a slot table in parallel and then only gathers;
+# v1 (inverse Feistel inside the summing kernel) stays for A/B timing (bench_kernels --ab).
+# Both give the same bins and signs. BASIS_SKETCH_KERNEL picks one for the process.
+KERNEL_VERSIONS = {"v1": "sketch_triton", "v2": "sketch_gather"}
 _kernels = None  # the kernel module once imported; False where Triton is missing
+
+
+def _check_version(version: str) -> str:
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"BASIS_SKETCH_KERNEL must be one of {sorted(KERNEL_VERSIONS)}, got {version!r}")
+    return version
+
+
+_kernel_version = _check_version(os.environ.get("BASIS_SKETCH_KERNEL", "v2"))
+
+
+def set_kernel_version(version: str) -> None:
+    """Switch the fused kernels used from now on (the A/B bench times both in one process)."""
+    global _kernels, _kernel_version
+    _kernel_version = _check_version(version)
+    _kernels = None
+
+
+def kernel_version() -> str:
+    return _kernel_version
 
 
 def _kernel_module():
     global _kernels
     if _kernels is None:
         try:
-            from basis_train.core.kernels import sketch_triton
+            module = importlib.import_module(f"basis_train.core.kernels.{KERNEL_VERSIONS[_kernel_version]}")
         except ImportError as e:  # one warning, then the PyTorch path for the rest of the process
             warnings.warn(f"Triton is not available ({e}); BASIS uses its slower PyTorch sketch", stacklevel=3)
             _kernels = False
         else:
-            _kernels = sketch_triton
+            _kernels = module
     return _kernels
 
 
@@ -157,10 +184,20 @@ def _rescale(sketch: torch.Tensor, full: torch.Tensor, lam: float, scalars: bool
     return _scale(sketch, torch.linalg.vector_norm(full, dtype=sketch.dtype).square(), lam, scalars)
 
 
+def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
+                  colsum: bool = False):
+    """(rescaled sketch of m, column sums of m if asked). Kernels that also fuse the rescale
+    (v2's `scaled_stats`) save the dozen small launches of `_scale` and the partial sums."""
+    fused = getattr(_kernels, "scaled_stats", None) if _use_kernel(m, kind) else None
+    if fused is not None:
+        return fused(m, seed, rank, scalars, lam, _EPS, colsum)
+    sk, sumsq, cs = _sketch_stats(m, seed, rank, kind, colsum)
+    return _scale(sk, sumsq, lam, scalars), cs
+
+
 def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float) -> torch.Tensor:
     """The rescaled sketch of one matrix: what each pass of BasisLinear keeps or multiplies."""
-    sk, sumsq, _ = _sketch_stats(m, seed, rank, kind)
-    return _scale(sk, sumsq, lam, scalars)
+    return _scaled_stats(m, seed, rank, kind, scalars, lam)[0]
 
 
 def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
@@ -195,8 +232,8 @@ class BasisLinearFunction(torch.autograd.Function):
         need_b = has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             # One pass over dY: its sketch, its norm and (for the bias) its column sums.
-            gs, sumsq, colsum = _sketch_stats(grad_out, seed, r, kind, colsum=need_b)
-            grad_w = _weight_grad(_scale(gs, sumsq, lam, scalars), xs, grad_out.dtype).to(weight.dtype)
+            gs, colsum = _scaled_stats(grad_out, seed, r, kind, scalars, lam, colsum=need_b)
+            grad_w = _weight_grad(gs, xs, grad_out.dtype).to(weight.dtype)
             if need_b:
                 grad_b = colsum.to(weight.dtype)
         elif need_b:

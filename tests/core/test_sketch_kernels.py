@@ -1,5 +1,5 @@
-"""The fused Triton sketch kernel against the PyTorch reference: under the Triton
-interpreter on CPU (small shapes), and compiled on a GPU when there is one."""
+"""The fused Triton sketch kernels (v1 and v2) against the PyTorch reference: under the
+Triton interpreter on CPU (small shapes), and compiled on a GPU when there is one."""
 
 import importlib.util
 import os
@@ -13,25 +13,41 @@ from basis_train.core import sketch
 from basis_train.core.sketch import BasisLinear, count_sketch_reference, sketch_bins, sketch_signs
 
 triton = pytest.importorskip("triton")
-KERNEL_FILE = Path(sketch.__file__).parent / "kernels" / "sketch_triton.py"
+KERNEL_DIR = Path(sketch.__file__).parent / "kernels"
+VERSIONS = sorted(sketch.KERNEL_VERSIONS)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture()
-def interpreted(monkeypatch):
-    """A copy of the kernel module built under Triton's interpreter, routed to for CPU tensors."""
+def interpret(version, monkeypatch):
+    """A copy of a kernel module built under Triton's interpreter, routed to for CPU tensors."""
     import triton.language as tl
 
     if torch.cuda.is_available():
         pytest.skip("with a GPU the compiled kernels are tested instead (the tests marked cuda)")
     if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
         pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted", KERNEL_FILE)
+    name = sketch.KERNEL_VERSIONS[version]
+    spec = importlib.util.spec_from_file_location(f"basis_train.core.kernels._interpreted_{name}",
+                                                  KERNEL_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(sketch, "_kernels", module)
     monkeypatch.setattr(sketch, "_KERNEL_DEVICES", {"cpu", "cuda"})
     return module
+
+
+@pytest.fixture(params=VERSIONS)
+def interpreted(request, monkeypatch):
+    return interpret(request.param, monkeypatch)
+
+
+@pytest.fixture()
+def interpreted_v2(monkeypatch):
+    return interpret("v2", monkeypatch)
+
+
+def compiled(version):
+    return importlib.import_module(f"basis_train.core.kernels.{sketch.KERNEL_VERSIONS[version]}")
 
 
 def check_stats(kernels, m, seed, rank):
@@ -64,7 +80,7 @@ def test_interpreted_kernel_puts_rows_in_the_same_bins_with_the_same_signs(inter
     assert torch.equal(sk, expected)
 
 
-def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpreted):
+def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpreted_v2):
     # The whole layer (forward sketch of X, backward sketch + norm + bias sums of dY) on the kernels.
     torch.manual_seed(0)
     ref = torch.nn.Linear(6, 5)
@@ -82,37 +98,59 @@ def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpret
 
 
 @cuda
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("rows,cols,rank,dtype", [(8192, 3072, 64, torch.bfloat16), (8192, 768, 16, torch.float32),
-                                                  (1000, 257, 256, torch.float16), (64, 64, 32, torch.float32)])
-def test_gpu_kernel_matches_reference(rows, cols, rank, dtype):
-    from basis_train.core.kernels import sketch_triton
-
+                                                  (1000, 257, 256, torch.float16), (64, 64, 32, torch.float32),
+                                                  (8191, 3000, 64, torch.bfloat16), (3, 8, 2, torch.float32)])
+def test_gpu_kernel_matches_reference(version, rows, cols, rank, dtype):
+    kernels = compiled(version)
     torch.manual_seed(0)
     m = torch.randn(rows, cols, device="cuda").to(dtype)
     seed = torch.tensor(2**32 - 5, device="cuda")
-    check_stats(sketch_triton, m, seed, rank)
-    first = sketch_triton.sketch_stats(m, seed, rank, colsum=True)
-    again = sketch_triton.sketch_stats(m, seed, rank, colsum=True)
+    check_stats(kernels, m, seed, rank)
+    first = kernels.sketch_stats(m, seed, rank, colsum=True)
+    again = kernels.sketch_stats(m, seed, rank, colsum=True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # deterministic: no atomics
 
 
 @cuda
-def test_gpu_kernel_bins_and_signs_match_cpu():
-    from basis_train.core.kernels import sketch_triton
-
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_kernel_bins_and_signs_match_cpu(version):
+    kernels = compiled(version)
     rows, rank, seed = 3000, 64, 77
-    sk = sketch_triton.sketch_stats(torch.eye(rows, device="cuda"), torch.tensor(seed, device="cuda"), rank)[0]
+    sk = kernels.sketch_stats(torch.eye(rows, device="cuda"), torch.tensor(seed, device="cuda"), rank)[0]
     expected = torch.zeros(rank, rows)
     expected[sketch_bins(torch.tensor(seed), rows, rank), torch.arange(rows)] = sketch_signs(torch.tensor(seed), rows)
     assert torch.equal(sk.cpu(), expected)
 
 
 @cuda
-def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream():
+@pytest.mark.parametrize("rows,cols,rank", [(8192, 3072, 64), (8192, 768, 16), (1000, 257, 256)])
+def test_gpu_v2_fused_rescale_matches_reference_and_is_deterministic(rows, cols, rank):
+    kernels = compiled("v2")
+    torch.manual_seed(0)
+    m = torch.randn(rows, cols, device="cuda").bfloat16()
+    seed = torch.tensor(2**32 - 5, device="cuda")
+    sk, cs = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    m64, seed64 = m.double().cpu(), seed.cpu()
+    expected = sketch._scale(count_sketch_reference(m64, seed64, rank), m64.square().sum(), 0.01, True)
+    assert_close(sk.double().cpu(), expected, rtol=1e-5, atol=1e-4)
+    assert_close(cs.double().cpu(), m64.sum(0), rtol=1e-5, atol=1e-4)
+    again = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    assert torch.equal(sk, again[0]) and torch.equal(cs, again[1])
+
+
+@cuda
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream(version, monkeypatch):
     # At R < rows every seed gives another dW, so a sketch frozen into the graph would fail.
     from basis_train.core import graphs
 
+    monkeypatch.setattr(sketch, "_kernel_version", sketch.kernel_version())
+    monkeypatch.setattr(sketch, "_kernels", None)
+    sketch.set_kernel_version(version)
     assert sketch._use_kernel(torch.empty(4, 4, device="cuda"), "balanced")
+    assert sketch._kernels.__name__.endswith(sketch.KERNEL_VERSIONS[version])
 
     def make():
         torch.manual_seed(0)
@@ -146,3 +184,93 @@ def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream():
     for a, b in zip(got, expected):
         assert_close(a, b)
     assert not torch.equal(got[0], got[1])
+
+
+# --- v2: the slot table and the launch shapes of the gather ---------------------------------
+
+@pytest.mark.parametrize("rows", [5, 64, 67, 1000])
+def test_interpreted_slot_table_is_the_inverse_permutation_with_the_row_signs(interpreted_v2, rows):
+    for s in (0, 2**32 - 5):
+        seed = torch.tensor(s)
+        table = interpreted_v2.slot_table(seed, rows, block=64 if rows < 100 else 512)  # several programs
+        q = sketch.sketch_permutation(seed, rows)
+        assert torch.equal((table >> 1).long(), q), (rows, s)
+        assert torch.equal(1 - 2 * (table & 1).float(), sketch_signs(seed, rows)[q]), (rows, s)
+
+
+def visited_slots(rows, cols, rank, cfg):
+    """Replay the gather kernel's loop bounds in Python: which slot each (bin, column block) reads."""
+    from basis_train.core.kernels import sketch_gather
+
+    sh = sketch_gather.launch_shape(rows, cols, rank, cfg)
+    seen = []
+    for rb in range(sh["n_rb"]):
+        for sp in range(sh["splits"]):
+            for k0 in range(0, sh["steps"], sh["block_k"]):
+                for t in range(sh["block_r"] * sh["block_k"]):
+                    b, kk = rb * sh["block_r"] + t % sh["block_r"], t // sh["block_r"]
+                    slot = b + (sp * sh["steps"] + k0 + kk) * rank
+                    if b < rank and slot < rows:  # the kernel's mask
+                        seen.append(slot)
+    return sh, seen
+
+
+@pytest.mark.parametrize("rows,cols,rank", [(8192, 3072, 64), (8192, 768, 16), (8192, 3072, 256), (1000, 257, 256),
+                                            (67, 5, 8), (5, 3, 3), (8191, 768, 1), (3, 8, 64)])
+@pytest.mark.parametrize("programs,tile_rows", [(528, 32), (1, 32), (100000, 8), (64, 64)])
+def test_launch_shape_reads_every_slot_exactly_once(rows, cols, rank, programs, tile_rows):
+    cfg = dict(tile_rows=tile_rows, block_c=128, warps=4, programs=programs, table_block=1024)
+    sh, seen = visited_slots(rows, cols, rank, cfg)
+    assert sorted(seen) == list(range(rows)), sh
+    assert sh["steps"] % sh["block_k"] == 0  # the kernel masks no step of a split
+    assert sh["block_r"] * sh["block_k"] <= tile_rows
+
+
+@pytest.mark.parametrize("tuning,rows,cols,rank", [
+    ("programs=1,tile_rows=16,block_c=16", 67, 40, 8),  # 8 bins per program, no split, 3 column blocks
+    ("programs=100000,tile_rows=4", 67, 40, 8),         # one bin per program, steps split over programs
+    ("programs=2,tile_rows=8,table_block=16", 50, 9, 3),  # bins masked off in the last bin block
+])
+def test_interpreted_v2_matches_reference_under_other_launch_shapes(interpreted_v2, monkeypatch, tuning, rows,
+                                                                    cols, rank):
+    monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
+    torch.manual_seed(rows)
+    check_stats(interpreted_v2, torch.randn(rows, cols), torch.tensor(4242), rank)
+
+
+def test_v2_tuning_rejects_unknown_keys(monkeypatch):
+    from basis_train.core.kernels import sketch_gather
+
+    monkeypatch.setenv("BASIS_SKETCH_V2", "program=5")
+    with pytest.raises(ValueError, match="unknown key"):
+        sketch_gather.launch_shape(64, 8, 4)
+
+
+def test_kernel_version_switch(monkeypatch):
+    monkeypatch.setattr(sketch, "_kernels", None)
+    monkeypatch.setattr(sketch, "_kernel_version", sketch.kernel_version())
+    for version, name in sketch.KERNEL_VERSIONS.items():
+        sketch.set_kernel_version(version)
+        assert sketch._kernel_module().__name__.endswith(name)
+    with pytest.raises(ValueError, match="BASIS_SKETCH_KERNEL"):
+        sketch.set_kernel_version("v3")
+
+
+@pytest.mark.parametrize("tuning", ["", "programs=100000,tile_rows=4"])  # unsplit; steps split (reduce kernel)
+@pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0), (False, 0.2)])
+def test_interpreted_v2_fused_rescale_matches_scale_of_the_reference(interpreted_v2, monkeypatch, tuning, scalars,
+                                                                     lam):
+    monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
+    # Small finish blocks: several row blocks and several chunks of the fixed-order partial sums.
+    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_R", 4)
+    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_N", 2)
+    torch.manual_seed(1)
+    rows, cols, rank, seed = 67, 150, 8, torch.tensor(99)  # two column blocks in every kernel
+    m = torch.randn(rows, cols)
+    sk, cs = interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS, colsum=True)
+    m64 = m.double()
+    expected = sketch._scale(count_sketch_reference(m64, seed, rank), m64.square().sum(), lam, scalars)
+    assert sk.dtype == torch.float32 and sk.shape == (rank, cols)
+    assert_close(sk.double(), expected, rtol=1e-5, atol=1e-5)
+    assert_close(cs.double(), m64.sum(0), rtol=1e-5, atol=1e-4)
+    assert interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS)[1] is None
