@@ -67,9 +67,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"  # one predicate, so CPU tests can pretend (tests/core/test_head_cce.py)
+
+
 def _not_here(x: torch.Tensor) -> str | None:
     """Why CCE cannot run on this input (None when it can)."""
-    if x.device.type != "cuda":
+    if not _on_cuda(x):
         return f"CCE runs only on CUDA (input on {x.device.type})"
     if compute_dtype(x) not in CCE_DTYPES:
         return f"CCE's backward needs bf16 or fp16 (this head computes in {compute_dtype(x)})"
@@ -96,7 +100,7 @@ def use_cce(kernel: str, x: torch.Tensor) -> bool:
         return True
     if kernel == "cce":
         raise RuntimeError(f"head kernel 'cce' requested but {reason}")
-    if x.device.type == "cuda" and compute_dtype(x) in CCE_DTYPES:
+    if _on_cuda(x) and compute_dtype(x) in CCE_DTYPES:
         _warn_once(reason)  # a GPU run that would have used CCE: say why it does not
     return False
 
