@@ -80,7 +80,7 @@ def _not_here(x: torch.Tensor) -> str | None:
     return cce_problem()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(reason: str) -> None:
     warnings.warn(f"exact fused head: not using Cut Cross-Entropy, running our chunked head instead: {reason}",
                   RuntimeWarning, stacklevel=3)

@@ -158,7 +158,8 @@ CLI_FLAGS: dict[str, str] = {
     "dtype": "train.dtype", "checkpoint_every": "train.checkpoint_every",
     "dataset": "data.dataset", "data_files": "data.data_files",
     "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
-    "head": "model.head", "head_kernel": "model.head_kernel", "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
+    "head": "model.head", "head_kernel": "model.head_kernel", "lr": "optim.lr", "optimizer": "optim.name",
+    "lr_scale_sketched": "optim.lr_scale_sketched",
     "cuda_graphs": "train.cuda_graphs", "compile": "train.compile",
 }
 
