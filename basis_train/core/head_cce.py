@@ -16,8 +16,9 @@ they are checked at import; if anything differs the head falls back to ours (one
 
 Numerics (differences from ours, all rounding): CCE computes in the dtype of its inputs and
 its backward accepts only 16-bit inputs, so it runs only under bf16/fp16 (autocast or
-16-bit tensors). It accumulates dW in that 16-bit dtype with lock-protected atomics (ours
-accumulates in float32), so its dW is coarser and not bit-reproducible from run to run.
+16-bit tensors). It adds the tiles' partial dX and dW in that 16-bit dtype under
+lock-protected atomics (ours accumulates in float32), so its gradients are coarser and not
+bit-reproducible from run to run.
 It saves the 16-bit cast of the weight for backward; the memory meter counts that copy
 under weight_cast_bytes, not activation_bytes (core/memory.py).
 """
