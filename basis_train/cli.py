@@ -125,6 +125,9 @@ def train_cmd(
                                           "--invariant-scalars/--no-invariant-scalars"),
     lam: float | None = _opt("sketch.lam", "lambda shrinkage of the sketches"),
     head: str | None = _opt("model.head", "fused (chunked, never keeps the logits) | plain"),
+    head_kernel: str | None = _opt("model.head_kernel",
+                                   "the exact fused head's kernel: auto (Cut Cross-Entropy on CUDA if installed) "
+                                   "| native | cce"),
     lr: float | None = _opt("optim.lr", "learning rate"),
     optimizer: str | None = _opt("optim.name", "sgd | adamw"),
     lr_scale_sketched: float | None = _opt("optim.lr_scale_sketched", "lr factor on the sketchable weights"),

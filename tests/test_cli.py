@@ -92,6 +92,10 @@ BAD_INPUTS = {
         *_train(t, c, "--resume", "--overwrite", "--out", t / "x"), "exclude each other"),
     "train: unknown option": lambda t, c, m: ("train", ["--stpes", "3"], "No such option"),
     "train: --head foo": lambda t, c, m: (*_train(t, c, "--head", "foo", "--out", t / "run"), "model.head"),
+    "train: --head-kernel foo": lambda t, c, m: (
+        *_train(t, c, "--head-kernel", "foo", "--out", t / "run"), "model.head_kernel must be one of"),
+    "train: --head-kernel cce on CPU": lambda t, c, m: (
+        *_train(t, c, "--head-kernel", "cce", "--device", "cpu", "--out", t / "run"), "cce (Cut Cross-Entropy) needs a CUDA"),
     "compare: non-UTF-8 --config": lambda t, c, m: (
         "compare", ["--config", str(_file(t, "c.yaml", b"\x80\x81")), "--out", str(t / "g")], "not a UTF-8"),
     "compare: --seeds 0": lambda t, c, m: ("compare", ["--seeds", "0", "--out", str(t / "g")], "--seeds must be >= 1"),

@@ -22,6 +22,9 @@ never saved as a cast: backward casts the parameter again (a transient copy).
 
 Shapes depend only on (rows, chunk, vocab), never on data, and nothing reads a value back
 to the host, so the head can be captured in a CUDA graph and run under DDP.
+
+On CUDA under bf16/fp16 the exact head (FusedHead) runs Apple's Cut Cross-Entropy instead
+when it is installed (core/head_cce.py, `kernel`); the code here remains the reference.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from basis_train.core import memory
+from basis_train.core import head_cce, memory
 from basis_train.core.sketch import (
     BasisLinear,
     _rescale,
@@ -151,18 +154,37 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 class FusedHead(nn.Linear):
-    """A bias-free nn.Linear (same parameters and state_dict) whose `loss` is fused."""
+    """A bias-free nn.Linear (same parameters and state_dict) whose `loss` is fused.
 
-    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, **kw) -> None:
+    `kernel` picks the implementation of the exact fused loss (core/head_cce.py): "auto"
+    runs Cut Cross-Entropy where it can (CUDA, bf16/fp16, installed) and ours elsewhere,
+    "native" always ours, "cce" always CCE (an error where it cannot run). `kernel_ran`
+    records the last choice, "cce" or "native", for summary.json."""
+
+    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, kernel: str = "auto",
+                 **kw) -> None:
         super().__init__(in_features, out_features, bias=False, **kw)
-        self.chunk = int(chunk)
+        if kernel not in head_cce.KERNELS:
+            raise ValueError(f"kernel must be one of {head_cce.KERNELS}, got {kernel!r}")
+        self.chunk, self.kernel = int(chunk), kernel
+        self.kernel_ran: str | None = None
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), self.chunk)
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        if head_cce.use_cce(self.kernel, x):
+            self.kernel_ran = "cce"
+            return head_cce.cce_linear_cross_entropy(x, self.weight, targets)
+        self.kernel_ran = "native"
+        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk)
 
 
 class FusedBasisHead(BasisLinear):
-    """The BASIS head, fused: exact loss and dX, BASIS dW; same seed draws as BasisLinear."""
+    """The BASIS head, fused: exact loss and dX, BASIS dW; same seed draws as BasisLinear.
+
+    Always our kernel: the count sketch of dlogits is accumulated inside its backward,
+    which no library offers (so `kernel_ran` is always "native")."""
+
+    kernel_ran = "native"
 
     def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, **kw) -> None:
         super().__init__(in_features, out_features, bias=False, **kw)

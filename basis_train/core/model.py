@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from basis_train.core.head import DEFAULT_CHUNK, HEADS, FusedBasisHead, FusedHead
+from basis_train.core.head_cce import KERNELS
 from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
 SKETCH_LAYERS = ("none", "mlp+head", "all")
@@ -41,6 +42,8 @@ class GPTConfig:
     exact: bool = False  # True: the same network with every layer exact (the baseline)
     head: str = "fused"  # chunked linear + cross-entropy, the logits never kept (core/head.py); or "plain"
     head_chunk: int = DEFAULT_CHUNK
+    # the exact fused head's kernel: auto (Cut Cross-Entropy on CUDA when installed) | native | cce
+    head_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sketch_layers not in SKETCH_LAYERS:
@@ -50,6 +53,8 @@ class GPTConfig:
         check_rank(self.rank)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head_kernel not in KERNELS:
+            raise ValueError(f"head_kernel must be one of {KERNELS}, got {self.head_kernel!r}")
         if self.head_chunk < 1:
             raise ValueError(f"head_chunk must be >= 1, got {self.head_chunk!r}")
 
@@ -68,7 +73,7 @@ def _head(cfg: GPTConfig) -> nn.Linear:
     if cfg.head == "plain":
         return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
     if not sketched:
-        return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk)
+        return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, kernel=cfg.head_kernel)
     return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=cfg.rank, sketch=cfg.hashing,
                           invariant_scalars=cfg.invariant_scalars, lam=cfg.lam)
 
@@ -161,6 +166,11 @@ class GPT(nn.Module):
             if self.cfg.sketch_layers == "all" or (self.cfg.sketch_layers == "mlp+head" and is_mlp_or_head):
                 names.append(name)
         return names
+
+    def head_kernel_ran(self) -> str | None:
+        """The fused head's kernel in its last loss ("cce" | "native"); None for the plain head
+        or before any fused loss was computed."""
+        return getattr(self.lm_head, "kernel_ran", None)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         t = idx.shape[1]

@@ -25,7 +25,7 @@ MEMORY_CATEGORIES: tuple[str, ...] = CATEGORIES
 BREAKDOWN_COLUMNS: tuple[str, ...] = tuple(f"act_{c}" for c in MEMORY_CATEGORIES)
 RESULT_COLUMNS: tuple[str, ...] = (
     "method", "rank", "variant", "seed", "steps", "final_val_loss", "final_train_loss",
-    "activation_bytes", "weight_cast_bytes", "step_peak_bytes", *BREAKDOWN_COLUMNS, "head",
+    "activation_bytes", "weight_cast_bytes", "step_peak_bytes", *BREAKDOWN_COLUMNS, "head", "head_kernel",
     "wall_s", "tokens_per_s", "val_protocol", "label",
 )
 MIB = 2 ** 20

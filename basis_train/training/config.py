@@ -38,6 +38,9 @@ class ModelConfig:
     checkpoint_blocks: bool = False
     head: str = "fused"  # fused: chunked linear + cross-entropy that never keeps the logits; plain
     head_chunk: int = 256  # rows per chunk of the fused head (core/head.py)
+    # the exact fused head's kernel: auto = Cut Cross-Entropy on CUDA under bf16/fp16 when installed,
+    # else ours; native = ours; cce = CCE or refuse to start (core/head_cce.py)
+    head_kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 CHOICES: dict[str, tuple[str, ...]] = {
     "sketch.layers": ("none", "mlp+head", "all"),
     "model.head": ("fused", "plain"),
+    "model.head_kernel": ("auto", "native", "cce"),
     "sketch.hashing": ("balanced", "uniform", "gaussian"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine"),
@@ -154,14 +158,20 @@ CLI_FLAGS: dict[str, str] = {
     "dtype": "train.dtype", "checkpoint_every": "train.checkpoint_every",
     "dataset": "data.dataset", "data_files": "data.data_files",
     "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
-    "head": "model.head", "lr": "optim.lr", "optimizer": "optim.name", "lr_scale_sketched": "optim.lr_scale_sketched",
+    "head": "model.head", "head_kernel": "model.head_kernel", "lr": "optim.lr", "optimizer": "optim.name",
+    "lr_scale_sketched": "optim.lr_scale_sketched",
     "cuda_graphs": "train.cuda_graphs", "compile": "train.compile",
 }
 
 # Fields that change speed or bookkeeping but not the numbers a run produces. The head
 # implementation is one: fused and plain compute the same loss and gradients up to float
 # rounding (tests/core/test_head.py), so runs made before it existed keep their hashes.
-HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs", "model.head", "model.head_chunk")
+# The head kernel likewise: CCE and ours compute the same exact loss and gradients, CCE
+# only rounding dW coarser (bf16 accumulation; tests/core/test_head_cce_gpu.py), and
+# `auto` resolves per machine, so one config must name one run wherever it trains.
+# summary.json's "head_kernel" records which kernel ran.
+HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs", "model.head", "model.head_chunk",
+                                "model.head_kernel")
 # Keys added after runs were committed: left out of the hash while at these defaults, so
 # finished runs keep their hash and resumable grids do not rerun them.
 HASH_OMIT_DEFAULTS: dict[str, object] = {

@@ -24,6 +24,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_head_kernel(cfg: Config, device: torch.device) -> None:
+    """An explicit `model.head_kernel: cce` that cannot run here is refused before anything starts.
+
+    CCE serves only the exact fused head; the sketched head always runs ours, so a BASIS run
+    with `cce` is accepted (an exact run of the same grid uses CCE)."""
+    if cfg.model.head_kernel != "cce":
+        return
+    from basis_train.core.head_cce import cce_problem
+
+    if device.type != "cuda":
+        raise RunError(f"model.head_kernel cce (Cut Cross-Entropy) needs a CUDA device, this run is on {device.type}; "
+                       "use --head-kernel auto or native")
+    if cfg.train.dtype == "float32":
+        raise RunError("model.head_kernel cce needs train.dtype bfloat16 or float16 (CCE's backward takes only "
+                       "16-bit inputs); use --head-kernel auto or native")
+    if problem := cce_problem():
+        raise RunError(f"model.head_kernel cce: {problem}; pip install cut-cross-entropy, "
+                       "or use --head-kernel auto or native")
+
+
 def variant_of(cfg: Config) -> str:
     """Short tag of everything that departs from the paper's estimator and optimiser."""
     s, tags = cfg.sketch, []
@@ -52,7 +72,7 @@ def gpt_config(cfg: Config) -> GPTConfig:
     return GPTConfig(
         vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
         n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
-        head=m.head, head_chunk=m.head_chunk,
+        head=m.head, head_chunk=m.head_chunk, head_kernel=m.head_kernel,
         sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
     )
 

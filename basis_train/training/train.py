@@ -37,6 +37,7 @@ from basis_train.training.runio import (
 )
 from basis_train.training.setup import (
     build_optimizer,
+    check_head_kernel,
     gpt_config,
     load_data,
     lr_multiplier,
@@ -59,6 +60,7 @@ class Run:
         self.variant = variant_of(cfg) if variant is None else variant
         self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
         self.device = dist.local_device(resolve_device(t.device))
+        check_head_kernel(cfg, self.device)
         # Refuse a bad --out before the (slow) data load, but create it only after: a failed
         # load leaves no directory behind.
         dist.main_first(lambda: check_out_dir(cfg, self.out, resume, overwrite), others=False)
@@ -194,6 +196,8 @@ class Run:
             "variant": self.variant, "seed": cfg.train.seed, "steps": self.step,
             "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
             **{k: measured.get(k) for k in MEMORY_FIELDS}, "head": cfg.model.head,
+            # which exact-head kernel ran ("cce" | "native"; the sketched head is always "native"), null for plain
+            "head_kernel": self.model.head_kernel_ran(),
             "wall_s": self.clock.wall_s,
             "tokens_per_s": sum(self.clock.tokens_per_s) / len(self.clock.tokens_per_s),
             "ms_per_step": 1000 * self.clock.wall_s / max(self.step, 1),

@@ -36,6 +36,7 @@ def test_summary_memory_fields(tmp_path, tiny_config):
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
     assert s["head"] == "fused" and s["step_peak_bytes"] is None  # CPU
+    assert s["head_kernel"] == "native"  # on CPU the exact fused head is always ours (core/head_cce.py)
     assert s["activation_bytes"] > 0 and s["weight_cast_bytes"] == 0
     assert set(s["activation_breakdown"]) == set(CATEGORIES)
     assert sum(s["activation_breakdown"].values()) == s["activation_bytes"]
@@ -51,3 +52,13 @@ def test_bad_head_is_one_line_exit_2(tmp_path, tiny_config):
     assert res.exit_code == 2
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert len(lines) == 1 and "head" in lines[0], res.output
+
+
+def test_summary_records_the_head_kernel_that_ran(tmp_path, tiny_config):
+    """Exact fused head on CPU: ours ("native"); the plain head has no fused kernel (null)."""
+    for head, expected in (("fused", "native"), ("plain", None)):
+        out = tmp_path / head
+        res = runner.invoke(train_app, ["--quiet", "--config", str(tiny_config), "--out", str(out), "--steps", "2",
+                                        "--eval-every", "2", "--method", "exact", "--head", head])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["head_kernel"] == expected, head

@@ -1,0 +1,30 @@
+"""head_bench's targets: the head-alone targets compare the exact head basis-train runs on CUDA."""
+
+from basis_train.experiments.head_bench import targets
+
+
+def _row(impl, ms, peak):
+    return {"impl": impl, "status": "ok", "time_ms": {"median": ms}, "step_peak_bytes": peak}
+
+
+def _head_targets(rows):
+    res = {"meta": {"argv": ["basis-bench", "--device", "cuda"]}, "rows": rows}
+    return {(t["target"].split(" at most")[0], t["limit"]): t for t in targets([], res)}
+
+
+def test_head_targets_use_cce_exact_when_it_ran():
+    rows = [_row("fused", 30.0, 600), _row("fused-basis", 27.0, 700), _row("cce", 6.0, 90),
+            _row("cce-exact", 7.5, 100)]
+    got = _head_targets(rows)
+    t = got["head alone: the exact head we run on CUDA (cce-exact)", "<= 1.5"]
+    assert t["measured"] == 7.5 / 6.0 and t["met"] is True
+    p = got["head alone: the exact head we run on CUDA (cce-exact)", "<= 2.0"]
+    assert p["measured"] == 100 / 90 and p["met"] is True
+    # the sketched head stays compared with our exact head (it is always ours)
+    assert got["head alone: the sketched (BASIS) fused head", "<= 1.0"]["measured"] == 27.0 / 30.0
+
+
+def test_head_targets_fall_back_to_ours_without_cce_exact():
+    rows = [_row("fused", 30.0, 600), _row("cce", 6.0, 90), {"impl": "cce-exact", "status": "skipped"}]
+    t = _head_targets(rows)["head alone: the exact head we run on CUDA (fused)", "<= 1.5"]
+    assert t["measured"] == 30.0 / 6.0 and t["met"] is False
