@@ -24,6 +24,7 @@ import typer
 from torch import nn
 
 from basis_train.cli import make_app
+from basis_train.core.head_cce import KERNELS as HEAD_KERNELS
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
@@ -61,7 +62,8 @@ def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, o
     basis = rank is not None
     cfg = GPTConfig(vocab_size=size["vocab"], block_size=size["seq"], n_embd=size["width"], n_head=size["heads"],
                     n_layer=size["layers"], sketch_layers=variant if basis else "mlp+head", rank=rank or 1,
-                    checkpoint_blocks=variant == "exact+ckpt", head=head, head_chunk=size["head_chunk"])
+                    checkpoint_blocks=variant == "exact+ckpt", head=head, head_chunk=size["head_chunk"],
+                    head_kernel=opts.get("head_kernel", "auto"))
     if opts["compile"]:
         torch._dynamo.reset()  # else every new model recompiles GPT.forward until dynamo's limit turns it eager
     torch.manual_seed(opts["seed"])
@@ -93,7 +95,9 @@ def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, o
     rows = size["batch"] * size["seq"]
     if device.type == "cuda" and not opts["compile"]:
         row["graphed_time_ms"] = _guarded(_graphed_time, model, make_opt, run, size, device, opts)
-    return {**row, **meter.fields(), "rank_effective": min(rank, rows) if basis else None,
+    # auto picks Cut Cross-Entropy for an exact bf16 head on CUDA: the row says which kernel ran.
+    return {**row, **meter.fields(), "head_kernel": model.head_kernel_ran(),
+            "rank_effective": min(rank, rows) if basis else None,
             "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
 
 
@@ -205,6 +209,8 @@ def bench(
     speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
                                           "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
     seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
+    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (Cut Cross-Entropy on CUDA "
+                                                  "in bf16 when installed) | native | cce")] = "auto",
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
     variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
@@ -226,7 +232,10 @@ def bench(
 
         report_targets(out)
         return
-    opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed}
+    if head_kernel not in HEAD_KERNELS:
+        raise typer.BadParameter(f"unknown head kernel {head_kernel!r}; choose from {list(HEAD_KERNELS)}")
+    opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed,
+            "head_kernel": head_kernel}
     results: list[dict] = []
     layer_res: dict = {}
     head_res: dict = {}
