@@ -140,7 +140,8 @@ def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for s in summary:
-        if s.get(key) is None:
+        # The learning-rate check has its own table; its points would sit on their configuration's.
+        if s.get(key) is None or _lr_factor(s.get("variant") or "") not in (None, 1.0):
             continue
         x, y = s[key] / GIB, s["val_mean"]
         err = None
