@@ -190,7 +190,10 @@ def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_pt
 def _tuning() -> dict[str, int]:
     """Launch shape; BASIS_SKETCH_V2="tile_rows=32,block_c=128,warps=4,programs=528" overrides
     any of them (for the A/B sweep on a GPU: bench_kernels --ab)."""
-    cfg = dict(tile_rows=32, block_c=128, warps=4, programs=528, table_block=1024)
+    # programs=264 (2 per SM of an H200): the fastest of the shapes timed on an H200 for dY at every R
+    # and for X at R = 64, 256 (results/bench/gpu_2026-11-30_s4/checks/kernel_ab.json: dY 8192 x 3072
+    # at R = 64 37.3 us against 48.4 us with 528)
+    cfg = dict(tile_rows=32, block_c=128, warps=4, programs=264, table_block=1024)
     for item in filter(None, os.environ.get("BASIS_SKETCH_V2", "").split(",")):
         key, _, value = item.partition("=")
         if key.strip() not in cfg:
@@ -202,7 +205,7 @@ def _tuning() -> dict[str, int]:
 def launch_shape(rows: int, cols: int, rank: int, cfg: dict[str, int] | None = None) -> dict[str, int]:
     """BLOCK_R, BLOCK_K, BLOCK_C, splits and steps per split for a (rows, cols) matrix at rank R.
 
-    About `programs` programs (4 per SM of an H200 by default) hide the memory latency: first
+    About `programs` programs (2 per SM of an H200 by default) hide the memory latency: first
     as many bins per program as that allows, then the steps of a bin split over programs
     (partials summed afterwards), only when even one bin per program gives too few.
     """
