@@ -29,6 +29,8 @@ when it is installed (core/head_cce.py, `kernel`); the code here remains the ref
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -64,6 +66,32 @@ def _chunks(rows: int, chunk: int):
     return [(a, min(a + chunk, rows)) for a in range(0, rows, chunk)]
 
 
+# GPT-2's vocabulary (50257) is odd: matrices with a leading dimension of 50257 16-bit elements are
+# misaligned for tensor-core GEMMs, which then run far below peak. On CUDA the weight is padded with
+# zero rows to a multiple of PAD_VOCAB for the head's matmuls; the padded logits are sliced away before
+# the softmax, so the numbers are those of the unpadded head. None: 64 on CUDA, no padding elsewhere
+# (the tests set it to run the padded path on CPU); BASIS_HEAD_PAD=1 switches it off (A/B timing).
+PAD_VOCAB: int | None = None
+
+
+def _pad_multiple(device: torch.device) -> int:
+    if PAD_VOCAB is not None:
+        return PAD_VOCAB
+    if os.environ.get("BASIS_HEAD_PAD") == "1":
+        return 1
+    return 64 if device.type == "cuda" else 1
+
+
+def _padded(wc: torch.Tensor) -> torch.Tensor:
+    v, multiple = wc.shape[0], _pad_multiple(wc.device)
+    vp = -(-v // multiple) * multiple
+    if vp == v:
+        return wc
+    out = wc.new_zeros(vp, wc.shape[1])
+    out[:v] = wc
+    return out
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Mean cross-entropy of x W^T against targets. `sketch` is None (exact dW) or
     (rank, hashing, scalars, lam, generator) for the BASIS estimate."""
@@ -74,11 +102,12 @@ class _FusedLinearCE(torch.autograd.Function):
         dev = x.device.type
         rows = x.shape[0]
         with torch.autocast(dev, enabled=False):
-            xc, wc = x.to(cd), weight.to(cd)
+            xc, wp = x.to(cd), _padded(weight.to(cd))
+            v = weight.shape[0]
             lse = torch.empty(rows, dtype=acc, device=x.device)
             loss = torch.zeros((), dtype=acc, device=x.device)
             for a, b in _chunks(rows, chunk):
-                logits = (xc[a:b] @ wc.t()).to(acc)
+                logits = (xc[a:b] @ wp.t())[:, :v].to(acc)
                 lse[a:b] = torch.logsumexp(logits, dim=1)
                 picked = logits.gather(1, targets[a:b, None]).squeeze(1)
                 loss += (lse[a:b] - picked).sum()
@@ -106,10 +135,13 @@ class _FusedLinearCE(torch.autograd.Function):
         scale = grad_loss.to(acc) / rows
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(xc.device.type, enabled=False):
-            wc = weight.to(cd)
+            wp = _padded(weight.to(cd))
+            v, vp = weight.shape[0], wp.shape[0]
             grad_x = torch.empty_like(xc) if need_x else None
             exact_w = need_w and ctx.sketch_cfg is None
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=xc.device) if exact_w else None
+            grad_w = torch.zeros(vp, weight.shape[1], dtype=acc, device=xc.device) if exact_w else None
+            # dlogits in the compute dtype, padded; its pad columns stay zero across chunks
+            dlp = torch.zeros(min(ctx.chunk, rows), vp, dtype=cd, device=xc.device) if vp != v else None
             if need_w and ctx.sketch_cfg is not None:
                 r, hashing, scalars, lam = ctx.sketch_cfg
                 xs, seed = sk
@@ -121,14 +153,19 @@ class _FusedLinearCE(torch.autograd.Function):
                     bins = sketch_bins(seed, rows, r, hashing)
                     signs = sketch_signs(seed, rows, acc)
             for a, b in _chunks(rows, ctx.chunk):
-                dl = (xc[a:b] @ wc.t()).to(acc)
+                dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
                 dl.sub_(lse[a:b, None]).exp_()
                 dl.scatter_add_(1, targets[a:b, None], dl.new_full((b - a, 1), -1.0))
                 dl = dl.mul_(scale).to(cd)
+                if dlp is not None:
+                    dlp[: b - a, :v] = dl
+                    dlm = dlp[: b - a]
+                else:
+                    dlm = dl
                 if need_x:
-                    grad_x[a:b] = dl @ wc
+                    grad_x[a:b] = dlm @ wp
                 if exact_w:
-                    grad_w += (dl.t() @ xc[a:b]).to(acc)
+                    grad_w += (dlm.t() @ xc[a:b]).to(acc)
                 elif need_w:
                     dlf = dl.to(acc)
                     g_sq += dlf.square().sum()
@@ -141,7 +178,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 g_sketch = _rescale(g_sketch, g_sq.sqrt().view(1), lam, scalars)
                 grad_w = g_sketch.t() @ xs
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None
         return grad_x, grad_w, None, None, None
 
 

@@ -12,6 +12,16 @@ from basis_train.core.sketch import BasisLinear
 ROWS, N, V = 37, 12, 53  # 37 rows: the last chunk is short for every chunk size used
 
 
+@pytest.fixture(params=[1, 16], ids=["unpadded", "padded"])
+def vocab_pad(request, monkeypatch):
+    """The head pads its weight with zero rows to a multiple of PAD_VOCAB on CUDA (V = 53 -> 64 here):
+    the padded path must give the unpadded numbers, so the exactness tests run both on CPU."""
+    from basis_train.core import head
+
+    monkeypatch.setattr(head, "PAD_VOCAB", request.param)
+    return request.param
+
+
 def _data(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(ROWS, N, generator=g, dtype=dtype)
@@ -28,7 +38,7 @@ def _grads(loss_fn, x, w):
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 64])
-def test_exact_head_matches_plain_and_float64(chunk):
+def test_exact_head_matches_plain_and_float64(chunk, vocab_pad):
     x, w, t = _data()
     plain = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x, w)
     fused = _grads(lambda x, w: fused_linear_cross_entropy(x, w, t, chunk), x, w)
@@ -61,7 +71,7 @@ def _fused_basis(x, w, t, gen_seed, chunk, **kw):
 @pytest.mark.parametrize("hashing", ["balanced", "uniform", "gaussian"])
 @pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0)])
 @pytest.mark.parametrize("rank,chunk", [(5, 8), (1, 64), (37, 3)])
-def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk):
+def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk, vocab_pad):
     x, w, t = _data(seed=1)
     kw = dict(rank=rank, sketch=hashing, invariant_scalars=scalars, lam=lam)
     ref = _unfused_basis(x, w, t, 7, **kw)
@@ -72,7 +82,7 @@ def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chun
     assert not torch.allclose(got[2], exact, atol=1e-3) or rank == ROWS  # an estimate, not dW
 
 
-def test_basis_head_at_full_rank_is_scaled_exact():
+def test_basis_head_at_full_rank_is_scaled_exact(vocab_pad):
     # R = rows: every bin one row, scalars 1, dW = (1 - lam)^2 X^T dY (PAPER.md section 1).
     x, w, t = _data(seed=2)
     got = _fused_basis(x, w, t, 3, 10, rank=ROWS, lam=0.01)
