@@ -1,0 +1,229 @@
+"""Many GPTs of one shape as one batched model: every parameter stacked along a leading
+member axis [M, ...], every layer a batched op.
+
+A fleet is built from the members' own single-run models (`build_gpt(cfg, seed, method)`),
+so each member starts from exactly the weights its single run starts from, and which of its
+linear layers are BASIS layers (with which rank, hashing, scalars and lambda) is read off that
+model's modules: a member is sketched where its single run is sketched, and nowhere else.
+
+Randomness: each member keeps its single run's sketch generator. A training forward draws,
+layer by layer in the order the single model runs them, one seed per sketched member from
+that member's generator, so every member's stream is the one its single run would draw.
+
+The sketch math is not re-implemented: forward keeps `scaled_sketch` of each sketched
+member's input, backward sketches dY with `_sketch_stats` and rescales it with `_scale`
+(core/sketch.py), and the fused head is `fused_linear_cross_entropy` (core/head.py) per
+member. What is batched is everything around them: the matmuls, attention, LayerNorm,
+embeddings, and the final dW product, for which sketches are zero-padded to a common row
+count (zero rows change neither the norms, taken before padding, nor the product).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
+from basis_train.core.model import GPT
+from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, _weight_grad, draw_seed, scaled_sketch
+
+_LN_EPS = 1e-6  # as the single model's LayerNorms
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # parameter names may not hold dots
+
+
+def _sketch_of(module: nn.Module) -> tuple | None:
+    """(rank, hashing, scalars, lam) of a BASIS layer that sketches while training; None for exact."""
+    if isinstance(module, BasisLinear) and module.weight.requires_grad:
+        return module.rank, module.sketch, module.invariant_scalars, module.lam
+    return None
+
+
+class _FleetLinear(torch.autograd.Function):
+    """y[m] = x[m] W[m]^T + b[m] for every member; exact dX and db; dW exact or BASIS per member.
+
+    x (M, rows, N), weight (M, O, N), bias (M, O) or None, seeds (M,) int64 (read only for
+    sketched members), plans: per member None or (rank, hashing, scalars, lam).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seeds, plans):
+        m_count, rows, n_in = x.shape
+        y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None else \
+            torch.bmm(x, weight.transpose(1, 2))
+        # Row counts each member's dW product needs: its input (exact) or its sketch's bins.
+        ranks = [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+        kept = x.new_zeros(m_count, max(ranks), n_in)
+        for m, p in enumerate(plans):
+            if p is None:
+                kept[m, :rows] = x[m].detach()
+            else:
+                _, kind, scalars, lam = p
+                kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+        ctx.save_for_backward(kept, weight, seeds)
+        ctx.plans, ctx.ranks, ctx.has_bias = plans, ranks, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept, weight, seeds = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_out, weight.to(grad_out.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            gk = grad_out.new_zeros(kept.shape[0], kept.shape[1], grad_out.shape[2])
+            for m, p in enumerate(ctx.plans):
+                if p is None:
+                    gk[m, : grad_out.shape[1]] = grad_out[m]
+                else:
+                    _, kind, scalars, lam = p
+                    gs, sumsq, _ = _sketch_stats(grad_out[m], seeds[m], ctx.ranks[m], kind)
+                    gk[m, : ctx.ranks[m]] = _scale(gs, sumsq, lam, scalars)
+            grad_w = _weight_grad_batched(gk, kept, grad_out.dtype)
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad_batched(gk: torch.Tensor, kept: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
+    """gk[m]^T kept[m] for every member, as `_weight_grad` does for one (float32 stays float32)."""
+    if grad_dtype in (torch.bfloat16, torch.float16):  # not reached in float32 fleets; kept for parity
+        return torch.stack([_weight_grad(g, k, grad_dtype) for g, k in zip(gk, kept)])
+    return torch.bmm(gk.transpose(1, 2), kept)
+
+
+class FleetGPT(nn.Module):
+    """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
+
+    def __init__(self, members: list[GPT], generators: list[torch.Generator | None]) -> None:
+        super().__init__()
+        if not members or len(members) != len(generators):
+            raise ValueError("a fleet needs one generator (or None) per member, and at least one member")
+        first = members[0]
+        shape = _shape(first)
+        for g in members[1:]:
+            if _shape(g) != shape:
+                raise ValueError(f"fleet members must share the model shape and head type: {_shape(g)} != {shape}")
+        self.cfg, self.size = first.cfg, len(members)
+        self.head_kind = "fused" if isinstance(first.lm_head, (FusedHead, FusedBasisHead)) else "plain"
+        self.generators = list(generators)
+        self.names = [n for n, _ in first.named_parameters()]
+        self.params = nn.ParameterDict({
+            _key(n): nn.Parameter(torch.stack([dict(g.named_parameters())[n].detach() for g in members]))
+            for n in self.names
+        })
+        # Per linear layer, per member: how its weight gradient is formed (None: exact).
+        linears = [n for n, mod in first.named_modules() if isinstance(mod, nn.Linear)]
+        self.plans = {n: tuple(_sketch_of(g.get_submodule(n)) for g in members) for n in linears}
+        for n, plans in self.plans.items():
+            for m, p in enumerate(plans):
+                if p is not None and generators[m] is None:
+                    raise ValueError(f"member {m} sketches {n} but has no sketch generator")
+        self.chunk = getattr(first.lm_head, "chunk", None)
+
+    def p(self, name: str) -> torch.Tensor:
+        return self.params[_key(name)]
+
+    # ------------------------------------------------------------ members' state
+    def member_state(self, m: int) -> dict[str, torch.Tensor]:
+        """Member m's parameters under the single model's names (views into the stacks)."""
+        return {n: self.p(n)[m] for n in self.names}
+
+    @torch.no_grad()
+    def load_member(self, m: int, state: dict[str, torch.Tensor]) -> None:
+        for n in self.names:
+            self.p(n)[m].copy_(state[n])
+
+    # ------------------------------------------------------------------ layers
+    def _seeds(self, plans: tuple, device: torch.device) -> torch.Tensor:
+        """One fresh seed per sketched member (0 for the others), each from its own generator."""
+        if not (self.training and torch.is_grad_enabled()) or all(p is None for p in plans):
+            return torch.zeros(self.size, dtype=torch.int64, device=device)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return torch.stack([zero if p is None else draw_seed(device, self.generators[m]) for m, p in enumerate(plans)])
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (M, ..., N) -> (M, ..., O) through every member's layer `name`."""
+        w = self.p(f"{name}.weight")
+        b = self.params[_key(f"{name}.bias")] if _key(f"{name}.bias") in self.params else None
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        training = self.training and torch.is_grad_enabled()
+        plans = self.plans[name] if training else (None,) * self.size
+        if all(p is None for p in plans):
+            y = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2)) if b is not None else torch.bmm(flat, w.transpose(1, 2))
+        else:
+            y = _FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), plans)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    def _layer_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        y = F.layer_norm(x, x.shape[-1:], eps=_LN_EPS)
+        return y * self.p(f"{name}.weight").view(shape) + self.p(f"{name}.bias").view(shape)
+
+    def _attention(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        mc, b, t, d = x.shape
+        h = self.cfg.n_head
+        q, k, v = (self._linear(f"{name}.{p}", x).view(mc * b, t, h, d // h).transpose(1, 2) for p in "qkv")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._linear(f"{name}.out", y.transpose(1, 2).reshape(mc, b, t, d))
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        pre = f"blocks.{i}"
+        x = x + self._attention(f"{pre}.attn", self._layer_norm(f"{pre}.ln1", x))
+        hidden = F.gelu(self._linear(f"{pre}.mlp.fc", self._layer_norm(f"{pre}.ln2", x)), approximate="tanh")
+        return x + self._linear(f"{pre}.mlp.proj", hidden)
+
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (M, B, T) -> ln_f output (M, B, T, D)."""
+        mc, _, t = idx.shape
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+        wte = self.p("wte.weight")
+        vocab = wte.shape[1]
+        # One lookup into the members' tables laid end to end: member m's ids move by m * vocab.
+        offset = (torch.arange(mc, device=idx.device) * vocab).view(mc, 1, 1)
+        x = F.embedding(idx + offset, wte.reshape(mc * vocab, -1)) + self.p("wpe.weight")[:, :t].unsqueeze(1)
+        for i in range(self.cfg.n_layer):
+            x = self._block(i, x)
+        return self._layer_norm("ln_f", x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-member mean cross-entropy (M,) of a training (or no-grad) step; idx, targets (M, B, T)."""
+        h = self.trunk(idx)
+        if self.head_kind == "plain":
+            logits = self._linear("lm_head", h)
+            per_row = F.cross_entropy(logits.float().flatten(0, 2), targets.reshape(-1), reduction="none")
+            return per_row.view(self.size, -1).mean(1)
+        training = self.training and torch.is_grad_enabled()
+        plans = self.plans["lm_head"]
+        rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
+        weights = self.p("lm_head.weight").unbind(0)
+        losses = []
+        for m in range(self.size):
+            sketch = None
+            if training and plans[m] is not None:
+                sketch = (*plans[m], self.generators[m])  # the fused head draws its seed itself, as alone
+            losses.append(fused_linear_cross_entropy(rows[m], weights[m], targets[m].reshape(-1), self.chunk, sketch))
+        return torch.stack(losses)
+
+    @torch.no_grad()
+    def eval_loss_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy per member (M,) float64 of one batch (B, T) that every member scores,
+        computed as the single run's evaluation does (full logits, float32 cross-entropy)."""
+        h = self.trunk(x.expand(self.size, *x.shape))
+        w = self.p("lm_head.weight")
+        out = torch.zeros(self.size, dtype=torch.float64, device=x.device)
+        for m in range(self.size):  # one member's logits at a time: (B, T, vocab) is the large tensor
+            logits = F.linear(h[m], w[m])
+            out[m] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return out
+
+
+def _shape(model: GPT) -> tuple:
+    c = model.cfg
+    head = "fused" if isinstance(model.lm_head, (FusedHead, FusedBasisHead)) else "plain"
+    return (c.vocab_size, c.block_size, c.n_embd, c.n_head, c.n_layer, c.mlp_ratio, head, c.head_chunk)
