@@ -30,6 +30,17 @@ TRIO = [{"train.method": "exact", "train.seed": 0},
 TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "fleet_size", "by_rank", "cuda_graphs"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy 2-core machine torch's CPU index_add_ (the uniform sketch)
+    was seen 500x slower with two threads (24 ms against 0.05 ms). Both sides of every
+    comparison run under the same setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def random_splits(seed=0):
     rng = np.random.default_rng(seed)
     train, val = rng.integers(0, VOCAB, 40_000), rng.integers(0, VOCAB, 33 * 40)
