@@ -37,13 +37,13 @@ from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
 from basis_train.training.config import Config, config_hash
+from basis_train.training.distributed import Dist
+from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.metrics import Throughput
 from basis_train.training.runio import RunError, atomic_write_json, checkpoint_note
 from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device
 from basis_train.training.step import DTYPES, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopRequests
-from basis_train.training.distributed import Dist
-from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.train import Run
 
 FLEET_VARIES = ("log", "train.seed", "train.method", "sketch.rank", "sketch.layers", "sketch.hashing",

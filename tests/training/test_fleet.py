@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from basis_train.data.loaders import Splits
-from basis_train.training.config import apply_overrides, load_config
 from basis_train.training import fleet as fleet_mod
+from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.fleet import fleet_key, fleet_refusal, train_fleet
 from basis_train.training.train import Run
 
@@ -184,3 +184,36 @@ def test_cuda_graph_fleet_matches_eager_fleet(tmp_path):
         Run(c, tmp_path / f"s{i}", splits=splits, progress=False).run()
         for a, b in zip(metrics(tmp_path / f"s{i}"), metrics(tmp_path / f"g{i}")):
             assert rel(a["train_loss"], b["train_loss"]) < 1e-4, (i, a, b)
+
+
+def test_compare_fleet_end_to_end(tmp_path, tiny_config):
+    """basis-compare --fleet on the real data pipeline: one fleet, run directories a single
+    basis-train run reproduces, the usual report, finished runs skipped on a rerun."""
+    from typer.testing import CliRunner
+
+    from basis_train.experiments.compare import compare_app
+    from basis_train.training.train import train
+
+    out = tmp_path / "cmp"
+    args = ["--config", str(tiny_config), "--ranks", "4", "--seeds", "2", "--steps", "4", "--eval-every", "2",
+            "--out", str(out), "--variants", "uniform,lr-matched", "--fleet", "--quiet"]
+    res = CliRunner().invoke(compare_app, args)
+    assert res.exit_code == 0, res.output
+    assert "fleet of 8 runs" in res.output and "runs to do" not in res.output  # nothing ran alone
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 4
+    runs = out / "runs"
+    assert not list(runs.glob("*/checkpoint.pt"))  # deleted once finished, as without --fleet
+    for name in ("exact_lr-matched-s1", "basis_R4_uniform-s0"):
+        cfg = load_config(runs / name / "config.yaml")
+        train(cfg, tmp_path / name, progress=False)
+        for a, b in zip(metrics(tmp_path / name), metrics(runs / name), strict=True):
+            assert rel(a["train_loss"], b["train_loss"]) < 1e-5 and rel(a["val_loss"], b["val_loss"]) < 1e-5
+        single = json.loads((tmp_path / name / "summary.json").read_text())
+        fleet = json.loads((runs / name / "summary.json").read_text())
+        assert fleet["config_hash"] == single["config_hash"] and fleet["fleet_size"] == 8
+        assert fleet["activation_bytes"] == single["activation_bytes"]
+    res = CliRunner().invoke(compare_app, args)
+    assert res.exit_code == 0 and res.output.count("skip (finished)") == 8, res.output
+    res = CliRunner().invoke(compare_app, [*args, "--report-only"])
+    assert res.exit_code == 0, res.output
