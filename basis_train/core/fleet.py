@@ -125,6 +125,10 @@ class FleetGPT(nn.Module):
                     raise ValueError(f"member {m} sketches {n} but has no sketch generator")
         self.chunk = getattr(first.lm_head, "chunk", None)
 
+    def sketching_generators(self) -> list[torch.Generator]:
+        """The generators a training step draws from (a CUDA graph must register each)."""
+        return [g for m, g in enumerate(self.generators) if any(p[m] is not None for p in self.plans.values())]
+
     def p(self, name: str) -> torch.Tensor:
         return self.params[_key(name)]
 

@@ -186,7 +186,9 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     if fleet and todo:
         from basis_train.experiments.fleets import run_fleets  # imports the training code
 
-        fleet_failed, todo = run_fleets(todo, cfgs, log, keep_checkpoints, progress)
+        fleet_failed, todo, stopped = run_fleets(todo, cfgs, log, keep_checkpoints, progress)
+        if stopped:
+            raise GridError(f"{stopped}; run the same command again to continue the grid")
         if not todo:
             return fleet_failed
     log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"

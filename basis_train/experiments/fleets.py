@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from basis_train.experiments.compare import GridError
 from basis_train.training.config import Config
 from basis_train.training.fleet import fleet_key, fleet_refusal, train_fleet
 from basis_train.training.runio import CHECKPOINT, RunError, load_checkpoint
@@ -46,8 +45,10 @@ def _note(job, text: str) -> None:
         f.write(text.rstrip("\n") + "\n")
 
 
-def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool, progress: bool) -> tuple[list, list]:
-    """Train every fleet of `todo`; returns (failed jobs, jobs left to run alone)."""
+def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool,
+               progress: bool) -> tuple[list, list, str | None]:
+    """Train every fleet of `todo`; returns (failed jobs, jobs left to run alone, why it stopped early:
+    a stop request, after which the members are checkpointed and the same command continues them)."""
     fleets, alone = group(todo, cfgs)
     failed = []
     for jobs in fleets:
@@ -59,8 +60,8 @@ def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool
         try:
             summaries = train_fleet([(cfgs[j.out], j.out) for j in jobs], progress=progress,
                                     log=lambda line: log(f"  {line}"))
-        except Interrupted as e:  # the members are checkpointed: the same command continues them
-            raise GridError(str(e)) from None
+        except Interrupted as e:
+            return failed, alone, str(e)
         except (RunError, ValueError, OSError) as e:
             for j in jobs:
                 _note(j, f"error: {e}")
@@ -76,4 +77,4 @@ def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool
                 if not keep_checkpoints:
                     (j.out / CHECKPOINT).unlink(missing_ok=True)  # as compare does for a finished run
         log(f"done: fleet of {len(jobs)} in {time.perf_counter() - t:.0f}s")
-    return failed, alone
+    return failed, alone, None

@@ -91,8 +91,8 @@ class FleetStep:
                 if self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
                     self.idx_buf = idx.clone()
                     self.opt.zero_grad()
-                    gens = [g for g in self.model.generators if g is not None]
-                    self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf), generators=gens)
+                    self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf),
+                                                generators=self.model.sketching_generators())
                 else:
                     self._fwd_bwd_opt(idx)
                     self.opt.zero_grad()
@@ -225,8 +225,7 @@ class Fleet:
                         self.save()
                     if stop.flag:
                         self.save()
-                        raise Interrupted(f"interrupted at step {self.step}; the members' checkpoints are saved "
-                                          f"(continue with the same command)")
+                        raise Interrupted(f"interrupted at step {self.step}; the members' checkpoints are saved")
                     if not self.live:
                         break
         finally:

@@ -160,6 +160,19 @@ def test_killed_fleet_resumes_to_the_same_runs(tmp_path, monkeypatch):
         assert rel(a["train_loss"], b["train_loss"]) < 1e-5
 
 
+def test_a_diverging_member_stops_alone(tmp_path):
+    """A member whose loss goes non-finite stops (last good checkpoint kept, no summary); its NaNs
+    never reach the others, which still equal their single runs."""
+    splits = random_splits()
+    cfgs = configs([{"sketch.rank": 8}, {"sketch.rank": 8, "optim.lr_factor": 3000.0}],
+                   **{"train.steps": 12, "train.eval_every": 3, "train.checkpoint_every": 3})
+    summaries = train_fleet([(c, tmp_path / f"fleet{i}") for i, c in enumerate(cfgs)], splits=splits, progress=False)
+    assert summaries[0] is not None and summaries[1] is None
+    assert not (tmp_path / "fleet1" / "summary.json").exists() and (tmp_path / "fleet1" / "checkpoint.pt").exists()
+    Run(cfgs[0], tmp_path / "single0", splits=splits, progress=False).run()
+    assert_same_runs(tmp_path, 1)
+
+
 def test_who_may_share_a_fleet():
     a, b, c, d = configs([{}, {"train.method": "exact", "train.seed": 4, "sketch.rank": 1, "optim.lr_factor": 2.0},
                           {"model.n_embd": 64}, {"optim.name": "adamw"}])
