@@ -109,13 +109,14 @@ def test_fleet_of_three_equals_three_single_runs(tmp_path):
 
 
 def test_variants_plain_head_and_lr_factors(tmp_path):
-    """Sketched attention (layers=all), no scalars, lam 0, gaussian, lr factors, plain head."""
+    """Sketched attention (layers=all), no scalars, lam 0, gaussian, lr factors, plain head, and
+    shuffled batches (each seed its own order: every member reads its own loader)."""
     members = [{"train.method": "exact", "optim.lr_scale_sketched": 0.9801},
                {"sketch.rank": 4, "sketch.layers": "all", "optim.lr_factor": 2.0},
                {"sketch.rank": 16, "sketch.invariant_scalars": False, "sketch.lam": 0.0, "train.seed": 3},
                {"sketch.rank": 8, "sketch.hashing": "gaussian", "optim.lr_factor": 0.5}]
     cfgs = configs(members, **{"model.head": "plain", "train.steps": 12, "train.eval_every": 4,
-                               "train.checkpoint_every": 6})
+                               "train.checkpoint_every": 6, "data.shuffle": True})
     singles_and_fleet(tmp_path, cfgs, random_splits())
     assert_same_runs(tmp_path, len(members))
 
