@@ -181,6 +181,23 @@ def test_who_may_share_a_fleet():
     assert fleet_refusal(a) is None and "adamw" in fleet_refusal(d)
 
 
+def test_grid_grouping_by_shape_and_start_step(tmp_path):
+    """--fleet groups a grid's runs by fleet key and the step they resume from; AdamW runs alone."""
+    from types import SimpleNamespace
+
+    from basis_train.experiments.fleets import group
+    from basis_train.training.runio import save_checkpoint
+
+    a, b, wide, adamw = configs([{}, {"train.seed": 1}, {"model.n_embd": 64}, {"optim.name": "adamw"}])
+    jobs = [SimpleNamespace(out=tmp_path / name) for name in ("a", "b", "wide", "adamw", "resumed")]
+    for j in jobs:
+        j.out.mkdir()
+    save_checkpoint(tmp_path / "resumed", {"step": 6})
+    fleets, alone = group(jobs, dict(zip([j.out for j in jobs], [a, b, wide, adamw, b])))
+    assert [[j.out.name for j in f] for f in fleets] == [["a", "b"], ["wide"], ["resumed"]]
+    assert [j.out.name for j in alone] == ["adamw"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_fleet_matches_eager_fleet(tmp_path):
     """On a GPU: the captured fleet step gives the eager fleet's losses (same kernels, replayed)."""
