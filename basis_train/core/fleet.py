@@ -73,7 +73,8 @@ class _FleetLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(grad_out, weight.to(grad_out.dtype))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if need_b:
             grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[1]:
             gk = grad_out.new_zeros(kept.shape[0], kept.shape[1], grad_out.shape[2])
@@ -82,8 +83,11 @@ class _FleetLinear(torch.autograd.Function):
                     gk[m, : grad_out.shape[1]] = grad_out[m]
                 else:
                     _, kind, scalars, lam = p
-                    gs, sumsq, _ = _sketch_stats(grad_out[m], seeds[m], ctx.ranks[m], kind)
+                    # As BasisLinear: one pass over dY gives its sketch, its norm and the bias gradient.
+                    gs, sumsq, colsum = _sketch_stats(grad_out[m], seeds[m], ctx.ranks[m], kind, colsum=need_b)
                     gk[m, : ctx.ranks[m]] = _scale(gs, sumsq, lam, scalars)
+                    if need_b:
+                        grad_b[m] = colsum.to(weight.dtype)
             grad_w = _weight_grad_batched(gk, kept, grad_out.dtype)
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
