@@ -57,9 +57,10 @@ def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool
         for i, j in enumerate(jobs):
             _note(j, f"trained as member {i} of a fleet of {len(jobs)} in one process ({j.out.parent})")
         t = time.perf_counter()
+        errors: dict[int, str] = {}
         try:
             summaries = train_fleet([(cfgs[j.out], j.out) for j in jobs], progress=progress,
-                                    log=lambda line: log(f"  {line}"))
+                                    log=lambda line: log(f"  {line}"), errors=errors)
         except Interrupted as e:
             return failed, alone, str(e)
         except (RunError, ValueError, OSError) as e:
@@ -68,9 +69,9 @@ def run_fleets(todo: list, cfgs: dict[Path, Config], log, keep_checkpoints: bool
             log(f"FAILED fleet of {len(jobs)}: {e}")
             failed += jobs
             continue
-        for j, s in zip(jobs, summaries, strict=True):
+        for i, (j, s) in enumerate(zip(jobs, summaries, strict=True)):
             if s is None:
-                _note(j, "error: this member stopped (non-finite loss); its last good checkpoint was kept")
+                _note(j, f"error: {errors.get(i, 'the member did not finish')}")
                 failed.append(j)
             else:
                 _note(j, f"done: final val loss {s['final_val_loss']:.4f}")

@@ -145,11 +145,23 @@ class Fleet:
         self.cfg0, self.log, self.progress = cfg0, log, progress
         try:
             splits = splits or load_data(cfg0)  # once: every member reads the same data
-            self.runs = [Run(c, out, resume=(Path(out) / "checkpoint.pt").is_file(),
-                             overwrite=not (Path(out) / "checkpoint.pt").is_file(), splits=splits, progress=False)
-                         for c, out in members]
         except DataError as e:
             raise RunError(str(e)) from e
+        # A member whose directory its Run refuses (say a stale checkpoint of another config) is
+        # left out, as that run alone would fail; the others train.
+        self.rejected: dict[int, str] = {}
+        self.runs, self.index = [], []
+        for i, (c, out) in enumerate(members):
+            resume = (Path(out) / "checkpoint.pt").is_file()
+            try:
+                self.runs.append(Run(c, out, resume=resume, overwrite=not resume, splits=splits, progress=False))
+            except RunError as e:
+                self.rejected[i] = str(e)
+                log(f"member {out} left out: {e}")
+                continue
+            self.index.append(i)
+        if not self.runs:
+            raise RunError(f"no member of the fleet could start: {next(iter(self.rejected.values()))}")
         steps = {r.step for r in self.runs}
         if len(steps) != 1:
             raise RunError(f"fleet members resume from different steps {sorted(steps)}; run them as separate fleets")
@@ -195,6 +207,11 @@ class Fleet:
                 row.append(lr * o.lr_scale_sketched if name in sketchable[m] else lr)
             out.append(row)
         return out
+
+    @property
+    def errors(self) -> dict[int, str]:
+        """Why members did not finish, by their position in the members given."""
+        return {**self.rejected, **{self.index[m]: e for m, e in self.failed.items()}}
 
     @property
     def live(self) -> list[int]:
@@ -305,26 +322,32 @@ class Fleet:
                 self._fail(m, e)
 
     def finish(self) -> list[dict | None]:
-        summaries: list[dict | None] = []
+        """Summaries in the order of the members given (None: failed, or left out at the start)."""
+        summaries: list[dict | None] = [None] * (len(self.runs) + len(self.rejected))
         for m, r in enumerate(self.runs):
             if m in self.failed or not r.metrics.records:
-                summaries.append(None)
                 continue
             self._scatter(m)
             r.train_step.graph = self.train_step.graph  # summary.json's cuda_graphs says how the fleet ran
             summary = r.finish()
             summary["fleet_size"] = len(self.runs)
             atomic_write_json(r.out / "summary.json", summary)
-            summaries.append(summary)
+            summaries[self.index[m]] = summary
         return summaries
 
 
-def train_fleet(members: list[tuple[Config, Path]], *, splits=None, progress: bool = True,
-                log=print) -> list[dict | None]:
-    """Train one fleet to the end: each member's summary, None where a member failed.
-    `splits`: (Splits, source) as load_data returns them, when the caller already holds them."""
+def train_fleet(members: list[tuple[Config, Path]], *, splits=None, progress: bool = True, log=print,
+                errors: dict | None = None) -> list[dict | None]:
+    """Train one fleet to the end: each member's summary, None where a member failed (`errors`,
+    when given, receives why, by member position). `splits`: (Splits, source) as load_data
+    returns them, when the caller already holds them."""
     resolve_device(members[0][0].train.device)  # a missing GPU: one line before anything loads
+    fleet = None
     try:
-        return Fleet(members, splits=splits, progress=progress, log=log).run()
+        fleet = Fleet(members, splits=splits, progress=progress, log=log)
+        return fleet.run()
     except graphs.GraphSupportError as e:
         raise RunError(str(e)) from e
+    finally:
+        if errors is not None and fleet is not None:
+            errors.update(fleet.errors)

@@ -167,11 +167,26 @@ def test_a_diverging_member_stops_alone(tmp_path):
     splits = random_splits()
     cfgs = configs([{"sketch.rank": 8}, {"sketch.rank": 8, "optim.lr_factor": 3000.0}],
                    **{"train.steps": 12, "train.eval_every": 3, "train.checkpoint_every": 3})
-    summaries = train_fleet([(c, tmp_path / f"fleet{i}") for i, c in enumerate(cfgs)], splits=splits, progress=False)
-    assert summaries[0] is not None and summaries[1] is None
+    errors = {}
+    summaries = train_fleet([(c, tmp_path / f"fleet{i}") for i, c in enumerate(cfgs)], splits=splits, progress=False,
+                            errors=errors)
+    assert summaries[0] is not None and summaries[1] is None and "non-finite" in errors[1] and 0 not in errors
     assert not (tmp_path / "fleet1" / "summary.json").exists() and (tmp_path / "fleet1" / "checkpoint.pt").exists()
     Run(cfgs[0], tmp_path / "single0", splits=splits, progress=False).run()
     assert_same_runs(tmp_path, 1)
+
+
+def test_a_member_its_run_refuses_is_left_out(tmp_path):
+    """A member dir holding another config's checkpoint fails alone (as that run would), the rest train."""
+    splits = random_splits()
+    cfgs = configs(TRIO[:2], **{"train.steps": 3, "train.eval_every": 3})
+    other = apply_overrides(cfgs[0], {"optim.lr": 0.5})
+    Run(other, tmp_path / "fleet0", splits=splits, progress=False).run()
+    errors = {}
+    summaries = train_fleet([(c, tmp_path / f"fleet{i}") for i, c in enumerate(cfgs)], splits=splits,
+                            progress=False, log=lambda line: None, errors=errors)
+    assert summaries[0] is None and "different config" in errors[0]
+    assert summaries[1] is not None and summaries[1]["fleet_size"] == 1
 
 
 def test_who_may_share_a_fleet():
