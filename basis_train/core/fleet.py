@@ -12,10 +12,13 @@ that member's generator, so every member's stream is the one its single run woul
 
 The sketch math is not re-implemented: forward keeps `scaled_sketch` of each sketched
 member's input, backward sketches dY with `_sketch_stats` and rescales it with `_scale`
-(core/sketch.py), and the fused head is `fused_linear_cross_entropy` (core/head.py) per
-member. What is batched is everything around them: the matmuls, attention, LayerNorm,
-embeddings, and the final dW product, for which sketches are zero-padded to a common row
-count (zero rows change neither the norms, taken before padding, nor the product).
+(core/sketch.py), per member. What is batched is everything around them: the matmuls,
+attention, LayerNorm, embeddings, and the final dW product, for which sketches are
+zero-padded to a common row count (zero rows change neither the norms, taken before
+padding, nor the product). The fused head: when a step's rows fit one chunk (the paper: 64
+rows, chunks of 256) all members' heads run as one batched fused op (`_FleetFusedCE`) whose
+sketched dW is BasisLinear's; with several chunks each member calls core/head.py's
+`fused_linear_cross_entropy` itself.
 """
 
 from __future__ import annotations
@@ -51,18 +54,9 @@ class _FleetLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, seeds, plans):
-        m_count, rows, n_in = x.shape
         y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None else \
             torch.bmm(x, weight.transpose(1, 2))
-        # Row counts each member's dW product needs: its input (exact) or its sketch's bins.
-        ranks = [rows if p is None else max(1, min(p[0], rows)) for p in plans]
-        kept = x.new_zeros(m_count, max(ranks), n_in)
-        for m, p in enumerate(plans):
-            if p is None:
-                kept[m, :rows] = x[m].detach()
-            else:
-                _, kind, scalars, lam = p
-                kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+        kept, ranks = _kept_rows(x, seeds, plans)
         ctx.save_for_backward(kept, weight, seeds)
         ctx.plans, ctx.ranks, ctx.has_bias = plans, ranks, bias is not None
         return y
@@ -77,19 +71,12 @@ class _FleetLinear(torch.autograd.Function):
         if need_b:
             grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            gk = grad_out.new_zeros(kept.shape[0], kept.shape[1], grad_out.shape[2])
-            for m, p in enumerate(ctx.plans):
-                if p is None:
-                    gk[m, : grad_out.shape[1]] = grad_out[m]
-                else:
-                    _, kind, scalars, lam = p
-                    # As BasisLinear: one pass over dY gives its sketch, its norm and the bias gradient.
-                    gs, sumsq, colsum = _sketch_stats(grad_out[m], seeds[m], ctx.ranks[m], kind, colsum=need_b)
-                    gk[m, : ctx.ranks[m]] = _scale(gs, sumsq, lam, scalars)
-                    if need_b:
-                        grad_b[m] = colsum.to(weight.dtype)
-            grad_w = _weight_grad_batched(gk, kept, grad_out.dtype)
-            grad_w = grad_w.to(weight.dtype)
+            # As BasisLinear: one pass over a sketched member's dY gives its sketch, norm and bias gradient.
+            gk, sums = _sketched_rows(grad_out, kept.shape[1], seeds, ctx.plans, ctx.ranks, colsum=need_b)
+            for m, colsum in enumerate(sums):
+                if colsum is not None:
+                    grad_b[m] = colsum.to(weight.dtype)
+            grad_w = _weight_grad_batched(gk, kept, grad_out.dtype).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -98,6 +85,84 @@ def _weight_grad_batched(gk: torch.Tensor, kept: torch.Tensor, grad_dtype: torch
     if grad_dtype in (torch.bfloat16, torch.float16):  # not reached in float32 fleets; kept for parity
         return torch.stack([_weight_grad(g, k, grad_dtype) for g, k in zip(gk, kept)])
     return torch.bmm(gk.transpose(1, 2), kept)
+
+
+class _FleetFusedCE(torch.autograd.Function):
+    """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
+    x[m] W[m]^T, the logits recomputed in backward instead of kept, as core/head.py's fused head.
+
+    The dW estimate of a sketched member is BasisLinear's: `scaled_sketch` of x in forward, and
+    `_sketch_stats` + `_scale` of the member's whole dlogits matrix in backward (one chunk holds all
+    of it). core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs
+    (the repository's tests check both against the reference sketch); in one chunk the two are one
+    estimate, and this form lets the GPU kernel sketch dlogits in one pass per member instead of
+    expanding the bins and signs with PyTorch ops, which dominated a fleet step's kernel count.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, seeds, plans):
+        rows = x.shape[1]
+        logits = torch.bmm(x, weight.transpose(1, 2))  # (M, rows, vocab); dropped at the end of forward
+        lse = torch.logsumexp(logits, dim=2)
+        picked = logits.gather(2, targets.unsqueeze(2)).squeeze(2)
+        loss = (lse - picked).sum(1) / rows
+        del logits
+        kept, ranks = _kept_rows(x, seeds, plans)
+        ctx.save_for_backward(x, weight, targets, lse, kept, seeds)
+        ctx.plans, ctx.ranks = plans, ranks
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, kept, seeds = ctx.saved_tensors
+        rows = x.shape[1]
+        dl = torch.bmm(x, weight.transpose(1, 2))
+        dl.sub_(lse.unsqueeze(2)).exp_()
+        dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))
+        dl.mul_((grad_loss / rows).view(-1, 1, 1))
+        grad_x = torch.bmm(dl, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            if all(p is None for p in ctx.plans):
+                grad_w = torch.bmm(dl.transpose(1, 2), x)
+            else:
+                grad_w = torch.bmm(_sketched_rows(dl, kept.shape[1], seeds, ctx.plans, ctx.ranks)[0].transpose(1, 2),
+                                   kept)
+        return grad_x, grad_w, None, None, None
+
+
+def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:
+    """What each member's dW product needs of its input, zero-padded to one row count: x itself
+    (exact) or `scaled_sketch` of x with the member's seed, rank, hashing, scalars and lambda."""
+    rows = x.shape[1]
+    ranks = [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+    if all(p is None for p in plans):
+        return x, ranks
+    kept = x.new_zeros(x.shape[0], max(ranks), x.shape[2])
+    for m, p in enumerate(plans):
+        if p is None:
+            kept[m, :rows] = x[m].detach()
+        else:
+            _, kind, scalars, lam = p
+            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+    return kept, ranks
+
+
+def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plans: tuple, ranks: list[int],
+                   colsum: bool = False) -> tuple[torch.Tensor, list]:
+    """The dY side of each member's dW product, zero-padded to `width` rows: dY itself (exact) or
+    its rescaled sketch (`_sketch_stats` + `_scale`, BasisLinear's backward); with `colsum`, also
+    each sketched member's column sums of dY from the same pass (None for exact members)."""
+    gk = grad_out.new_zeros(grad_out.shape[0], width, grad_out.shape[2])
+    sums = [None] * len(plans)
+    for m, p in enumerate(plans):
+        if p is None:
+            gk[m, : grad_out.shape[1]] = grad_out[m]
+        else:
+            _, kind, scalars, lam = p
+            gs, sumsq, sums[m] = _sketch_stats(grad_out[m], seeds[m], ranks[m], kind, colsum=colsum)
+            gk[m, : ranks[m]] = _scale(gs, sumsq, lam, scalars)
+    return gk, sums
 
 
 class FleetGPT(nn.Module):
@@ -208,6 +273,10 @@ class FleetGPT(nn.Module):
             return per_row.view(self.size, -1).mean(1)
         training = self.training and torch.is_grad_enabled()
         plans = self.plans["lm_head"]
+        if h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one batched op
+            plans = plans if training else (None,) * self.size
+            return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
+                                       self._seeds(plans, h.device), plans)
         rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
         weights = self.p("lm_head.weight").unbind(0)
         losses = []

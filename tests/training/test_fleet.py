@@ -127,9 +127,11 @@ def drop_timing(recs):
 
 def test_killed_fleet_resumes_to_the_same_runs(tmp_path, monkeypatch):
     """A fleet killed after its step-6 checkpoint continues to the same numbers (on CPU, bit for bit),
-    and a member's checkpoint continues as a single run."""
+    and a member's checkpoint continues as a single run. Head chunks of 16 rows (64 rows a step):
+    the fleet's per-member fused head, not the one-chunk batched one."""
     splits = random_splits()
-    cfgs = configs(TRIO[1:], **{"train.steps": 12, "train.eval_every": 3, "train.checkpoint_every": 6})
+    cfgs = configs(TRIO[1:], **{"train.steps": 12, "train.eval_every": 3, "train.checkpoint_every": 6,
+                                "model.head_chunk": 16})
     members = [(c, tmp_path / f"fleet{i}") for i, c in enumerate(cfgs)]
     train_fleet(members, splits=splits, progress=False)
 
