@@ -168,6 +168,11 @@ def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plan
 class FleetGPT(nn.Module):
     """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
 
+    # The one-chunk batched fused head: None picks it on CUDA only. On CPU its sketch of the wide
+    # dlogits is a row gather (torch index_select), seen 100x slower with two threads than one on a
+    # busy 2-core machine (0.5 s against 5 ms for 64 x 50257), so there each member runs core/head.py.
+    batched_head: bool | None = None
+
     def __init__(self, members: list[GPT], generators: list[torch.Generator | None]) -> None:
         super().__init__()
         if not members or len(members) != len(generators):
@@ -273,7 +278,8 @@ class FleetGPT(nn.Module):
             return per_row.view(self.size, -1).mean(1)
         training = self.training and torch.is_grad_enabled()
         plans = self.plans["lm_head"]
-        if h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one batched op
+        batched = h.is_cuda if self.batched_head is None else self.batched_head
+        if batched and h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one op
             plans = plans if training else (None,) * self.size
             return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
                                        self._seeds(plans, h.device), plans)

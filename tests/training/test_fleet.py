@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from basis_train.core.fleet import FleetGPT
 from basis_train.data.loaders import Splits
 from basis_train.training import fleet as fleet_mod
 from basis_train.training.config import apply_overrides, load_config
@@ -86,7 +87,10 @@ def assert_same_runs(tmp_path, n, tol=1e-5):
             torch.testing.assert_close(wf[k], ws[k], rtol=1e-4, atol=1e-5, msg=f"member {i} {k}")
 
 
-def test_fleet_of_three_equals_three_single_runs(tmp_path):
+@pytest.mark.parametrize("batched_head", [False, True], ids=["per-member-head", "batched-head"])
+def test_fleet_of_three_equals_three_single_runs(tmp_path, monkeypatch, batched_head):
+    """batched-head: the one-chunk batched fused head that CUDA fleets use, forced on here."""
+    monkeypatch.setattr(FleetGPT, "batched_head", batched_head)
     splits = random_splits()
     cfgs = configs(TRIO)
     summaries = singles_and_fleet(tmp_path, cfgs, splits)
