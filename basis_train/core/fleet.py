@@ -29,7 +29,7 @@ from torch import nn
 
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPT
-from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, _weight_grad, draw_seed, scaled_sketch
+from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
 
 _LN_EPS = 1e-6  # as the single model's LayerNorms
 
@@ -76,15 +76,8 @@ class _FleetLinear(torch.autograd.Function):
             for m, colsum in enumerate(sums):
                 if colsum is not None:
                     grad_b[m] = colsum.to(weight.dtype)
-            grad_w = _weight_grad_batched(gk, kept, grad_out.dtype).to(weight.dtype)
+            grad_w = torch.bmm(gk.transpose(1, 2), kept).to(weight.dtype)  # fleets train in float32
         return grad_x, grad_w, grad_b, None, None
-
-
-def _weight_grad_batched(gk: torch.Tensor, kept: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
-    """gk[m]^T kept[m] for every member, as `_weight_grad` does for one (float32 stays float32)."""
-    if grad_dtype in (torch.bfloat16, torch.float16):  # not reached in float32 fleets; kept for parity
-        return torch.stack([_weight_grad(g, k, grad_dtype) for g, k in zip(gk, kept)])
-    return torch.bmm(gk.transpose(1, 2), kept)
 
 
 class _FleetFusedCE(torch.autograd.Function):
@@ -205,16 +198,6 @@ class FleetGPT(nn.Module):
 
     def p(self, name: str) -> torch.Tensor:
         return self.params[_key(name)]
-
-    # ------------------------------------------------------------ members' state
-    def member_state(self, m: int) -> dict[str, torch.Tensor]:
-        """Member m's parameters under the single model's names (views into the stacks)."""
-        return {n: self.p(n)[m] for n in self.names}
-
-    @torch.no_grad()
-    def load_member(self, m: int, state: dict[str, torch.Tensor]) -> None:
-        for n in self.names:
-            self.p(n)[m].copy_(state[n])
 
     # ------------------------------------------------------------------ layers
     def _seeds(self, plans: tuple, device: torch.device) -> torch.Tensor:
