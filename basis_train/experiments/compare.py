@@ -49,6 +49,9 @@ VARIANTS = {
 EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
                   "ckpt": {"model.checkpoint_blocks": True},
                   "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0}}
+FLEET_HELP = ("train the runs that share a model shape together in this process, as one batched model "
+              "(each still writes its own run directory); --jobs and --gpus then apply only to runs that "
+              "cannot join a fleet (AdamW, a schedule, bf16, compile) [default: off]")
 VARIANT_HELP = ("comma list of " + ",".join(sorted(set(VARIANTS) | set(EXACT_VARIANTS) - {""}))
                 + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
 
@@ -163,8 +166,12 @@ def _child_command(job: Job) -> list[str]:
 
 
 def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
-             gpus: list[int] | None = None, keep_checkpoints: bool = False, progress: bool = True) -> list[Job]:
-    """Run every unfinished job; returns the jobs that failed (their train.log says why)."""
+             gpus: list[int] | None = None, keep_checkpoints: bool = False, progress: bool = True,
+             fleet: bool = False) -> list[Job]:
+    """Run every unfinished job; returns the jobs that failed (their train.log says why).
+
+    fleet: runs that can share a batched model train as fleets in this process
+    (experiments/fleets.py); only the others take the per-process path below."""
     todo, stale = [], []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
@@ -183,7 +190,17 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     for job, cfg in todo:
         job.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, job.out / "requested.yaml")
+    cfgs = {job.out: cfg for job, cfg in todo}
     todo = [job for job, _ in todo]
+    fleet_failed: list[Job] = []
+    if fleet and todo:
+        from basis_train.experiments.fleets import run_fleets  # imports the training code
+
+        fleet_failed, todo, stopped = run_fleets(todo, cfgs, log, keep_checkpoints, progress)
+        if stopped:
+            raise GridError(f"{stopped}; run the same command again to continue the grid")
+        if not todo:
+            return fleet_failed
     log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"
         + (f" over GPUs {gpus}" if gpus else ""))
     slots = GpuSlots(gpus)
@@ -217,7 +234,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
             codes = list(pool.map(one, todo))
     finally:
         bar.close()
-    return [job for job, rc in zip(todo, codes) if rc != 0]
+    return fleet_failed + [job for job, rc in zip(todo, codes) if rc != 0]
 
 
 def report(out: Path, title: str, paper_table: dict | None = None, notes: list[str] = (),
@@ -317,6 +334,7 @@ def compare(
     report_only: bool = typer.Option(False, "--report-only", help="only write the report from finished runs "
                                                                   "[default: off]"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
+    fleet: bool = typer.Option(False, "--fleet", help=FLEET_HELP),
 ):
     """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png.
 
@@ -334,7 +352,7 @@ def compare(
         apply_overrides(load_config(config), base)  # bad flags fail here, not once per run
         grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out, baselines)
         failed = [] if report_only else run_jobs(config, grid, jobs, gpus=_gpu_list(gpus),
-                                                 keep_checkpoints=keep_checkpoints, progress=not quiet)
+                                                 keep_checkpoints=keep_checkpoints, progress=not quiet, fleet=fleet)
         _, _, missing = grid_report(out, grid, failed, title=f"exact vs BASIS ({out.name})")
     except (ConfigError, typer.BadParameter, ValueError) as e:
         fail(str(e))

@@ -13,7 +13,16 @@ from pathlib import Path
 import typer
 
 from basis_train.cli import config_default, fail, make_app, run_app
-from basis_train.experiments.compare import GridError, Job, _names, check_counts, grid_report, plan, run_jobs
+from basis_train.experiments.compare import (
+    FLEET_HELP,
+    GridError,
+    Job,
+    _names,
+    check_counts,
+    grid_report,
+    plan,
+    run_jobs,
+)
 from basis_train.reporting.report import load_metrics
 from basis_train.reporting.stats import verdict_parity
 from basis_train.training.config import ConfigError, load_config
@@ -145,6 +154,7 @@ def reproduce(
     report_only: bool = typer.Option(False, "--report-only", help="only write the reports from finished runs "
                                                                   "[default: off]"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
+    fleet: bool = typer.Option(False, "--fleet", help=FLEET_HELP),
 ):
     """Exact and R = 64, 32, 16, 8, 1, seeds 0..N-1, each protocol in OUT/<protocol>/.
 
@@ -163,7 +173,7 @@ def reproduce(
                 base["train.steps"] = steps
             grid = plan(base, RANKS, list(range(seeds)), [], out / protocol)
             failed = [] if report_only else run_jobs(config, grid, jobs, keep_checkpoints=keep_checkpoints,
-                                                     progress=not quiet)
+                                                     progress=not quiet, fleet=fleet)
             lines, lost = write_reproduction(out, protocol, grid, failed)
             missing += lost
             for line in lines:

@@ -1,0 +1,295 @@
+"""Many GPTs of one shape as one batched model: every parameter stacked along a leading
+member axis [M, ...], every layer a batched op.
+
+A fleet is built from the members' own single-run models (`build_gpt(cfg, seed, method)`),
+so each member starts from exactly the weights its single run starts from, and which of its
+linear layers are BASIS layers (with which rank, hashing, scalars and lambda) is read off that
+model's modules: a member is sketched where its single run is sketched, and nowhere else.
+
+Randomness: each member keeps its single run's sketch generator. A training forward draws,
+layer by layer in the order the single model runs them, one seed per sketched member from
+that member's generator, so every member's stream is the one its single run would draw.
+
+The sketch math is not re-implemented: forward keeps `scaled_sketch` of each sketched
+member's input, backward sketches dY with `_sketch_stats` and rescales it with `_scale`
+(core/sketch.py), per member. What is batched is everything around them: the matmuls,
+attention, LayerNorm, embeddings, and the final dW product, for which sketches are
+zero-padded to a common row count (zero rows change neither the norms, taken before
+padding, nor the product). The fused head: when a step's rows fit one chunk (the paper: 64
+rows, chunks of 256) all members' heads run as one batched fused op (`_FleetFusedCE`) whose
+sketched dW is BasisLinear's; with several chunks each member calls core/head.py's
+`fused_linear_cross_entropy` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
+from basis_train.core.model import GPT
+from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
+
+_LN_EPS = 1e-6  # as the single model's LayerNorms
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # parameter names may not hold dots
+
+
+def _sketch_of(module: nn.Module) -> tuple | None:
+    """(rank, hashing, scalars, lam) of a BASIS layer that sketches while training; None for exact."""
+    if isinstance(module, BasisLinear) and module.weight.requires_grad:
+        return module.rank, module.sketch, module.invariant_scalars, module.lam
+    return None
+
+
+class _FleetLinear(torch.autograd.Function):
+    """y[m] = x[m] W[m]^T + b[m] for every member; exact dX and db; dW exact or BASIS per member.
+
+    x (M, rows, N), weight (M, O, N), bias (M, O) or None, seeds (M,) int64 (read only for
+    sketched members), plans: per member None or (rank, hashing, scalars, lam).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seeds, plans):
+        y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None else \
+            torch.bmm(x, weight.transpose(1, 2))
+        kept, ranks = _kept_rows(x, seeds, plans)
+        ctx.save_for_backward(kept, weight, seeds)
+        ctx.plans, ctx.ranks, ctx.has_bias = plans, ranks, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept, weight, seeds = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_out, weight.to(grad_out.dtype))
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if need_b:
+            grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            # As BasisLinear: one pass over a sketched member's dY gives its sketch, norm and bias gradient.
+            gk, sums = _sketched_rows(grad_out, kept.shape[1], seeds, ctx.plans, ctx.ranks, colsum=need_b)
+            for m, colsum in enumerate(sums):
+                if colsum is not None:
+                    grad_b[m] = colsum.to(weight.dtype)
+            grad_w = torch.bmm(gk.transpose(1, 2), kept).to(weight.dtype)  # fleets train in float32
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _FleetFusedCE(torch.autograd.Function):
+    """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
+    x[m] W[m]^T, the logits recomputed in backward instead of kept, as core/head.py's fused head.
+
+    The dW estimate of a sketched member is BasisLinear's: `scaled_sketch` of x in forward, and
+    `_sketch_stats` + `_scale` of the member's whole dlogits matrix in backward (one chunk holds all
+    of it). core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs
+    (the repository's tests check both against the reference sketch); in one chunk the two are one
+    estimate, and this form lets the GPU kernel sketch dlogits in one pass per member instead of
+    expanding the bins and signs with PyTorch ops, which dominated a fleet step's kernel count.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, seeds, plans):
+        rows = x.shape[1]
+        logits = torch.bmm(x, weight.transpose(1, 2))  # (M, rows, vocab); dropped at the end of forward
+        lse = torch.logsumexp(logits, dim=2)
+        picked = logits.gather(2, targets.unsqueeze(2)).squeeze(2)
+        loss = (lse - picked).sum(1) / rows
+        del logits
+        kept, ranks = _kept_rows(x, seeds, plans)
+        ctx.save_for_backward(x, weight, targets, lse, kept, seeds)
+        ctx.plans, ctx.ranks = plans, ranks
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, kept, seeds = ctx.saved_tensors
+        rows = x.shape[1]
+        dl = torch.bmm(x, weight.transpose(1, 2))
+        dl.sub_(lse.unsqueeze(2)).exp_()
+        dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))
+        dl.mul_((grad_loss / rows).view(-1, 1, 1))
+        grad_x = torch.bmm(dl, weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            if all(p is None for p in ctx.plans):
+                grad_w = torch.bmm(dl.transpose(1, 2), x)
+            else:
+                grad_w = torch.bmm(_sketched_rows(dl, kept.shape[1], seeds, ctx.plans, ctx.ranks)[0].transpose(1, 2),
+                                   kept)
+        return grad_x, grad_w, None, None, None
+
+
+def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:
+    """What each member's dW product needs of its input, zero-padded to one row count: x itself
+    (exact) or `scaled_sketch` of x with the member's seed, rank, hashing, scalars and lambda."""
+    rows = x.shape[1]
+    ranks = [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+    if all(p is None for p in plans):
+        return x, ranks
+    kept = x.new_zeros(x.shape[0], max(ranks), x.shape[2])
+    for m, p in enumerate(plans):
+        if p is None:
+            kept[m, :rows] = x[m].detach()
+        else:
+            _, kind, scalars, lam = p
+            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+    return kept, ranks
+
+
+def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plans: tuple, ranks: list[int],
+                   colsum: bool = False) -> tuple[torch.Tensor, list]:
+    """The dY side of each member's dW product, zero-padded to `width` rows: dY itself (exact) or
+    its rescaled sketch (`_sketch_stats` + `_scale`, BasisLinear's backward); with `colsum`, also
+    each sketched member's column sums of dY from the same pass (None for exact members)."""
+    gk = grad_out.new_zeros(grad_out.shape[0], width, grad_out.shape[2])
+    sums = [None] * len(plans)
+    for m, p in enumerate(plans):
+        if p is None:
+            gk[m, : grad_out.shape[1]] = grad_out[m]
+        else:
+            _, kind, scalars, lam = p
+            gs, sumsq, sums[m] = _sketch_stats(grad_out[m], seeds[m], ranks[m], kind, colsum=colsum)
+            gk[m, : ranks[m]] = _scale(gs, sumsq, lam, scalars)
+    return gk, sums
+
+
+class FleetGPT(nn.Module):
+    """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
+
+    # The one-chunk batched fused head: None picks it on CUDA only. On CPU its sketch of the wide
+    # dlogits is a row gather (torch index_select), seen 100x slower with two threads than one on a
+    # busy 2-core machine (0.5 s against 5 ms for 64 x 50257), so there each member runs core/head.py.
+    batched_head: bool | None = None
+
+    def __init__(self, members: list[GPT], generators: list[torch.Generator | None]) -> None:
+        super().__init__()
+        if not members or len(members) != len(generators):
+            raise ValueError("a fleet needs one generator (or None) per member, and at least one member")
+        first = members[0]
+        shape = _shape(first)
+        for g in members[1:]:
+            if _shape(g) != shape:
+                raise ValueError(f"fleet members must share the model shape and head type: {_shape(g)} != {shape}")
+        self.cfg, self.size = first.cfg, len(members)
+        self.head_kind = "fused" if isinstance(first.lm_head, (FusedHead, FusedBasisHead)) else "plain"
+        self.generators = list(generators)
+        self.names = [n for n, _ in first.named_parameters()]
+        self.params = nn.ParameterDict({
+            _key(n): nn.Parameter(torch.stack([dict(g.named_parameters())[n].detach() for g in members]))
+            for n in self.names
+        })
+        # Per linear layer, per member: how its weight gradient is formed (None: exact).
+        linears = [n for n, mod in first.named_modules() if isinstance(mod, nn.Linear)]
+        self.plans = {n: tuple(_sketch_of(g.get_submodule(n)) for g in members) for n in linears}
+        for n, plans in self.plans.items():
+            for m, p in enumerate(plans):
+                if p is not None and generators[m] is None:
+                    raise ValueError(f"member {m} sketches {n} but has no sketch generator")
+        self.chunk = getattr(first.lm_head, "chunk", None)
+
+    def sketching_generators(self) -> list[torch.Generator]:
+        """The generators a training step draws from (a CUDA graph must register each)."""
+        return [g for m, g in enumerate(self.generators) if any(p[m] is not None for p in self.plans.values())]
+
+    def p(self, name: str) -> torch.Tensor:
+        return self.params[_key(name)]
+
+    # ------------------------------------------------------------------ layers
+    def _seeds(self, plans: tuple, device: torch.device) -> torch.Tensor:
+        """One fresh seed per sketched member (0 for the others), each from its own generator."""
+        if not (self.training and torch.is_grad_enabled()) or all(p is None for p in plans):
+            return torch.zeros(self.size, dtype=torch.int64, device=device)
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return torch.stack([zero if p is None else draw_seed(device, self.generators[m]) for m, p in enumerate(plans)])
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (M, ..., N) -> (M, ..., O) through every member's layer `name`."""
+        w = self.p(f"{name}.weight")
+        b = self.params[_key(f"{name}.bias")] if _key(f"{name}.bias") in self.params else None
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        training = self.training and torch.is_grad_enabled()
+        plans = self.plans[name] if training else (None,) * self.size
+        if all(p is None for p in plans):
+            y = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2)) if b is not None else torch.bmm(flat, w.transpose(1, 2))
+        else:
+            y = _FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), plans)
+        return y.view(*x.shape[:-1], w.shape[1])
+
+    def _layer_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        y = F.layer_norm(x, x.shape[-1:], eps=_LN_EPS)
+        return y * self.p(f"{name}.weight").view(shape) + self.p(f"{name}.bias").view(shape)
+
+    def _attention(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        mc, b, t, d = x.shape
+        h = self.cfg.n_head
+        q, k, v = (self._linear(f"{name}.{p}", x).view(mc * b, t, h, d // h).transpose(1, 2) for p in "qkv")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._linear(f"{name}.out", y.transpose(1, 2).reshape(mc, b, t, d))
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        pre = f"blocks.{i}"
+        x = x + self._attention(f"{pre}.attn", self._layer_norm(f"{pre}.ln1", x))
+        hidden = F.gelu(self._linear(f"{pre}.mlp.fc", self._layer_norm(f"{pre}.ln2", x)), approximate="tanh")
+        return x + self._linear(f"{pre}.mlp.proj", hidden)
+
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (M, B, T) -> ln_f output (M, B, T, D)."""
+        mc, _, t = idx.shape
+        if t > self.cfg.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+        wte = self.p("wte.weight")
+        vocab = wte.shape[1]
+        # One lookup into the members' tables laid end to end: member m's ids move by m * vocab.
+        offset = (torch.arange(mc, device=idx.device) * vocab).view(mc, 1, 1)
+        x = F.embedding(idx + offset, wte.reshape(mc * vocab, -1)) + self.p("wpe.weight")[:, :t].unsqueeze(1)
+        for i in range(self.cfg.n_layer):
+            x = self._block(i, x)
+        return self._layer_norm("ln_f", x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-member mean cross-entropy (M,) of a training (or no-grad) step; idx, targets (M, B, T)."""
+        h = self.trunk(idx)
+        if self.head_kind == "plain":
+            logits = self._linear("lm_head", h)
+            per_row = F.cross_entropy(logits.float().flatten(0, 2), targets.reshape(-1), reduction="none")
+            return per_row.view(self.size, -1).mean(1)
+        training = self.training and torch.is_grad_enabled()
+        plans = self.plans["lm_head"]
+        batched = h.is_cuda if self.batched_head is None else self.batched_head
+        if batched and h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one op
+            plans = plans if training else (None,) * self.size
+            return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
+                                       self._seeds(plans, h.device), plans)
+        rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
+        weights = self.p("lm_head.weight").unbind(0)
+        losses = []
+        for m in range(self.size):
+            sketch = None
+            if training and plans[m] is not None:
+                sketch = (*plans[m], self.generators[m])  # the fused head draws its seed itself, as alone
+            losses.append(fused_linear_cross_entropy(rows[m], weights[m], targets[m].reshape(-1), self.chunk, sketch))
+        return torch.stack(losses)
+
+    @torch.no_grad()
+    def eval_loss_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy per member (M,) float64 of one batch (B, T) that every member scores,
+        computed as the single run's evaluation does (full logits, float32 cross-entropy)."""
+        h = self.trunk(x.expand(self.size, *x.shape))
+        w = self.p("lm_head.weight")
+        out = torch.zeros(self.size, dtype=torch.float64, device=x.device)
+        for m in range(self.size):  # one member's logits at a time: (B, T, vocab) is the large tensor
+            logits = F.linear(h[m], w[m])
+            out[m] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return out
+
+
+def _shape(model: GPT) -> tuple:
+    c = model.cfg
+    head = "fused" if isinstance(model.lm_head, (FusedHead, FusedBasisHead)) else "plain"
+    return (c.vocab_size, c.block_size, c.n_embd, c.n_head, c.n_layer, c.mlp_ratio, head, c.head_chunk)

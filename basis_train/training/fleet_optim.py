@@ -1,0 +1,72 @@
+"""SGD for a fleet: every member's update in one op per stacked parameter.
+
+It is torch.optim.SGD's update (no dampening, no Nesterov; the paper's optimiser), with the
+learning rate a per-member vector: members may differ in lr_factor and lr_scale_sketched,
+which one float per parameter group cannot express for stacked tensors. Where all members
+share a parameter's lr the update is torch's own `add_(buf, alpha=-lr)`, bit for bit.
+
+Its state converts to and from each member's single-run optimiser (`to_member`,
+`from_member`), so a member's checkpoint is a single run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FleetSGD:
+    def __init__(self, params: list[torch.Tensor], lrs: list[list[float]], momentum: float, weight_decay: float) -> None:
+        """params: stacked [M, ...] tensors; lrs[i][m]: member m's lr for params[i]."""
+        self.params, self.momentum, self.weight_decay = params, float(momentum), float(weight_decay)
+        self.bufs: list[torch.Tensor | None] = [None] * len(params)
+        self.set_lrs(lrs)
+
+    def set_lrs(self, lrs: list[list[float]]) -> None:
+        """Floats where every member agrees (torch's exact update), else a device vector."""
+        self.lrs = []
+        for p, lr in zip(self.params, lrs, strict=True):
+            if len(set(lr)) == 1:
+                self.lrs.append(float(lr[0]))
+            else:
+                self.lrs.append(torch.tensor(lr, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1))))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                if self.bufs[i] is None:
+                    self.bufs[i] = g.detach().clone()  # as torch: the first buffer is the gradient
+                else:
+                    self.bufs[i].mul_(self.momentum).add_(g)
+                g = self.bufs[i]
+            lr = self.lrs[i]
+            if isinstance(lr, float):
+                p.add_(g, alpha=-lr)
+            else:
+                p.sub_(g * lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    # ------------------------------------------------------------ member state
+    def to_member(self, m: int, opt: torch.optim.SGD, params_by_index: list[torch.Tensor]) -> None:
+        """Write member m's momentum buffers into its single-run optimiser `opt`, whose
+        parameter params_by_index[i] corresponds to the stacked params[i]."""
+        for i, q in enumerate(params_by_index):
+            if self.bufs[i] is not None:
+                opt.state[q]["momentum_buffer"] = self.bufs[i][m].detach().clone()
+
+    def from_member(self, m: int, opt: torch.optim.SGD, params_by_index: list[torch.Tensor]) -> None:
+        for i, q in enumerate(params_by_index):
+            buf = opt.state.get(q, {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            if self.bufs[i] is None:
+                self.bufs[i] = torch.zeros_like(self.params[i])
+            self.bufs[i][m].copy_(buf)
