@@ -100,7 +100,8 @@ def test_weight_cast_is_counted_as_a_weight_cast():
 def test_graphed_training_step_with_cce_matches_eager(tmp_path):
     """The loop's whole step (TrainStep, core/graphs.py capture) with the exact head on CCE:
     no host sync inside CCE's path (capture would fail), and replays train as eager steps do.
-    CCE's locked tile additions are not bit-reproducible, hence a tolerance, not equality."""
+    CCE's locked tile additions are not bit-reproducible, hence a tolerance relative to training's
+    own movement, not equality. Not yet run on a GPU in this form (see results/bench/README.md)."""
     from basis_train.training.config import apply_overrides, load_config
     from basis_train.training.train import Run
 
@@ -110,19 +111,18 @@ def test_graphed_training_step_with_cce_matches_eager(tmp_path):
             "model.head_kernel": "cce", "data.val_protocol": "paper"}
     runs = {g: Run(apply_overrides(load_config(None), {**over, "train.cuda_graphs": g}), tmp_path / str(g),
                    progress=False) for g in (True, False)}
+    init = [p.detach().clone() for p in runs[False].model.parameters()]
     for k in range(1, 10):  # eager warm-up, the capture at step 4, then replays
         for run in runs.values():
             run.train_step(run.loader.next_indices())
-        for a, b in zip(runs[True].model.parameters(), runs[False].model.parameters()):
-            # Two eager runs already differ by up to 1.7e-5 after one step (seen on an H200: CCE's
-            # locked bf16 tile additions), so 1e-4; a replay that reused stale numbers or skipped
-            # the update would be off by the update itself
-            assert_close(a, b, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"step {k}: {m}")
+        # CCE's locked bf16 tile additions make two eager runs drift apart (1.7e-5 after one step and
+        # 1.1e-4 in one weight after four, seen on an H200), so an elementwise tolerance cannot hold.
+        # What must hold: graphed and eager differ by far less than either moved from the start; a
+        # replay that reused stale numbers or skipped an update would differ by about the update.
+        g, e = runs[True].model.parameters(), runs[False].model.parameters()
+        diff = torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(g, e)))
+        moved = torch.sqrt(sum(((b - p0).double() ** 2).sum() for b, p0 in zip(runs[False].model.parameters(), init)))
+        assert moved > 0 and diff < 0.02 * moved, (k, diff.item(), moved.item())
     assert runs[True].train_step.graph is not None and runs[False].train_step.graph is None
     assert all(r.model.head_kernel_ran() == "cce" for r in runs.values())
-    assert_close(runs[True].train_step.loss_sum, runs[False].train_step.loss_sum, rtol=1e-4, atol=0)
-    # the weights moved: equal-because-frozen would not pass
-    init = Run(apply_overrides(load_config(None), {**over, "train.cuda_graphs": False}), tmp_path / "init",
-               progress=False)
-    moved = max((a - b).abs().max().item() for a, b in zip(runs[True].model.parameters(), init.model.parameters()))
-    assert moved > 1e-3
+    assert_close(runs[True].train_step.loss_sum, runs[False].train_step.loss_sum, rtol=1e-3, atol=0)
