@@ -122,7 +122,7 @@ def test_graphed_training_step_with_cce_matches_eager(tmp_path):
         g, e = runs[True].model.parameters(), runs[False].model.parameters()
         diff = torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(g, e)))
         moved = torch.sqrt(sum(((b - p0).double() ** 2).sum() for b, p0 in zip(runs[False].model.parameters(), init)))
-        assert moved > 0 and diff < 0.02 * moved, (k, diff.item(), moved.item())
+        assert moved > 0 and diff < 0.05 * moved, (k, diff.item(), moved.item())
     assert runs[True].train_step.graph is not None and runs[False].train_step.graph is None
     assert all(r.model.head_kernel_ran() == "cce" for r in runs.values())
     assert_close(runs[True].train_step.loss_sum, runs[False].train_step.loss_sum, rtol=1e-3, atol=0)
