@@ -52,12 +52,6 @@ HEADS = ("fused", "plain")
 DEFAULT_CHUNK = 256
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 stays float64 (tests)
 
@@ -82,13 +76,14 @@ def _pad_multiple(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 1
 
 
-def _padded(wc: torch.Tensor) -> torch.Tensor:
-    v, multiple = wc.shape[0], _pad_multiple(wc.device)
+def _padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`, with zero rows up to a multiple of the pad: one copy, cast on the way."""
+    v, multiple = weight.shape[0], _pad_multiple(weight.device)
     vp = -(-v // multiple) * multiple
     if vp == v:
-        return wc
-    out = wc.new_zeros(vp, wc.shape[1])
-    out[:v] = wc
+        return weight.to(dtype)
+    out = weight.new_zeros(vp, weight.shape[1], dtype=dtype)
+    out[:v] = weight
     return out
 
 
@@ -98,11 +93,11 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk, sketch):
-        cd, acc = _compute_dtype(x), _acc_dtype(x)
+        cd, acc = head_cce.compute_dtype(x), _acc_dtype(x)
         dev = x.device.type
         rows = x.shape[0]
         with torch.autocast(dev, enabled=False):
-            xc, wp = x.to(cd), _padded(weight.to(cd))
+            xc, wp = x.to(cd), _padded(weight, cd)
             v = weight.shape[0]
             lse = torch.empty(rows, dtype=acc, device=x.device)
             loss = torch.zeros((), dtype=acc, device=x.device)
@@ -135,7 +130,7 @@ class _FusedLinearCE(torch.autograd.Function):
         scale = grad_loss.to(acc) / rows
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(xc.device.type, enabled=False):
-            wp = _padded(weight.to(cd))
+            wp = _padded(weight, cd)
             v, vp = weight.shape[0], wp.shape[0]
             grad_x = torch.empty_like(xc) if need_x else None
             exact_w = need_w and ctx.sketch_cfg is None
@@ -156,12 +151,13 @@ class _FusedLinearCE(torch.autograd.Function):
                 dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
                 dl.sub_(lse[a:b, None]).exp_()
                 dl.scatter_add_(1, targets[a:b, None], dl.new_full((b - a, 1), -1.0))
-                dl = dl.mul_(scale).to(cd)
+                dl = dl.mul_(scale)
                 if dlp is not None:
-                    dlp[: b - a, :v] = dl
+                    dlp[: b - a, :v] = dl  # cast into the padded buffer: the rounding of .to(cd), no extra copy
                     dlm = dlp[: b - a]
+                    dl = dlm[:, :v]
                 else:
-                    dlm = dl
+                    dl = dlm = dl.to(cd)
                 if need_x:
                     grad_x[a:b] = dlm @ wp
                 if exact_w:
