@@ -131,6 +131,12 @@ def _lr_table(rows: Sequence[Mapping]) -> list[str]:
     return out
 
 
+def pareto_points(summary: Sequence[Mapping], key: str) -> list[Mapping]:
+    """The configurations pareto.png shows: those with a `key` figure, learning-rate check left out
+    (it has its own table; its points would sit on their configuration's)."""
+    return [s for s in summary if s.get(key) is not None and _lr_factor(s.get("variant") or "") in (None, 1.0)]
+
+
 def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
     """One point per configuration: step peak (or activation bytes off CUDA) vs final val loss."""
     have_peak = all(s.get("step_peak_bytes_mean") for s in summary)
@@ -139,10 +145,7 @@ def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
     fig = Figure(figsize=(8, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for s in summary:
-        # The learning-rate check has its own table; its points would sit on their configuration's.
-        if s.get(key) is None or _lr_factor(s.get("variant") or "") not in (None, 1.0):
-            continue
+    for s in pareto_points(summary, key):
         x, y = s[key] / GIB, s["val_mean"]
         err = None
         if s["n"] > 1 and s["val_ci_high"] is not None and not math.isnan(s["val_ci_high"]):

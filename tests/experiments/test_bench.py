@@ -118,3 +118,15 @@ def test_oom_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert rows[1]["ratio_activation_bytes"] is None and rows[2]["ratio_activation_bytes"] < 1
     assert "| basis all, fused head | 4 | OOM |" in (tmp_path / "bench.md").read_text()
     assert not (tmp_path / "layer.json").exists()
+
+
+def test_rows_say_which_head_kernel_ran(bench_out):
+    # On CPU the fused exact head is always ours; the plain head has no fused kernel.
+    _, rows = _rows(bench_out)
+    for (variant, rank, head), r in rows.items():
+        assert r["head_kernel"] == ("native" if head == "fused" else None), (variant, rank, head)
+
+
+def test_unknown_head_kernel_is_one_line_and_exit_2(tmp_path):
+    res = CliRunner().invoke(app, ["--quick", "--device", "cpu", "--head-kernel", "foo", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown head kernel 'foo'" in res.output

@@ -81,3 +81,14 @@ def test_scale_report_refuses_mixed_splits(grid, tmp_path):
     path.write_text(json.dumps(s))
     with pytest.raises(ValueError, match="different data splits"):
         write_report(g, tmp_path / "r")
+
+
+def test_pareto_leaves_the_learning_rate_check_out():
+    from basis_train.reporting.scale import pareto_points
+
+    rows = [{"label": lab, "variant": var, "step_peak_bytes_mean": 1.0}
+            for lab, var in (("exact", ""), ("exact [ckpt]", "ckpt"), ("exact [lr2x]", "lr2x"),
+                             ("basis R=256 [lr0.5x]", "lr0.5x"), ("basis R=256", ""))]
+    rows.append({"label": "no peak", "variant": "", "step_peak_bytes_mean": None})
+    got = [s["label"] for s in pareto_points(rows, "step_peak_bytes_mean")]
+    assert got == ["exact", "exact [ckpt]", "basis R=256"]
