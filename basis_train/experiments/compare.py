@@ -204,6 +204,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     log(f"{len(todo)} runs to do, {len(jobs) - len(todo)} already finished; {n_jobs} in parallel"
         + (f" over GPUs {gpus}" if gpus else ""))
     slots = GpuSlots(gpus)
+    per_gpu = -(-min(max(1, n_jobs), len(todo)) // len(gpus)) if gpus else 1
     bar = tqdm(total=len(todo), unit="run", desc="grid", disable=not progress or not todo, dynamic_ncols=True,
                file=sys.stderr)
     say = bar.write if not bar.disable else log  # lines printed above the bar, not through it
@@ -212,7 +213,10 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     def one(job: Job) -> int:
         cmd = _child_command(job)
         gpu = slots.take()
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu)) if gpu is not None else None
+        env = None
+        if gpu is not None:
+            # How many runs this one shared its GPU with (at most): its timing means little when > 1.
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), BASIS_TRAIN_RUNS_PER_GPU=str(per_gpu))
         t = time.perf_counter()
         try:
             with open(job.out / "train.log", "a") as logf:

@@ -26,7 +26,7 @@ GIB = 2 ** 30
 MIB = 2 ** 20
 COLUMNS = ("label", "method", "rank", "variant", "sketch_layers", "lr", "seed", "steps", "final_val_loss",
            "final_train_loss", "activation_bytes", "step_peak_bytes", "tokens_per_s", "wall_s",
-           "tokens_seen", "epoch", "run_dir")
+           "runs_per_gpu", "tokens_seen", "epoch", "run_dir")
 _RENAMED = {"activation_bytes": "peak_activation_bytes", "step_peak_bytes": "cuda_peak_step_bytes"}
 
 
@@ -40,6 +40,7 @@ def load_rows(grid: Path) -> tuple[list[dict], list[dict]]:
             row[new] = s.get(new, s.get(old))
             row[old] = row[new]  # report.summarize reads the old names
         row["variant"] = row["variant"] or ""
+        row["runs_per_gpu"] = s.get("runs_per_gpu", 1)  # absent: written before basis-compare shared GPUs
         row["label"] = config_label(row["method"], row["rank"], row["variant"])
         row["run_dir"] = str(path.parent)
         row["val_protocol"] = s.get("val_protocol")
@@ -48,6 +49,13 @@ def load_rows(grid: Path) -> tuple[list[dict], list[dict]]:
     if not rows:
         raise ValueError(f"no finished runs under {Path(grid) / 'runs'}")
     return rows, summaries
+
+
+def timed_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """The rows for the statistics, with the speed of runs that shared their GPU (runs_per_gpu > 1)
+    left out: their tokens/s measures the sharing, not the configuration. Losses and memory stay."""
+    return [{**r, "tokens_per_s": None, "wall_s": None} if (r.get("runs_per_gpu") or 1) > 1 else dict(r)
+            for r in rows]
 
 
 def write_csv(rows: Sequence[Mapping], path: Path) -> None:
@@ -89,7 +97,8 @@ def summary_md(summary: Sequence[Mapping], rows: Sequence[Mapping], title: str) 
     lines += ["", "Δ = configuration − exact on the same seeds (same initial weights and batches); negative "
               "means lower validation loss. CIs: Student's t over seeds. Activation: bytes saved for "
               "backward by one training step; step peak: CUDA memory peak of one step above the "
-              "allocations before it; tokens/s: mean over the evaluation intervals."]
+              "allocations before it; tokens/s: mean over the evaluation intervals, over the runs that had "
+              "their GPU to themselves (results.csv: runs_per_gpu = 1)."]
     lr = _lr_table(rows)
     if lr:
         lines += ["", "## Learning-rate sensitivity (seed 0, final validation loss)", ""] + lr
@@ -200,7 +209,7 @@ def write_report(grid: Path, results: Path, command: str = "") -> list[dict]:
     rows, summaries = load_rows(grid)
     results.mkdir(parents=True, exist_ok=True)
     write_csv(rows, results / "results.csv")
-    summary = summarize(rows)
+    summary = summarize(timed_rows(rows))
     title = f"BASIS at GPT-2 small ({len(rows)} runs)"
     (results / "summary.md").write_text(summary_md(summary, rows, title), encoding="utf-8")
     by_label: dict[str, list[Path]] = {}

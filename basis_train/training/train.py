@@ -210,6 +210,9 @@ class Run:
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "dtype": cfg.train.dtype,
             "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if cuda else None,
             "cuda_graphs": self.train_step.graph is not None, "torch": torch.__version__,
+            # >1: basis-compare ran this many runs per GPU at once (MPS), so wall_s and tokens_per_s
+            # describe a shared GPU, not this configuration's speed
+            "runs_per_gpu": int(os.environ.get("BASIS_TRAIN_RUNS_PER_GPU", "1")),
             "config_hash": config_hash(cfg), "world_size": world, "global_batch_size": cfg.train.batch_size * world,
             "by_rank": {k: [r[k] for r in by_rank] for k in by_rank[0]},
         }

@@ -62,11 +62,12 @@ def test_gpu_slots_spread_runs_over_the_least_busy_gpu():
 
 
 def test_compare_sets_cuda_visible_devices_per_run(tmp_path, tiny_config, monkeypatch):
-    seen = []
+    seen, shares = [], []
     together = threading.Barrier(2, timeout=30)  # two runs in flight at once must get different GPUs
 
     def fake_call(cmd, stdout, stderr, env):
         seen.append(env["CUDA_VISIBLE_DEVICES"])
+        shares.append(env["BASIS_TRAIN_RUNS_PER_GPU"])
         together.wait()
         return 1  # a failed run: compare goes on and reports it
 
@@ -74,6 +75,12 @@ def test_compare_sets_cuda_visible_devices_per_run(tmp_path, tiny_config, monkey
     res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "2", "--steps", "2",
                                       "--out", str(tmp_path / "c"), "--jobs", "2", "--gpus", "3,1"])
     assert sorted(seen) == ["1", "1", "3", "3"], res.output
+    assert shares == ["1"] * 4  # 2 jobs over 2 GPUs: no run shared its GPU
+    shares.clear()
+    together = threading.Barrier(2, timeout=30)
+    runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "2", "--steps", "2",
+                                "--out", str(tmp_path / "e"), "--jobs", "2", "--gpus", "4"])
+    assert shares == ["2"] * 4  # 2 jobs on one GPU
     assert res.exit_code == 1 and "none of the 4 planned runs" in res.output
     res = runner.invoke(compare_app, ["--gpus", "1,x", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "--gpus" in res.output

@@ -15,7 +15,7 @@ DATA = {"protocol": "heldout", "n_docs": 25, "source": "files x", "heldout_every
         "n_val_docs": 5, "n_train_tokens": 80_000, "n_val_tokens": 20_000, "corpus": CORPUS}
 
 
-def fake_run(grid, name, method, rank, variant, seed, val, step_peak, new_names=True, epoch=0):
+def fake_run(grid, name, method, rank, variant, seed, val, step_peak, new_names=True, epoch=0, **extra):
     d = grid / "runs" / name
     d.mkdir(parents=True)
     mem = ({"activation_bytes": 2**30, "step_peak_bytes": step_peak} if new_names
@@ -23,7 +23,7 @@ def fake_run(grid, name, method, rank, variant, seed, val, step_peak, new_names=
     (d / "summary.json").write_text(json.dumps({
         "method": method, "rank": rank, "variant": variant, "seed": seed, "steps": 20, "final_val_loss": val,
         "final_train_loss": val + 0.1, "tokens_per_s": 1000.0 * (seed + 1), "wall_s": 3.0,
-        "val_protocol": "heldout", "tokens_seen": 20 * 8 * 1024, "epoch": epoch, "data": DATA, **mem}))
+        "val_protocol": "heldout", "tokens_seen": 20 * 8 * 1024, "epoch": epoch, "data": DATA, **mem, **extra}))
     (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": val + 1 / s}) + "\n"
                                              for s in (10, 20)))
 
@@ -92,3 +92,18 @@ def test_pareto_leaves_the_learning_rate_check_out():
     rows.append({"label": "no peak", "variant": "", "step_peak_bytes_mean": None})
     got = [s["label"] for s in pareto_points(rows, "step_peak_bytes_mean")]
     assert got == ["exact", "exact [ckpt]", "basis R=256"]
+
+
+def test_speed_of_runs_that_shared_a_gpu_is_left_out(tmp_path):
+    """tokens/s in summary.md averages only runs alone on their GPU; results.csv keeps every run's."""
+    g = tmp_path / "grid"
+    for s in range(3):
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.0 + s / 10, 8 * 2**30,
+                 **({"runs_per_gpu": 2} if s else {}))  # seed 0: written before the field existed
+    write_report(g, tmp_path / "res")
+    md = (tmp_path / "res" / "summary.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| exact |"))
+    assert line.endswith("| 1,000 |"), line  # seed 0's 1000 tok/s, not the mean 2000 of all three
+    rows = list(csv.DictReader((tmp_path / "res" / "results.csv").open()))
+    assert sorted((r["runs_per_gpu"], r["tokens_per_s"]) for r in rows) == [
+        ("1", "1000.0"), ("2", "2000.0"), ("2", "3000.0")]

@@ -30,11 +30,13 @@ def test_step_peak_is_taken_after_warmup(tmp_path, tiny_config):
     assert summary["step_peak_bytes"] == 12345
 
 
-def test_summary_memory_fields(tmp_path, tiny_config):
+def test_summary_memory_fields(tmp_path, tiny_config, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("BASIS_TRAIN_RUNS_PER_GPU", "3")  # as basis-compare sets it for runs sharing a GPU
     res = runner.invoke(train_app, ["--quiet", "--config", str(tiny_config), "--out", str(out), "--steps", "3"])
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
+    assert s["runs_per_gpu"] == 3
     assert s["head"] == "fused" and s["step_peak_bytes"] is None  # CPU
     assert s["head_kernel"] == "native"  # on CPU the exact fused head is always ours (core/head_cce.py)
     assert s["activation_bytes"] > 0 and s["weight_cast_bytes"] == 0
