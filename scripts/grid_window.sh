@@ -2,7 +2,8 @@
 # Issue 12's remaining GPT-2-small runs on a 2-GPU machine, over several device calls (<= 10 min each).
 #   bash scripts/grid_window.sh start SECONDS   set up, start the grid in the background, GPU probes, wait, pack
 #   bash scripts/grid_window.sh wait SECONDS    wait, pack
-#   bash scripts/grid_window.sh finish SECONDS  wait for the grid (or stop it: runs checkpoint), report, pack
+#   bash scripts/grid_window.sh finish SECONDS  wait for the grid (or stop it: runs checkpoint), report, pack;
+#                                               then AFTER (a shell command) on the idle GPUs, writing to $W/after
 # The grid is the committed one (same command as results/scale/corpus.md) over both GPUs with two runs
 # per GPU under MPS (--jobs 4 --gpus 0,1): finished runs (copied from results/scale/grid) are skipped.
 # Runs that share a GPU record runs_per_gpu = 2 in summary.json, and the scale report leaves their
@@ -12,14 +13,14 @@
 set -u
 PHASE=${1:?start|wait|finish}; SECS=${2:-560}; T0=$(date +%s)
 W=${W:-/tmp/w}; REPO=$W/repo
-GRID="--config configs/gpt2-small-code.yaml --ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3"
+GRID="--config configs/gpt2-small-code.yaml --ranks 64,256,1024 --variants ckpt@exact,all@256,${EXTRA_VARIANTS:-cce@exact} --seeds 3"
 [ "${SMOKE:-0}" = 1 ] && GRID="--config tiny --ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3 --steps 4 --eval-every 2 --dataset files"
 export PYTHONUNBUFFERED=1
 
 pack() {
   mkdir -p "$OUT"
   tar czf "$OUT/scale.tgz" --exclude=checkpoint.pt -C $W scale 2>/dev/null
-  cp $W/*.log "$OUT/" 2>/dev/null
+  cp $W/*.log $W/after/*.json "$OUT/" 2>/dev/null
   ls "$OUT"
 }
 progress() {
@@ -62,9 +63,11 @@ for n in ('vocab.bpe', 'encoder.json'):
   setsid bash $W/grid_chain.sh > $W/grid.log 2>&1 < /dev/null &
   echo $! > $W/grid.pid
   # Probes on GPU 1 while the corpus tokenizes (they may overlap the first grid runs: timing is indicative).
-  PROBES=${PROBES:-"TESTS=1 STEPS=1000 timeout 200 bash scripts/fleet_gpu.sh"}
-  CUDA_VISIBLE_DEVICES=1 OUT=$W/probe bash -c "$PROBES" > $W/probe.log 2>&1
-  echo "probes rc=$?"; tail -30 $W/probe.log
+  PROBES=${PROBES-"TESTS=1 STEPS=1000 timeout 200 bash scripts/fleet_gpu.sh"}
+  if [ -n "$PROBES" ]; then
+    CUDA_VISIBLE_DEVICES=1 OUT=$W/probe bash -c "$PROBES" > $W/probe.log 2>&1
+    echo "probes rc=$?"; tail -30 $W/probe.log
+  fi
 fi
 
 cd $REPO 2>/dev/null || { echo "no $REPO: the machine is fresh, run 'start' first"; exit 2; }
@@ -79,6 +82,9 @@ if [ "$PHASE" = finish ]; then
   CUDA_MPS_PIPE_DIRECTORY=$W/mps bash -c 'echo quit | nvidia-cuda-mps-control' 2>/dev/null
   python3 -m basis_train.reporting.scale $W/scale/grid --results $W/scale \
     --command "see scripts/grid_window.sh" >> $W/grid.log 2>&1
+  if [ -n "${AFTER:-}" ]; then
+    mkdir -p $W/after; OUT=$W/after bash -c "$AFTER" > $W/after.log 2>&1; echo "after rc=$?"; tail -5 $W/after.log
+  fi
 fi
 progress
 pack

@@ -48,7 +48,9 @@ VARIANTS = {
 # Exact backprop with the sketchable weights' lr scaled by (1 - 0.01)^2: what lambda does.
 EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
                   "ckpt": {"model.checkpoint_blocks": True},
-                  "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0}}
+                  "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0},
+                  # Cut Cross-Entropy as the exact head (CUDA, bf16/fp16): what its bf16 gradient sums cost
+                  "cce": {"model.head_kernel": "cce"}}
 FLEET_HELP = ("train the runs that share a model shape together in this process, as one batched model "
               "(each still writes its own run directory); --jobs and --gpus then apply only to runs that "
               "cannot join a fleet (AdamW, a schedule, bf16, compile) [default: off]")

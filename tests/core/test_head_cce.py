@@ -60,13 +60,11 @@ def _not_installed(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _fresh_caches():
-    """The import result and the warning are cached per process; each test starts clean
+    """The import result is cached per process; each test starts clean
     and leaves nothing behind (a GPU machine's real CCE is imported afresh afterwards)."""
     head_cce._load.cache_clear()
-    head_cce._warn_once.cache_clear()
     yield
     head_cce._load.cache_clear()
-    head_cce._warn_once.cache_clear()
 
 
 @pytest.fixture
@@ -91,9 +89,9 @@ def _head_loss(kernel, dtype=torch.bfloat16):
     return head, x, t, loss
 
 
-def test_auto_on_cuda_calls_the_adapter_exactly(monkeypatch, pretend_cuda):
+def test_cce_on_cuda_calls_the_adapter_exactly(monkeypatch, pretend_cuda):
     calls = _fake_cce(monkeypatch)
-    head, x, t, loss = _head_loss("auto")
+    head, x, t, loss = _head_loss("cce")
     assert head.kernel_ran == "cce" and len(calls) == 1
     call = calls[0]
     p = call["params"]
@@ -113,9 +111,13 @@ def test_auto_on_cuda_calls_the_adapter_exactly(monkeypatch, pretend_cuda):
     assert x.grad.shape == x.shape and head.weight.grad.abs().sum() > 0
 
 
-def test_explicit_cce_uses_the_adapter(monkeypatch, pretend_cuda):
+def test_auto_on_cuda_runs_ours_without_a_warning(monkeypatch, pretend_cuda):
+    """CCE adds its gradients in bf16, which cost loss at GPT-2 small (core/head_cce.py): opt-in only."""
     calls = _fake_cce(monkeypatch)
-    assert _head_loss("cce")[0].kernel_ran == "cce" and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = _head_loss("auto")[0]
+    assert head.kernel_ran == "native" and calls == []
 
 
 def test_auto_on_cpu_runs_ours_and_never_imports(monkeypatch):
@@ -142,25 +144,16 @@ def test_auto_in_float32_runs_ours_without_a_warning(monkeypatch, pretend_cuda):
     assert head.kernel_ran == "native" and calls == []
 
 
-def test_auto_without_cce_falls_back_with_one_warning(monkeypatch, pretend_cuda):
-    _not_installed(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="cannot be imported") as record:
-        for _ in range(3):
-            head = _head_loss("auto")[0]
-    assert head.kernel_ran == "native"
-    assert len([w for w in record if "Cut Cross-Entropy" in str(w.message)]) == 1
-
-
-def test_unexpected_cce_version_falls_back(monkeypatch, pretend_cuda):
+def test_unexpected_cce_version_is_refused(monkeypatch, pretend_cuda):
     @dataclasses.dataclass
     class OtherParams:
         targets: torch.Tensor
         valids: torch.Tensor | None
 
     calls = _fake_cce(monkeypatch, OtherParams)
-    with pytest.warns(RuntimeWarning, match="unsupported version"):
-        head = _head_loss("auto")[0]
-    assert head.kernel_ran == "native" and calls == []
+    with pytest.raises(RuntimeError, match="unsupported version"):
+        _head_loss("cce")
+    assert calls == []
 
 
 def test_explicit_cce_that_cannot_run_raises(monkeypatch):

@@ -221,6 +221,9 @@ def test_config_hash():
                        ("data.val_protocol", "paper"), ("optim.betas", [0.9, 0.99])]:
         assert config_hash(apply_overrides(base, {key: value})) != h, key
     assert config_hash(ignored, ignore=()) != h
+    # auto and native both run our head; cce rounds its gradient sums in bf16: another run
+    assert config_hash(apply_overrides(base, {"model.head_kernel": "native"})) == h
+    assert config_hash(apply_overrides(base, {"model.head_kernel": "cce"})) != h
 
 
 def test_hash_is_stable_across_round_trip(tmp_path):
