@@ -10,14 +10,21 @@ Randomness: each member keeps its single run's sketch generator. A training forw
 layer by layer in the order the single model runs them, one seed per sketched member from
 that member's generator, so every member's stream is the one its single run would draw.
 
-The sketch math is not re-implemented: forward keeps `scaled_sketch` of each sketched
-member's input, backward sketches dY with `_sketch_stats` and rescales it with `_scale`
-(core/sketch.py), per member. What is batched is everything around them: the matmuls,
-attention, LayerNorm, embeddings, and the final dW product, for which sketches are
-zero-padded to a common row count (zero rows change neither the norms, taken before
-padding, nor the product). The fused head: when a step's rows fit one chunk (the paper: 64
-rows, chunks of 256) all members' heads run as one batched fused op (`_FleetFusedCE`) whose
-sketched dW is BasisLinear's; with several chunks each member calls core/head.py's
+The sketches are batched over members (core/fleet_sketch.py): per layer, every member's bins
+and signs come from its seed in one kernel launch (or broadcast PyTorch ops), the same ones
+core/sketch.py draws for that member alone; a dense signed count-sketch matrix S (M, Rmax,
+rows) (the identity for exact members) gives all sketches in one torch.bmm, rescaled with
+`_scale`'s invariant scalars and lambda from per-member constants, and S is kept for the dY
+sketch in backward. So the ops of a step do not grow with M, apart from the seed draws.
+Fleets with a gaussian member, or whose S would be large, take the per-member loop instead
+(`_kept_rows`, `_sketched_rows`: `scaled_sketch`, `_sketch_stats` + `_scale` per member).
+Everything around the sketches is batched as well: the matmuls, attention, LayerNorm,
+embeddings, and the final dW product, for which sketches are zero-padded to a common row count
+(zero rows change neither the norms, taken before padding, nor the product).
+
+The fused head: when a step's rows fit one chunk (the paper: 64 rows, chunks of 256) all
+members' heads run as one batched fused op (`_FleetFusedCE`) whose sketched dW is
+BasisLinear's; with several chunks each member calls core/head.py's
 `fused_linear_cross_entropy` itself.
 """
 
@@ -85,12 +92,13 @@ class _FleetFusedCE(torch.autograd.Function):
     """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
     x[m] W[m]^T, the logits recomputed in backward instead of kept, as core/head.py's fused head.
 
-    The dW estimate of a sketched member is BasisLinear's: `scaled_sketch` of x in forward, and
-    `_sketch_stats` + `_scale` of the member's whole dlogits matrix in backward (one chunk holds all
-    of it). core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs
-    (the repository's tests check both against the reference sketch); in one chunk the two are one
-    estimate, and this form lets the GPU kernel sketch dlogits in one pass per member instead of
-    expanding the bins and signs with PyTorch ops, which dominated a fleet step's kernel count.
+    The dW estimate of a sketched member is BasisLinear's: the rescaled sketch of x in forward
+    and of the member's whole dlogits matrix in backward (one chunk holds all of it), with the
+    same bins and signs (`_kept`, `_dy_side`: the batched sketch, or the per-member loop).
+    core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs (the
+    repository's tests check both against the reference sketch); in one chunk the two are one
+    estimate, and this form sketches every member's dlogits in one batched product instead of
+    expanding bins and signs per member, which dominated a fleet step's kernel count.
     """
 
     @staticmethod
@@ -181,9 +189,10 @@ def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plan
 class FleetGPT(nn.Module):
     """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
 
-    # The one-chunk batched fused head: None picks it on CUDA only. On CPU its sketch of the wide
-    # dlogits is a row gather (torch index_select), seen 100x slower with two threads than one on a
-    # busy 2-core machine (0.5 s against 5 ms for 64 x 50257), so there each member runs core/head.py.
+    # The one-chunk batched fused head: None picks it on CUDA only. On CPU it was slower than each
+    # member running core/head.py: with the per-member sketch loop its row gather of the wide dlogits
+    # took 0.5 s against 5 ms (64 x 50257, two threads against one on a busy 2-core machine); with the
+    # batched sketch a step of 4 members (64 rows, vocab 50257) still took 206 ms against 147 ms.
     batched_head: bool | None = None
 
     def __init__(self, members: list[GPT], generators: list[torch.Generator | None]) -> None:
