@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from basis_train.core import fleet_sketch
-from basis_train.core.fleet import FleetGPT, _FleetLinear
+from basis_train.core.fleet import FleetGPT, _FleetFusedCE, _FleetLinear
 from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import _scale, _sketch_stats, draw_seed, scaled_sketch, sketch_bins, sketch_signs
@@ -161,6 +161,39 @@ def test_fleet_linear_batched_equals_per_member_loop(monkeypatch, dtype):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=4e-4)
     for name, a, e in zip(("dX", "dW", "db"), batched, loop):
         assert_close(a, e, **tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fleet_head_batched_equals_per_member_loop(monkeypatch, dtype):
+    """The one-chunk batched head: dX and the sketched dW of the dlogits, batched against the loop."""
+    torch.manual_seed(1)
+    plans, rows, vocab = MIX, 64, 50
+    n = len(plans)
+    seeds = seeds_for(plans, seed=5)
+    x, w = torch.randn(n, rows, 16, dtype=dtype), torch.randn(n, vocab, 16, dtype=dtype)
+    targets = torch.randint(0, vocab, (n, rows))
+
+    def grads():
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        _FleetFusedCE.apply(xi, wi, targets, seeds, FleetSketch(plans)).sum().backward()
+        return xi.grad, wi.grad
+
+    batched = grads()
+    monkeypatch.setattr(fleet_sketch, "MAX_DENSE", 0)
+    loop = grads()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for name, a, e in zip(("dX", "dW"), batched, loop):
+        assert_close(a, e, **tol, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", ROWS)
+def test_gpu_kernel_bins_and_signs_are_each_members_own(rows):
+    seeds = seeds_for(MIX, seed=rows)
+    fs = FleetSketch(MIX)
+    assert fleet_sketch._kernel_module()  # the compiled kernel, not the PyTorch path
+    bins, signs = fs.bins_and_signs(seeds.cuda(), rows)
+    check_bins_and_signs(bins.cpu(), signs.cpu(), seeds, rows, MIX)
 
 
 def test_gaussian_members_and_large_fleets_take_the_loop():
