@@ -63,17 +63,16 @@ class _Consts:
     """One layer's per-member constants on one device, dtype and row count (see FleetSketch)."""
 
     def __init__(self, plans: tuple, rows: int, device: torch.device, dtype: torch.dtype) -> None:
-        ranks = safe_ranks(plans, rows)
+        ranks, modes = safe_ranks(plans, rows), [EXACT if p is None else _MODES[p[1]] for p in plans]
         self.width = max(ranks)
-        self.modes = torch.tensor([EXACT if p is None else _MODES[p[1]] for p in plans], dtype=torch.int32,
-                                  device=device)
+        self.modes = torch.tensor(modes, dtype=torch.int32, device=device)
         self.ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
         self.scalars = torch.tensor([p is not None and bool(p[2]) for p in plans], device=device)
         self.shrink = torch.tensor([1.0 if p is None else 1.0 - p[3] for p in plans], dtype=dtype, device=device)
         self.rows = torch.arange(rows, device=device)
         self.bin_ids = torch.arange(self.width, device=device).view(1, -1, 1)
-        self.has = {mode: (self.modes == mode).view(-1, 1) for mode in (EXACT, BALANCED, UNIFORM)
-                    if any((EXACT if p is None else _MODES[p[1]]) == mode for p in plans)}
+        # Member masks (M, 1) of the modes some member uses: the others need not be computed.
+        self.has = {mode: (self.modes == mode).view(-1, 1) for mode in set(modes)}
 
 
 class FleetSketch:
@@ -125,7 +124,7 @@ def torch_bins_and_signs(seeds: torch.Tensor, rows: int, c: _Consts, dtype: torc
     ranks = c.ranks.view(-1, 1).long()
     bins = c.rows.expand(s.shape[0], rows)
     for mode, hashing in ((BALANCED, "balanced"), (UNIFORM, "uniform")):
-        if mode in c.has:  # only hashings some member uses: a fleet of one kind does not pay for both
+        if mode in c.has:
             bins = torch.where(c.has[mode], sketch_bins(s, rows, ranks, hashing), bins)
     signs = sketch_signs(s, rows, dtype)
     if EXACT in c.has:
