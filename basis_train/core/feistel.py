@@ -94,22 +94,24 @@ def _cycle_walk(first: torch.Tensor, rows: int, bits: int) -> torch.Tensor:
 
     Pointer jumping (each pass doubles the steps covered) instead of a data-dependent loop:
     no host synchronisation, so it is CUDA-graph safe. A chain meets at most
-    2**bits - rows out-of-range values, so `bits` passes cover it.
+    2**bits - rows out-of-range values, so `bits` passes cover it. `first` may carry leading
+    dimensions (one network per seed of a batch): each walks along its last dimension.
     """
     p = first
     for _ in range(bits):
         out = p >= rows
         if p.device.type == "cpu" and not out.any():
             break
-        p = torch.where(out, p[p], p)
+        p = torch.where(out, p.gather(-1, p), p)
     return p
 
 
 def permutation(seed: torch.Tensor, rows: int) -> torch.Tensor:
-    """pi(i) for i in range(rows): a keyed, uniformly distributed permutation of range(rows)."""
+    """pi(i) for i in range(rows): a keyed, uniformly distributed permutation of range(rows).
+    A seed of shape (M, 1) gives M permutations, (M, rows), as M calls would."""
     bits = domain_bits(rows)
     walk = _cycle_walk(feistel(torch.arange(1 << bits, device=seed.device), round_keys(seed), bits), rows, bits)
-    return walk[:rows]
+    return walk[..., :rows]
 
 
 def inverse_permutation(seed: torch.Tensor, rows: int) -> torch.Tensor:

@@ -10,14 +10,21 @@ Randomness: each member keeps its single run's sketch generator. A training forw
 layer by layer in the order the single model runs them, one seed per sketched member from
 that member's generator, so every member's stream is the one its single run would draw.
 
-The sketch math is not re-implemented: forward keeps `scaled_sketch` of each sketched
-member's input, backward sketches dY with `_sketch_stats` and rescales it with `_scale`
-(core/sketch.py), per member. What is batched is everything around them: the matmuls,
-attention, LayerNorm, embeddings, and the final dW product, for which sketches are
-zero-padded to a common row count (zero rows change neither the norms, taken before
-padding, nor the product). The fused head: when a step's rows fit one chunk (the paper: 64
-rows, chunks of 256) all members' heads run as one batched fused op (`_FleetFusedCE`) whose
-sketched dW is BasisLinear's; with several chunks each member calls core/head.py's
+The sketches are batched over members (core/fleet_sketch.py): per layer, every member's bins
+and signs come from its seed in one kernel launch (or broadcast PyTorch ops), the same ones
+core/sketch.py draws for that member alone; a dense signed count-sketch matrix S (M, Rmax,
+rows) (the identity for exact members) gives all sketches in one torch.bmm, rescaled with
+`_scale`'s invariant scalars and lambda from per-member constants, and S is kept for the dY
+sketch in backward. So the ops of a step do not grow with M, apart from the seed draws.
+Fleets with a gaussian member, or whose S would be large, take the per-member loop instead
+(`_kept_rows`, `_sketched_rows`: `scaled_sketch`, `_sketch_stats` + `_scale` per member).
+Everything around the sketches is batched as well: the matmuls, attention, LayerNorm,
+embeddings, and the final dW product, for which sketches are zero-padded to a common row count
+(zero rows change neither the norms, taken before padding, nor the product).
+
+The fused head: when a step's rows fit one chunk (the paper: 64 rows, chunks of 256) all
+members' heads run as one batched fused op (`_FleetFusedCE`) whose sketched dW is
+BasisLinear's; with several chunks each member calls core/head.py's
 `fused_linear_cross_entropy` itself.
 """
 
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPT
 from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
@@ -49,21 +57,22 @@ class _FleetLinear(torch.autograd.Function):
     """y[m] = x[m] W[m]^T + b[m] for every member; exact dX and db; dW exact or BASIS per member.
 
     x (M, rows, N), weight (M, O, N), bias (M, O) or None, seeds (M,) int64 (read only for
-    sketched members), plans: per member None or (rank, hashing, scalars, lam).
+    sketched members), sketch: the layer's FleetSketch (per member None or (rank, hashing,
+    scalars, lam)).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seeds, plans):
+    def forward(ctx, x, weight, bias, seeds, sketch):
         y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None else \
             torch.bmm(x, weight.transpose(1, 2))
-        kept, ranks = _kept_rows(x, seeds, plans)
-        ctx.save_for_backward(kept, weight, seeds)
-        ctx.plans, ctx.ranks, ctx.has_bias = plans, ranks, bias is not None
+        kept, smat = _kept(x, seeds, sketch)
+        ctx.save_for_backward(kept, weight, seeds, smat)
+        ctx.sketch, ctx.has_bias = sketch, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept, weight, seeds = ctx.saved_tensors
+        kept, weight, seeds, smat = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(grad_out, weight.to(grad_out.dtype))
@@ -71,8 +80,7 @@ class _FleetLinear(torch.autograd.Function):
         if need_b:
             grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            # As BasisLinear: one pass over a sketched member's dY gives its sketch, norm and bias gradient.
-            gk, sums = _sketched_rows(grad_out, kept.shape[1], seeds, ctx.plans, ctx.ranks, colsum=need_b)
+            gk, sums = _dy_side(grad_out, kept.shape[1], seeds, smat, ctx.sketch, colsum=need_b)
             for m, colsum in enumerate(sums):
                 if colsum is not None:
                     grad_b[m] = colsum.to(weight.dtype)
@@ -84,30 +92,31 @@ class _FleetFusedCE(torch.autograd.Function):
     """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
     x[m] W[m]^T, the logits recomputed in backward instead of kept, as core/head.py's fused head.
 
-    The dW estimate of a sketched member is BasisLinear's: `scaled_sketch` of x in forward, and
-    `_sketch_stats` + `_scale` of the member's whole dlogits matrix in backward (one chunk holds all
-    of it). core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs
-    (the repository's tests check both against the reference sketch); in one chunk the two are one
-    estimate, and this form lets the GPU kernel sketch dlogits in one pass per member instead of
-    expanding the bins and signs with PyTorch ops, which dominated a fleet step's kernel count.
+    The dW estimate of a sketched member is BasisLinear's: the rescaled sketch of x in forward
+    and of the member's whole dlogits matrix in backward (one chunk holds all of it), with the
+    same bins and signs (`_kept`, `_dy_side`: the batched sketch, or the per-member loop).
+    core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs (the
+    repository's tests check both against the reference sketch); in one chunk the two are one
+    estimate, and this form sketches every member's dlogits in one batched product instead of
+    expanding bins and signs per member, which dominated a fleet step's kernel count.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, seeds, plans):
+    def forward(ctx, x, weight, targets, seeds, sketch):
         rows = x.shape[1]
         logits = torch.bmm(x, weight.transpose(1, 2))  # (M, rows, vocab); dropped at the end of forward
         lse = torch.logsumexp(logits, dim=2)
         picked = logits.gather(2, targets.unsqueeze(2)).squeeze(2)
         loss = (lse - picked).sum(1) / rows
         del logits
-        kept, ranks = _kept_rows(x, seeds, plans)
-        ctx.save_for_backward(x, weight, targets, lse, kept, seeds)
-        ctx.plans, ctx.ranks = plans, ranks
+        kept, smat = (x, None) if sketch is None else _kept(x, seeds, sketch)
+        ctx.save_for_backward(x, weight, targets, lse, kept, seeds, smat)
+        ctx.sketch = sketch
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse, kept, seeds = ctx.saved_tensors
+        x, weight, targets, lse, kept, seeds, smat = ctx.saved_tensors
         rows = x.shape[1]
         dl = torch.bmm(x, weight.transpose(1, 2))
         dl.sub_(lse.unsqueeze(2)).exp_()
@@ -116,19 +125,38 @@ class _FleetFusedCE(torch.autograd.Function):
         grad_x = torch.bmm(dl, weight) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            if all(p is None for p in ctx.plans):
+            if ctx.sketch is None:
                 grad_w = torch.bmm(dl.transpose(1, 2), x)
             else:
-                grad_w = torch.bmm(_sketched_rows(dl, kept.shape[1], seeds, ctx.plans, ctx.ranks)[0].transpose(1, 2),
-                                   kept)
+                grad_w = torch.bmm(_dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)[0].transpose(1, 2), kept)
         return grad_x, grad_w, None, None, None
+
+
+def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kept rows of x for the dW product, S for backward or None): the batched sketch of every
+    member (core/fleet_sketch.py) where the layer allows it, else the per-member loop."""
+    rows = x.shape[1]
+    if sketch.use_batched(rows):
+        smat = sketch.matrix(seeds, rows, x.dtype)
+        return sketch.scaled(smat, x.detach()), smat
+    return _kept_rows(x, seeds, sketch.plans)[0], None
+
+
+def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
+             sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list]:
+    """The dY side of the dW product with forward's randomness: S from forward where it took the
+    batched path (the bias needs no column sums from it: the caller's grad_out.sum(1) serves),
+    else `_sketched_rows`."""
+    if smat is not None:
+        return sketch.scaled(smat.to(grad_out.dtype), grad_out), [None] * grad_out.shape[0]
+    return _sketched_rows(grad_out, width, seeds, sketch.plans, safe_ranks(sketch.plans, grad_out.shape[1]), colsum)
 
 
 def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:
     """What each member's dW product needs of its input, zero-padded to one row count: x itself
     (exact) or `scaled_sketch` of x with the member's seed, rank, hashing, scalars and lambda."""
     rows = x.shape[1]
-    ranks = [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+    ranks = safe_ranks(plans, rows)
     if all(p is None for p in plans):
         return x, ranks
     kept = x.new_zeros(x.shape[0], max(ranks), x.shape[2])
@@ -161,9 +189,10 @@ def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plan
 class FleetGPT(nn.Module):
     """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
 
-    # The one-chunk batched fused head: None picks it on CUDA only. On CPU its sketch of the wide
-    # dlogits is a row gather (torch index_select), seen 100x slower with two threads than one on a
-    # busy 2-core machine (0.5 s against 5 ms for 64 x 50257), so there each member runs core/head.py.
+    # The one-chunk batched fused head: None picks it on CUDA only. On CPU it was slower than each
+    # member running core/head.py: with the per-member sketch loop its row gather of the wide dlogits
+    # took 0.5 s against 5 ms (64 x 50257, two threads against one on a busy 2-core machine); with the
+    # batched sketch a step of 4 members (64 rows, vocab 50257) still took 206 ms against 147 ms.
     batched_head: bool | None = None
 
     def __init__(self, members: list[GPT], generators: list[torch.Generator | None]) -> None:
@@ -186,6 +215,8 @@ class FleetGPT(nn.Module):
         # Per linear layer, per member: how its weight gradient is formed (None: exact).
         linears = [n for n, mod in first.named_modules() if isinstance(mod, nn.Linear)]
         self.plans = {n: tuple(_sketch_of(g.get_submodule(n)) for g in members) for n in linears}
+        # Their batched sketches, each caching its per-member constants (core/fleet_sketch.py).
+        self.sketches = {n: FleetSketch(plans) for n, plans in self.plans.items()}
         for n, plans in self.plans.items():
             for m, p in enumerate(plans):
                 if p is not None and generators[m] is None:
@@ -217,7 +248,7 @@ class FleetGPT(nn.Module):
         if all(p is None for p in plans):
             y = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2)) if b is not None else torch.bmm(flat, w.transpose(1, 2))
         else:
-            y = _FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), plans)
+            y = _FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), self.sketches[name])
         return y.view(*x.shape[:-1], w.shape[1])
 
     def _layer_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -264,8 +295,9 @@ class FleetGPT(nn.Module):
         batched = h.is_cuda if self.batched_head is None else self.batched_head
         if batched and h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one op
             plans = plans if training else (None,) * self.size
+            sketch = None if all(p is None for p in plans) else self.sketches["lm_head"]
             return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
-                                       self._seeds(plans, h.device), plans)
+                                       self._seeds(plans, h.device), sketch)
         rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
         weights = self.p("lm_head.weight").unbind(0)
         losses = []

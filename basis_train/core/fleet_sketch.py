@@ -1,0 +1,133 @@
+"""Count-sketches of every fleet member at once, in a number of ops that does not grow with M.
+
+core/fleet.py's per-member loop called `scaled_sketch` (forward) and `_sketch_stats` + `_scale`
+(backward) once per sketched member per layer: about a dozen launches each, thousands per fleet
+step at M = 30. Here one layer's sketches of all members are a few batched ops:
+
+1. bins and signs (M, rows) from the members' seeds (M,), exactly the ones `sketch_bins` /
+   `sketch_signs` give each member alone (R_safe = max(1, min(R, rows)), as BasisLinear);
+   exact members get bin i and sign +1. On CUDA one Triton launch (kernels/fleet_bins.py),
+   elsewhere feistel.py's functions broadcast over a (M, 1) seed.
+2. S (M, Rmax, rows), the dense signed count-sketch matrices (one-hot bins times signs; the
+   identity for exact members), and the sketch torch.bmm(S, m): every product is a value
+   times +-1 or 0, so the sums are the only rounding (float32 with TF32 off, as the paper's
+   runs; under TF32 the bmm would round m to TF32 first). No atomics, deterministic.
+3. The invariant scalars and lambda of `sketch._scale`, per member from small (M,) tensors:
+   factor sqrt(||m||^2) / (||S m|| + eps) where the member uses scalars, times (1 - lam);
+   exact members get factor 1, so their rows come back unchanged.
+
+S is kept from forward for backward, which sketches dY with it (tiny: M x Rmax x rows).
+The per-member constants (modes, ranks, scalars, 1 - lam) are built once per layer, device
+and dtype and cached on its `FleetSketch`: a CUDA-graph captured step must not copy from the
+host. Gaussian members (a dense projection, not a hashing) and fleets whose S would be large
+stay on core/fleet.py's per-member loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+from basis_train.core.sketch import _EPS, sketch_bins, sketch_signs
+
+EXACT, BALANCED, UNIFORM = 0, 1, 2  # as kernels/fleet_bins.py
+_MODES = {"balanced": BALANCED, "uniform": UNIFORM}
+# Elements of S (M x Rmax x rows) above which the per-member loop is used instead: the dense
+# matrices and their bmm grow as rows^2 (M = 30, 64 rows: 1.2e5).
+MAX_DENSE = 1 << 24
+# Device types routed to the Triton kernel; tests add "cpu" with an interpreted `_kernels`.
+_KERNEL_DEVICES = {"cuda"}
+_kernels = None  # kernels/fleet_bins.py once imported; False where Triton is missing
+
+
+def _kernel_module():
+    global _kernels
+    if _kernels is None:
+        try:
+            _kernels = importlib.import_module("basis_train.core.kernels.fleet_bins")
+        except ImportError as e:
+            warnings.warn(f"Triton is not available ({e}); fleets expand their sketch seeds with PyTorch",
+                          stacklevel=3)
+            _kernels = False
+    return _kernels
+
+
+def safe_ranks(plans: tuple, rows: int) -> list[int]:
+    """Rows each member's dW product reads: min(R, rows) (at least 1) if sketched, rows if exact."""
+    return [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+
+
+class _Consts:
+    """One layer's per-member constants on one device, dtype and row count (see FleetSketch)."""
+
+    def __init__(self, plans: tuple, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+        ranks, modes = safe_ranks(plans, rows), [EXACT if p is None else _MODES[p[1]] for p in plans]
+        self.width = max(ranks)
+        self.modes = torch.tensor(modes, dtype=torch.int32, device=device)
+        self.ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
+        self.scalars = torch.tensor([p is not None and bool(p[2]) for p in plans], device=device)
+        self.shrink = torch.tensor([1.0 if p is None else 1.0 - p[3] for p in plans], dtype=dtype, device=device)
+        self.rows = torch.arange(rows, device=device)
+        self.bin_ids = torch.arange(self.width, device=device).view(1, -1, 1)
+        # Member masks (M, 1) of the modes some member uses: the others need not be computed.
+        self.has = {mode: (self.modes == mode).view(-1, 1) for mode in set(modes)}
+
+
+class FleetSketch:
+    """One linear layer's sketch plans for the whole fleet: per member None (exact) or
+    (rank, hashing, scalars, lam), as core/fleet.py reads them off the members' models."""
+
+    def __init__(self, plans: tuple) -> None:
+        self.plans = tuple(plans)
+        self.batched = not any(p is not None and p[1] not in _MODES for p in self.plans)  # no gaussian
+        self._consts: dict = {}
+
+    def use_batched(self, rows: int) -> bool:
+        """Whether this layer's sketches at `rows` rows take the batched path (decided on the host)."""
+        return self.batched and len(self.plans) * max(safe_ranks(self.plans, rows)) * rows <= MAX_DENSE
+
+    def consts(self, rows: int, device: torch.device, dtype: torch.dtype) -> _Consts:
+        key = (rows, device, dtype)
+        if key not in self._consts:  # the eager steps before a capture fill this
+            self._consts[key] = _Consts(self.plans, rows, device, dtype)
+        return self._consts[key]
+
+    def bins_and_signs(self, seeds: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32):
+        """(bins (M, rows) int64, signs (M, rows) `dtype`): see the module doc, step 1."""
+        c = self.consts(rows, seeds.device, dtype)
+        if seeds.device.type in _KERNEL_DEVICES and rows > 0 and _kernel_module():
+            bins, signs = _kernels.bins_and_signs(seeds, c.modes, c.ranks, rows)
+            return bins, signs.to(dtype)
+        return torch_bins_and_signs(seeds, rows, c, dtype)
+
+    def matrix(self, seeds: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """S (M, Rmax, rows): S[m, b, i] = sign of row i if row i is in bin b, else 0."""
+        c = self.consts(rows, seeds.device, dtype)
+        bins, signs = self.bins_and_signs(seeds, rows, dtype)
+        return (bins.unsqueeze(1) == c.bin_ids).to(dtype) * signs.unsqueeze(1)
+
+    def scaled(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Every member's `_scale(S m, ||m||^2, lam, scalars)`, (M, Rmax, cols); exact members: m."""
+        c = self.consts(m.shape[1], m.device, m.dtype)
+        sk = torch.bmm(s, m)
+        ratio = torch.linalg.vector_norm(m, dim=(1, 2)) / (torch.linalg.vector_norm(sk, dim=(1, 2)) + _EPS)
+        factor = torch.where(c.scalars, ratio, 1.0) * c.shrink
+        return sk * factor.view(-1, 1, 1)
+
+
+def torch_bins_and_signs(seeds: torch.Tensor, rows: int, c: _Consts, dtype: torch.dtype):
+    """The PyTorch path of `FleetSketch.bins_and_signs`: feistel.py's elementwise functions on a
+    (M, 1) seed give every member's rows at once; modes pick each member's hashing."""
+    s = seeds.view(-1, 1)
+    ranks = c.ranks.view(-1, 1).long()
+    bins = c.rows.expand(s.shape[0], rows)
+    for mode, hashing in ((BALANCED, "balanced"), (UNIFORM, "uniform")):
+        if mode in c.has:
+            bins = torch.where(c.has[mode], sketch_bins(s, rows, ranks, hashing), bins)
+    signs = sketch_signs(s, rows, dtype)
+    if EXACT in c.has:
+        signs = torch.where(c.has[EXACT], 1.0, signs)
+    return bins, signs
+
