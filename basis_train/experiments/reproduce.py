@@ -154,7 +154,9 @@ def reproduce(
     report_only: bool = typer.Option(False, "--report-only", help="only write the reports from finished runs "
                                                                   "[default: off]"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
-    fleet: bool = typer.Option(False, "--fleet", help=FLEET_HELP),
+    fleet: bool | None = typer.Option(
+        None, "--fleet/--no-fleet", help=FLEET_HELP.replace("[default: off]", "[default: on where the runs train on "
+                                                               "CUDA, off on CPU]")),
 ):
     """Exact and R = 64, 32, 16, 8, 1, seeds 0..N-1, each protocol in OUT/<protocol>/.
 
@@ -162,7 +164,8 @@ def reproduce(
     check_counts(seeds=seeds, jobs=jobs)
     missing: list[Job] = []
     try:
-        load_config(config)
+        if fleet is None:  # the paper's runs are tiny: on a GPU one batched process beats one process per run
+            fleet = _trains_on_cuda(load_config(config))
         names = [p for p in protocols.split(",") if p]
         for protocol in names:
             if protocol not in ("heldout", "paper"):
@@ -185,6 +188,12 @@ def reproduce(
     if missing:
         fail(f"{len(missing)} runs failed or are unfinished and are missing from the reports: {_names(missing)}",
               code=1)
+
+
+def _trains_on_cuda(cfg) -> bool:
+    import torch
+
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
 def reproduce_main(argv: list[str] | None = None) -> None:

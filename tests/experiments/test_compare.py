@@ -213,3 +213,22 @@ def test_a_finished_run_of_another_config_is_never_overwritten(tmp_path, tiny_co
     res = runner.invoke(compare_app, ["--config", str(tiny_config), "--ranks", "8", "--seeds", "1",
                                       "--out", str(out), "--quiet"])
     assert any(c[-1] == "--resume" and "exact-s0" in c[c.index("--config") + 1] for c in calls), calls
+
+
+def test_reproduce_trains_fleets_by_default_on_cuda_only(tmp_path, tiny_config, monkeypatch):
+    import torch
+
+    from basis_train.experiments import reproduce as reproduce_mod
+
+    seen = []
+    monkeypatch.setattr(reproduce_mod, "run_jobs", lambda *a, fleet, **kw: seen.append(fleet) or [])
+    monkeypatch.setattr(reproduce_mod, "write_reproduction", lambda *a: ([], []))
+    auto = tmp_path / "auto.yaml"  # the tiny config pins the CPU; here the machine decides
+    auto.write_text(tiny_config.read_text().replace("device: cpu", "device: auto"))
+    args = ["--config", str(auto), "--seeds", "1", "--steps", "2", "--protocols", "heldout"]
+    for cuda, extra, expected in ((False, [], False), (True, [], True), (True, ["--no-fleet"], False),
+                                  (False, ["--fleet"], True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        res = runner.invoke(reproduce_mod.reproduce_app, [*args, "--out", str(tmp_path / "r"), *extra])
+        assert res.exit_code == 0, res.output
+        assert seen.pop() is expected, (cuda, extra)
