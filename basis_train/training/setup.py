@@ -60,6 +60,8 @@ def variant_of(cfg: Config) -> str:
             tags.append(f"layers={s.layers}")
     if cfg.model.checkpoint_blocks:
         tags.append("ckpt")
+    if cfg.model.head_kernel == "cce":  # CCE's bf16 gradient sums change a run's numbers (core/head_cce.py)
+        tags.append("cce")
     if cfg.optim.lr_factor != 1.0:
         tags.append(f"lr{cfg.optim.lr_factor:g}x")
     if cfg.optim.lr_scale_sketched != 1.0:

@@ -248,3 +248,13 @@ def test_new_keys_at_defaults_keep_committed_run_hashes():
         assert config_hash(load_config(path.parent / "config.yaml")) == recorded, path
     cfg = load_config(runs[0].parent / "config.yaml")
     assert config_hash(apply_overrides(cfg, {"optim.schedule": "cosine"})) != config_hash(cfg)
+
+
+def test_variant_tags_name_what_changes_the_numbers():
+    from basis_train.training.setup import variant_of
+
+    base = Config()
+    assert variant_of(base) == ""
+    assert variant_of(apply_overrides(base, {"model.head_kernel": "native"})) == ""
+    assert variant_of(apply_overrides(base, {"model.head_kernel": "cce", "model.checkpoint_blocks": True})) == "ckpt,cce"
+    assert variant_of(apply_overrides(base, {"optim.lr_factor": 2.0})) == "lr2x"
