@@ -1,0 +1,111 @@
+"""Ops one paper-size fleet training step dispatches, and the bytes they read and write, by op and
+by phase: proxies for what a captured fleet step costs on a GPU (kernel launches, and memory
+traffic, which the members' 50257 x 64 vocabulary matrices dominate).
+
+    python scripts/fleet_opcount.py [MEMBERS_PER_CONFIG]
+
+Builds the held-out Table 3 fleet (exact, R = 64, 32, 16, 8, 1; 5 seeds each by default) from
+configs/paper.yaml, routes the bins-and-signs expansion to a stand-in counted as the one Triton launch
+it is on CUDA, takes the batched head (the CUDA choice), runs one forward+backward+SGD step on CPU
+and prints the counts. Views and other metadata-only ops are counted too (they launch nothing), so
+the figure is an upper bound on kernels. Bytes: every tensor argument and result of each op, once
+(in-place results counted as written), so a rough figure of traffic, not a measurement.
+"""
+
+import collections
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from basis_train.core import fleet_sketch
+from basis_train.core.fleet import FleetGPT
+from basis_train.core.model import build_gpt
+from basis_train.training.config import apply_overrides, load_config
+from basis_train.training.fleet_optim import FleetSGD
+from basis_train.training.setup import gpt_config
+
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "permute", "select",
+             "slice", "alias", "detach", "as_strided", "split", "unbind", "_reshape_alias", "reshape", "lift_fresh"}
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.phase = "forward"
+        self.by_phase = collections.Counter()
+        self.bytes = collections.Counter()
+        self.bytes_by_phase = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        if name not in NO_KERNEL:
+            self.ops[name] += 1
+            self.by_phase[self.phase] += 1
+            moved = sum(t.numel() * t.element_size() for t in _tensors((args, kwargs, out)))
+            self.bytes[name] += moved
+            self.bytes_by_phase[self.phase] += moved
+        return out
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            yield from _tensors(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _tensors(x)
+
+
+def main(per_config: int = 5) -> None:
+    torch.manual_seed(0)
+    cfg = load_config("paper")
+    members, gens = [], []
+    for method, rank in [("exact", 64), ("basis", 64), ("basis", 32), ("basis", 16), ("basis", 8), ("basis", 1)]:
+        for seed in range(per_config):
+            c = apply_overrides(cfg, {"sketch.rank": rank, "train.method": method, "train.seed": seed})
+            members.append(build_gpt(gpt_config(c), seed=seed, method=method))
+            gens.append(torch.Generator().manual_seed(seed) if method == "basis" else None)
+    fleet = FleetGPT(members, gens)
+    fleet.batched_head = True
+    opt = FleetSGD([fleet.p(n) for n in fleet.names], [[cfg.optim.lr] * fleet.size for _ in fleet.names],
+                   cfg.optim.momentum, cfg.optim.weight_decay)
+    counter = Count()
+    torch_path = fleet_sketch.FleetSketch.bins_and_signs
+
+    def one_launch(self, seeds, rows, dtype=torch.float32):
+        with torch.utils._python_dispatch._disable_current_modes():
+            out = torch_path(self, seeds, rows, dtype)
+        counter.ops["triton:fleet_bins"] += 1
+        counter.by_phase[counter.phase] += 1
+        return out
+
+    fleet_sketch.FleetSketch.bins_and_signs = one_launch
+    t = cfg.model.block_size
+    idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
+    for step in range(2):  # the second step is the steady state (momentum buffers exist)
+        for c in (counter.ops, counter.by_phase, counter.bytes, counter.bytes_by_phase):
+            c.clear()
+        with counter:
+            counter.phase = "forward"
+            loss = fleet(idx[..., :-1], idx[..., 1:])
+            counter.phase = "backward"
+            loss.sum().backward()
+            counter.phase = "optimizer"
+            opt.step()
+            opt.zero_grad()
+    print(f"fleet of {fleet.size}: {sum(counter.ops.values())} ops per step; by phase {dict(counter.by_phase)}")
+    gb = {k: round(v / 1e9, 2) for k, v in counter.bytes_by_phase.items()}
+    print(f"bytes read + written: {sum(counter.bytes.values()) / 1e9:.2f} GB per step; by phase (GB) {gb}")
+    for name, n in counter.bytes.most_common(12):
+        print(f"  {n / 1e9:6.2f} GB {name} ({counter.ops[name]} ops)")
+    for name, n in counter.ops.most_common(25):
+        print(f"  {n:5d} {name}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
