@@ -5,8 +5,8 @@ traffic, which the members' 50257 x 64 vocabulary matrices dominate).
     python scripts/fleet_opcount.py [MEMBERS_PER_CONFIG]
 
 Builds the held-out Table 3 fleet (exact, R = 64, 32, 16, 8, 1; 5 seeds each by default) from
-configs/paper.yaml, routes the bins-and-signs expansion to a stand-in counted as the one Triton launch
-it is on CUDA, takes the batched head (the CUDA choice), runs one forward+backward+SGD step on CPU
+configs/paper.yaml, routes the bins-and-signs expansion and the fused SGD update (one per parameter, after
+the first step) to stand-ins counted as the one Triton launch each is on CUDA, takes the batched head (the CUDA choice), runs one forward+backward+SGD step on CPU
 and prints the counts. Views and other metadata-only ops are counted too (they launch nothing), so
 the figure is an upper bound on kernels. Bytes: every tensor argument and result of each op, once
 (in-place results counted as written), so a rough figure of traffic, not a measurement.
@@ -22,6 +22,7 @@ from basis_train.core import fleet_sketch
 from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
 from basis_train.training.config import apply_overrides, load_config
+from basis_train.training import fleet_optim
 from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.setup import gpt_config
 
@@ -85,6 +86,30 @@ def main(per_config: int = 5) -> None:
         return out
 
     fleet_sketch.FleetSketch.bins_and_signs = one_launch
+
+    class FusedSGD:
+        """core/kernels/fleet_sgd.py's launch: reads p, grad, buf and lr once, writes buf and p once."""
+
+        @staticmethod
+        def supports(p, g, buf):
+            return all(t.dtype == torch.float32 and t.is_contiguous() for t in (p, g) + (() if buf is None else (buf,)))
+
+        @staticmethod
+        def fleet_sgd_(p, g, buf, lr, momentum, wd):
+            with torch.utils._python_dispatch._disable_current_modes():
+                d = g + wd * p if wd else g
+                if buf is not None and momentum:
+                    buf.mul_(momentum).add_(d)
+                    d = buf
+                p.sub_(d * lr.view(-1, *([1] * (p.dim() - 1))))
+            tensors = (p, g, lr) + (() if buf is None or not momentum else (buf, buf)) + (p,)
+            counter.ops["triton:fleet_sgd"] += 1
+            counter.by_phase[counter.phase] += 1
+            moved = sum(t.numel() * t.element_size() for t in tensors)
+            counter.bytes["triton:fleet_sgd"] += moved
+            counter.bytes_by_phase[counter.phase] += moved
+
+    fleet_optim._kernels, fleet_optim._KERNEL_DEVICES = FusedSGD, {"cpu", "cuda"}
     t = cfg.model.block_size
     idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
     for step in range(2):  # the second step is the steady state (momentum buffers exist)

@@ -5,13 +5,38 @@ learning rate a per-member vector: members may differ in lr_factor and lr_scale_
 which one float per parameter group cannot express for stacked tensors. Where all members
 share a parameter's lr the update is torch's own `add_(buf, alpha=-lr)`, bit for bit.
 
+On CUDA, once the momentum buffers exist (the first step is PyTorch's, as torch.optim.SGD sets
+buf = d there), each stacked parameter's update is one Triton launch (core/kernels/fleet_sgd.py)
+that reads p, its gradient, its buffer and the members' lrs once and writes buffer and parameter
+once, instead of a dozen full passes of separate ops; it rounds as the separate ops do, up to FMAs.
+Elsewhere, or without Triton, the PyTorch path below runs.
+
 Its state converts to and from each member's single-run optimiser (`to_member`,
 `from_member`), so a member's checkpoint is a single run's checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
+
+# Device types whose updates go to the fused kernel; tests add "cpu" with an interpreted `_kernels`.
+_KERNEL_DEVICES = {"cuda"}
+_kernels = None  # core/kernels/fleet_sgd.py once imported; False where Triton is missing
+
+
+def _kernel_module():
+    global _kernels
+    if _kernels is None:
+        try:
+            _kernels = importlib.import_module("basis_train.core.kernels.fleet_sgd")
+        except ImportError as e:
+            warnings.warn(f"Triton is not available ({e}); fleets update their parameters with PyTorch",
+                          stacklevel=3)
+            _kernels = False
+    return _kernels
 
 
 class FleetSGD:
@@ -22,19 +47,27 @@ class FleetSGD:
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs: list[list[float]]) -> None:
-        """Floats where every member agrees (torch's exact update), else a device vector."""
-        self.lrs = []
+        """Floats where every member agrees (torch's exact update), else a device vector; and
+        for the fused kernel every parameter's lrs as an (M,) float32 vector, built here once
+        (a captured step must not copy from the host)."""
+        self.lrs, self.lr_vectors = [], []
         for p, lr in zip(self.params, lrs, strict=True):
             if len(set(lr)) == 1:
                 self.lrs.append(float(lr[0]))
             else:
                 self.lrs.append(torch.tensor(lr, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1))))
+            self.lr_vectors.append(torch.tensor(lr, dtype=torch.float32, device=p.device))
 
     @torch.no_grad()
     def step(self) -> None:
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
+                continue
+            buf = self.bufs[i]
+            if (self.momentum == 0 or buf is not None) and p.device.type in _KERNEL_DEVICES \
+                    and _kernel_module() and _kernels.supports(p, g, buf):
+                _kernels.fleet_sgd_(p, g, buf, self.lr_vectors[i], self.momentum, self.weight_decay)
                 continue
             if self.weight_decay:
                 g = g.add(p, alpha=self.weight_decay)

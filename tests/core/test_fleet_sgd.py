@@ -1,0 +1,132 @@
+"""The fused fleet SGD kernel (core/kernels/fleet_sgd.py) under Triton's interpreter on CPU: against
+FleetSGD's PyTorch path and against each member's own torch.optim.SGD, with per-member lrs that
+differ, weight decay 0 and > 0, momentum 0 and > 0."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from basis_train.core import kernels
+from basis_train.training import fleet_optim
+from basis_train.training.fleet_optim import FleetSGD
+
+M = 4
+# Shapes with per-member sizes that do not divide the block: members straddle program boundaries.
+SHAPES = [(M, 37, 5), (M, 3), (M, 50)]
+# Per parameter, per member lrs: all different, one shared (FleetSGD's float lr), one large spread.
+LRS = [[0.01, 0.02, 0.5, 0.003], [0.05] * M, [1.0, 0.0, 0.25, 0.1]]
+SETTINGS = [(0.0, 0.0), (0.9, 0.0), (0.0, 0.1), (0.9, 0.1)]  # (momentum, weight decay)
+ids = [f"mom{m}-wd{w}" for m, w in SETTINGS]
+TOL = dict(rtol=2e-6, atol=1e-6)  # float32 rounding (an FMA or not: 1 ulp of values up to ~5), a few steps
+
+
+@pytest.fixture()
+def interpreted(monkeypatch):
+    """kernels/fleet_sgd.py under Triton's interpreter, routed to for CPU tensors (as
+    tests/core/test_fleet_sketch.py does for the bins kernel)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
+        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
+    path = Path(kernels.__file__).parent / "fleet_sgd.py"
+    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted_fleet_sgd", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "BLOCK", 64)  # several programs per parameter, a ragged last one
+    monkeypatch.setattr(fleet_optim, "_kernels", module)
+    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cpu", "cuda"})
+    calls = []
+    launch = module.fleet_sgd_
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs, block=64)
+
+    monkeypatch.setattr(module, "fleet_sgd_", counted)
+    module.calls = calls
+    return module
+
+
+def make(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in SHAPES]
+
+
+def grads(step):
+    return make(100 + step)
+
+
+def run_fleet(momentum, wd, steps):
+    params = make()
+    opt = FleetSGD(params, LRS, momentum, wd)
+    for step in range(steps):
+        for p, g in zip(params, grads(step)):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt.bufs
+
+
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_kernel_matches_the_pytorch_path(interpreted, monkeypatch, momentum, wd):
+    fused = run_fleet(momentum, wd, 4)
+    expected_launches = len(SHAPES) * (3 if momentum else 4)  # the first momentum step is PyTorch's
+    assert len(interpreted.calls) == expected_launches
+    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cuda"})  # CPU: the PyTorch path
+    plain = run_fleet(momentum, wd, 4)
+    assert len(interpreted.calls) == expected_launches
+    for i, (a, b) in enumerate(zip(fused[0], plain[0])):
+        assert_close(a, b, **TOL, msg=f"parameter {i}")
+    for i, (a, b) in enumerate(zip(fused[1], plain[1])):
+        assert (a is None) == (b is None) == (momentum == 0)
+        if a is not None:
+            assert_close(a, b, **TOL, msg=f"buffer {i}")
+
+
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_fused_fleet_equals_each_members_torch_sgd(interpreted, momentum, wd):
+    steps = 4
+    fleet_params, bufs = run_fleet(momentum, wd, steps)
+    assert interpreted.calls
+    for m in range(M):
+        own = [p[m].clone() for p in make()]
+        opts = [torch.optim.SGD([q], lr=LRS[i][m], momentum=momentum, weight_decay=wd, foreach=False)
+                for i, q in enumerate(own)]
+        for step in range(steps):
+            for q, g, opt in zip(own, grads(step), opts):
+                q.grad = g[m].clone()
+                opt.step()
+        for i, q in enumerate(own):
+            assert_close(fleet_params[i][m], q, **TOL, msg=f"member {m} parameter {i}")
+            if momentum:
+                assert_close(bufs[i][m], opts[i].state[q]["momentum_buffer"], **TOL, msg=f"member {m} buffer {i}")
+
+
+def test_kernel_one_step_against_the_formula(interpreted):
+    """One launch on given tensors, against the update written out in float64."""
+    g = torch.Generator().manual_seed(3)
+    p, grad, buf = (torch.randn(M, 129, generator=g) for _ in range(3))
+    lr = torch.tensor([0.5, 0.01, 2.0, 0.125])
+    p64, grad64, buf64 = p.double(), grad.double(), buf.double()
+    interpreted.fleet_sgd_(p, grad, buf, lr, 0.9, 0.05)
+    d = grad64 + 0.05 * p64
+    b = 0.9 * buf64 + d
+    assert_close(buf.double(), b, rtol=1e-6, atol=1e-6)
+    assert_close(p.double(), p64 - lr.double().view(-1, 1) * b, rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_tensors_take_the_pytorch_path(interpreted):
+    params = [torch.randn(M, 6, 5).transpose(1, 2), torch.randn(M, 8, dtype=torch.float64)]  # strided; float64
+    opt = FleetSGD(params, [[0.1] * M, [0.2] * M], 0.0, 0.0)
+    before = [p.clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not interpreted.calls
+    assert_close(params[0], before[0] - 0.1) and assert_close(params[1], before[1] - 0.2)
