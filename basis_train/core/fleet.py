@@ -90,7 +90,14 @@ class _FleetLinear(torch.autograd.Function):
 
 class _FleetFusedCE(torch.autograd.Function):
     """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
-    x[m] W[m]^T, the logits recomputed in backward instead of kept, as core/head.py's fused head.
+    x[m] W[m]^T. Forward turns the logits, once the log-sum-exp and the targets' logits are
+    taken, in place into softmax - onehot and keeps that for backward, which only scales it by
+    each member's grad_loss / rows: no second (M, rows, vocab) product, and the same ops on the
+    same values as recomputing the logits in backward (tests/core/test_fleet_head.py: bit for bit).
+    Keeping it holds one (M, rows, vocab) tensor from forward to backward (386 MB for the paper's
+    30 members) in place of allocating it again in backward; a fleet's reported memory figures are
+    its members' single-run probes (training/fleet.py `_measure`), so none of them changes.
+    With keep False (no gradient wanted) nothing is kept and only the loss is formed.
 
     The dW estimate of a sketched member is BasisLinear's: the rescaled sketch of x in forward
     and of the member's whole dlogits matrix in backward (one chunk holds all of it), with the
@@ -102,34 +109,34 @@ class _FleetFusedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, seeds, sketch):
+    def forward(ctx, x, weight, targets, seeds, sketch, keep=True):
         rows = x.shape[1]
-        logits = torch.bmm(x, weight.transpose(1, 2))  # (M, rows, vocab); dropped at the end of forward
+        logits = torch.bmm(x, weight.transpose(1, 2))  # (M, rows, vocab); becomes dlogits below
         lse = torch.logsumexp(logits, dim=2)
         picked = logits.gather(2, targets.unsqueeze(2)).squeeze(2)
         loss = (lse - picked).sum(1) / rows
-        del logits
+        if not keep:
+            return loss
+        dl = logits.sub_(lse.unsqueeze(2)).exp_()  # softmax
+        dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))  # - onehot
         kept, smat = (x, None) if sketch is None else _kept(x, seeds, sketch)
-        ctx.save_for_backward(x, weight, targets, lse, kept, seeds, smat)
+        ctx.save_for_backward(weight, dl, kept, seeds, smat)
         ctx.sketch = sketch
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse, kept, seeds, smat = ctx.saved_tensors
-        rows = x.shape[1]
-        dl = torch.bmm(x, weight.transpose(1, 2))
-        dl.sub_(lse.unsqueeze(2)).exp_()
-        dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))
-        dl.mul_((grad_loss / rows).view(-1, 1, 1))
+        weight, dl, kept, seeds, smat = ctx.saved_tensors
+        rows = dl.shape[1]
+        dl.mul_((grad_loss / rows).view(-1, 1, 1))  # in place: a second backward would see it changed (an error)
         grad_x = torch.bmm(dl, weight) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             if ctx.sketch is None:
-                grad_w = torch.bmm(dl.transpose(1, 2), x)
+                grad_w = torch.bmm(dl.transpose(1, 2), kept)  # kept is x
             else:
                 grad_w = torch.bmm(_dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)[0].transpose(1, 2), kept)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -297,7 +304,7 @@ class FleetGPT(nn.Module):
             plans = plans if training else (None,) * self.size
             sketch = None if all(p is None for p in plans) else self.sketches["lm_head"]
             return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
-                                       self._seeds(plans, h.device), sketch)
+                                       self._seeds(plans, h.device), sketch, torch.is_grad_enabled())
         rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
         weights = self.p("lm_head.weight").unbind(0)
         losses = []
