@@ -80,11 +80,11 @@ class _FleetLinear(torch.autograd.Function):
         if need_b:
             grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            gk, sums = _dy_side(grad_out, kept.shape[1], seeds, smat, ctx.sketch, colsum=need_b)
+            gk, sums, factor = _dy_side(grad_out, kept.shape[1], seeds, smat, ctx.sketch, colsum=need_b)
             for m, colsum in enumerate(sums):
                 if colsum is not None:
                     grad_b[m] = colsum.to(weight.dtype)
-            grad_w = torch.bmm(gk.transpose(1, 2), kept).to(weight.dtype)  # fleets train in float32
+            grad_w = _dw_product(gk, kept, factor).to(weight.dtype)  # fleets train in float32
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -135,7 +135,8 @@ class _FleetFusedCE(torch.autograd.Function):
             if ctx.sketch is None:
                 grad_w = torch.bmm(dl.transpose(1, 2), kept)  # kept is x
             else:
-                grad_w = torch.bmm(_dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)[0].transpose(1, 2), kept)
+                gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
+                grad_w = _dw_product(gk, kept, factor)  # the factor scales the small kept side
         return grad_x, grad_w, None, None, None, None
 
 
@@ -150,13 +151,32 @@ def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[to
 
 
 def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
-             sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list]:
-    """The dY side of the dW product with forward's randomness: S from forward where it took the
-    batched path (the bias needs no column sums from it: the caller's grad_out.sum(1) serves),
-    else `_sketched_rows`."""
+             sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+    """The dY side of the dW product with forward's randomness, and the per-member factor (M,)
+    still to be applied to it, or None where it is applied already. With S from forward (the
+    batched path) the side is S dY unscaled and the factor is `_scale`'s (the bias needs no
+    column sums from it: the caller's grad_out.sum(1) serves); else `_sketched_rows`, rescaled."""
     if smat is not None:
-        return sketch.scaled(smat.to(grad_out.dtype), grad_out), [None] * grad_out.shape[0]
-    return _sketched_rows(grad_out, width, seeds, sketch.plans, safe_ranks(sketch.plans, grad_out.shape[1]), colsum)
+        gk, factor = sketch.sketch_and_factor(smat.to(grad_out.dtype), grad_out)
+        return gk, [None] * grad_out.shape[0], factor
+    gk, sums = _sketched_rows(grad_out, width, seeds, sketch.plans, safe_ranks(sketch.plans, grad_out.shape[1]), colsum)
+    return gk, sums, None
+
+
+def _dw_product(gk: torch.Tensor, kept: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Every member's dW = factor[m] * gk[m]^T kept[m], (M, O, N) from gk (M, R, O) and kept (M, R, N),
+    the factor applied to whichever of gk, kept and the product has the fewest elements: the head's
+    kept side (M, R, 64) rather than its (M, R, vocab) dlogits sketch, one pass less over a wide
+    tensor. Only rounding differs from scaling gk."""
+    if factor is None:
+        return torch.bmm(gk.transpose(1, 2), kept)
+    f = factor.view(-1, 1, 1)
+    r, o, n = gk.shape[1], gk.shape[2], kept.shape[2]
+    if r * n <= min(r * o, o * n):
+        return torch.bmm(gk.transpose(1, 2), kept * f)
+    if r * o <= o * n:
+        return torch.bmm((gk * f).transpose(1, 2), kept)
+    return torch.bmm(gk.transpose(1, 2), kept).mul_(f)
 
 
 def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:

@@ -16,7 +16,9 @@ step at M = 30. Here one layer's sketches of all members are a few batched ops:
    factor sqrt(||m||^2) / (||S m|| + eps) where the member uses scalars, times (1 - lam);
    exact members get factor 1, so their rows come back unchanged.
 
-S is kept from forward for backward, which sketches dY with it (tiny: M x Rmax x rows).
+S is kept from forward for backward, which sketches dY with it (tiny: M x Rmax x rows); there the
+factor of step 3 is applied not to S dY but to the smallest tensor of the dW product it enters
+(core/fleet.py `_dw_product`), for the head the kept side instead of the (M, Rmax, vocab) sketch.
 The per-member constants (modes, ranks, scalars, 1 - lam) are built once per layer, device
 and dtype and cached on its `FleetSketch`: a CUDA-graph captured step must not copy from the
 host. Gaussian members (a dense projection, not a hashing) and fleets whose S would be large
@@ -108,12 +110,19 @@ class FleetSketch:
         bins, signs = self.bins_and_signs(seeds, rows, dtype)
         return (bins.unsqueeze(1) == c.bin_ids).to(dtype) * signs.unsqueeze(1)
 
-    def scaled(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Every member's `_scale(S m, ||m||^2, lam, scalars)`, (M, Rmax, cols); exact members: m."""
+    def sketch_and_factor(self, s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S m (M, Rmax, cols), factor (M,)): every member's sketch, not yet rescaled, and the factor
+        `_scale` multiplies it by (the invariant scalars' ratio of norms, times 1 - lam; 1 for exact
+        members). Callers whose S m is wide (the head's dlogits) apply the factor to a smaller
+        tensor of the product it enters instead of to S m."""
         c = self.consts(m.shape[1], m.device, m.dtype)
         sk = torch.bmm(s, m)
         ratio = torch.linalg.vector_norm(m, dim=(1, 2)) / (torch.linalg.vector_norm(sk, dim=(1, 2)) + _EPS)
-        factor = torch.where(c.scalars, ratio, 1.0) * c.shrink
+        return sk, torch.where(c.scalars, ratio, 1.0) * c.shrink
+
+    def scaled(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Every member's `_scale(S m, ||m||^2, lam, scalars)`, (M, Rmax, cols); exact members: m."""
+        sk, factor = self.sketch_and_factor(s, m)
         return sk * factor.view(-1, 1, 1)
 
 

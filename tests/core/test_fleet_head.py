@@ -5,7 +5,7 @@ on the same values in the same order, so loss and gradients must be bit for bit 
 import pytest
 import torch
 
-from basis_train.core.fleet import _dy_side, _FleetFusedCE, _kept
+from basis_train.core.fleet import _dw_product, _dy_side, _FleetFusedCE, _kept
 from basis_train.core.fleet_sketch import FleetSketch
 from basis_train.core.sketch import draw_seed
 
@@ -37,15 +37,9 @@ class _RecomputingCE(torch.autograd.Function):
         if ctx.sketch is None:
             grad_w = torch.bmm(dl.transpose(1, 2), x)
         else:
-            gk, _, factor = _unpack(_dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch))
-            if factor is not None:  # the dY side's rescale folded into the kept side (core/fleet.py)
-                kept = kept * factor.view(-1, 1, 1)
-            grad_w = torch.bmm(gk.transpose(1, 2), kept)
+            gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
+            grad_w = _dw_product(gk, kept, factor)  # the sketched dW product, as core/fleet.py forms it
         return grad_x, grad_w, None, None, None
-
-
-def _unpack(out):
-    return (*out, None) if len(out) == 2 else out
 
 
 PLANS = {

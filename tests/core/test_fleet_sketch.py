@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from basis_train.core import fleet_sketch
-from basis_train.core.fleet import FleetGPT, _FleetFusedCE, _FleetLinear
+from basis_train.core.fleet import FleetGPT, _dw_product, _dy_side, _FleetFusedCE, _FleetLinear
 from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import _scale, _sketch_stats, draw_seed, scaled_sketch, sketch_bins, sketch_signs
@@ -131,6 +131,37 @@ def test_interpreted_kernel_matrix_equals_torch_matrix(interpreted, monkeypatch)
     kernel = fs.matrix(seeds, 100, torch.float32)
     monkeypatch.setattr(fleet_sketch, "_kernels", False)  # the PyTorch path, as without Triton
     assert torch.equal(fs.matrix(seeds, 100, torch.float32), kernel)
+
+
+# (rows, O, N), R = rows (MIX has exact members): the head (O = vocab, wide) and an FC-like layer (O > N)
+# scale the kept side, a Proj-like one (O < N) the dY side, and one with R > O, N the product.
+DW_SHAPES = [(64, 300, 16), (32, 100, 20), (32, 20, 100), (100, 8, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("rows", "o", "n"), DW_SHAPES)
+def test_dw_product_folds_the_dy_factor_into_the_smallest_tensor(dtype, rows, o, n):
+    """The dW product with the dY side's factor applied to the smallest of its three tensors equals
+    the product of the rescaled sketch `scaled(S, dY)` (as formed before) up to rounding: bit for
+    bit where the factor is 1 (exact members; no scalars, lam 0), 1e-12 in float64, 1e-6 in float32."""
+    torch.manual_seed(rows + o)
+    plans = MIX
+    seeds = seeds_for(plans, seed=11)
+    fs = FleetSketch(plans)
+    x, dy = torch.randn(len(plans), rows, n, dtype=dtype), torch.randn(len(plans), rows, o, dtype=dtype)
+    smat = fs.matrix(seeds, rows, dtype)
+    kept = fs.scaled(smat, x)
+    before = torch.bmm(fs.scaled(smat, dy).transpose(1, 2), kept)
+    gk, sums, factor = _dy_side(dy, kept.shape[1], seeds, smat, fs)
+    assert factor.shape == (len(plans),) and sums == [None] * len(plans)
+    assert torch.equal(gk, torch.bmm(smat, dy))  # the wide side is formed once, unscaled
+    after = _dw_product(gk, kept, factor)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-5)
+    assert_close(after, before, **tol)
+    ones = [m for m, p in enumerate(plans) if p is None or (not p[2] and p[3] == 0)]
+    assert ones and all(factor[m] == 1 for m in ones)
+    for m in ones:
+        assert torch.equal(after[m], before[m]), m
 
 
 def fleet_linear_grads(plans, x, w, b, dy, seeds):
