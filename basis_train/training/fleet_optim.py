@@ -2,13 +2,14 @@
 
 It is torch.optim.SGD's update (no dampening, no Nesterov; the paper's optimiser), with the
 learning rate a per-member vector: members may differ in lr_factor and lr_scale_sketched,
-which one float per parameter group cannot express for stacked tensors. Where all members
-share a parameter's lr the update is torch's own `add_(buf, alpha=-lr)`, bit for bit.
+which one float per parameter group cannot express for stacked tensors. On the PyTorch path,
+where all members share a parameter's lr the update is torch's own `add_(buf, alpha=-lr)`, bit
+for bit.
 
 On CUDA, once the momentum buffers exist (the first step is PyTorch's, as torch.optim.SGD sets
 buf = d there), each stacked parameter's update is one Triton launch (core/kernels/fleet_sgd.py)
 that reads p, its gradient, its buffer and the members' lrs once and writes buffer and parameter
-once, instead of a dozen full passes of separate ops; it rounds as the separate ops do, up to FMAs.
+once, instead of the separate ops' many full passes; it rounds as those ops do, up to FMAs.
 Elsewhere, or without Triton, the PyTorch path below runs.
 
 Its state converts to and from each member's single-run optimiser (`to_member`,
