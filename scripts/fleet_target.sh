@@ -9,8 +9,8 @@ export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fleet_out}; GRID=/tmp/fleet_grid; mkdir -p "$OUT"; rm -rf $GRID
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 SECONDS=0
-timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/core/test_fleet_sketch.py tests/training/test_fleet.py \
-  -k "cuda or gpu or three or kernel" 2>&1 | tail -4
+timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/core/test_fleet_sketch.py tests/core/test_fleet_sgd.py tests/core/test_fleet_head.py tests/training/test_fleet.py \
+  -k "cuda or gpu or three or kernel or compiled" 2>&1 | tail -4
 echo "tests: ${SECONDS}s"
 SECONDS=0
 timeout ${SMOKE_TIMEOUT:-60} python -m basis_train.experiments.reproduce --protocols heldout --steps 1000 \

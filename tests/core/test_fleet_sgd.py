@@ -130,3 +130,20 @@ def test_unsupported_tensors_take_the_pytorch_path(interpreted):
     opt.step()
     assert not interpreted.calls
     assert_close(params[0], before[0] - 0.1) and assert_close(params[1], before[1] - 0.2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_compiled_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, momentum, wd):
+    def run(kernel_devices):
+        monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", kernel_devices)
+        params = [p.cuda() for p in make()]
+        opt = FleetSGD(params, LRS, momentum, wd)
+        for step in range(4):
+            for p, g in zip(params, grads(step)):
+                p.grad = g.cuda()
+            opt.step()
+        return params
+
+    for i, (a, b) in enumerate(zip(run({"cuda"}), run(set()))):
+        assert_close(a, b, **TOL, msg=f"parameter {i}")
