@@ -5,10 +5,11 @@ traffic, which the members' 50257 x 64 vocabulary matrices dominate).
     python scripts/fleet_opcount.py [MEMBERS_PER_CONFIG]
 
 Builds the held-out Table 3 fleet (exact, R = 64, 32, 16, 8, 1; 5 seeds each by default) from
-configs/paper.yaml, routes the bins-and-signs expansion and the fused SGD update (one per parameter, after
-the first step) to stand-ins counted as the one Triton launch each is on CUDA, takes the batched head (the CUDA choice), runs one forward+backward+SGD step on CPU
-and prints the counts. Views and other metadata-only ops are counted too (they launch nothing), so
-the figure is an upper bound on kernels. Bytes: every tensor argument and result of each op, once
+configs/paper.yaml, routes the bins-and-signs expansion and the fused SGD update (one per parameter,
+after the first step) to stand-ins counted as the one Triton launch each is on CUDA, takes the batched
+head (the CUDA choice), runs forward+backward+SGD steps on CPU and prints the second step's counts.
+Views and other metadata-only ops are left out (they launch nothing); the rest count whether or not
+they launch a kernel, so the figure is an upper bound on kernels. Bytes: every tensor argument and result of each op, once
 (in-place results counted as written), so a rough figure of traffic, not a measurement.
 """
 
@@ -21,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from basis_train.core import fleet_sketch
 from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
-from basis_train.training.config import apply_overrides, load_config
 from basis_train.training import fleet_optim
+from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.setup import gpt_config
 
@@ -112,7 +113,7 @@ def main(per_config: int = 5) -> None:
     fleet_optim._kernels, fleet_optim._KERNEL_DEVICES = FusedSGD, {"cpu", "cuda"}
     t = cfg.model.block_size
     idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
-    for step in range(2):  # the second step is the steady state (momentum buffers exist)
+    for _ in range(2):  # the second step is the steady state (momentum buffers exist)
         for c in (counter.ops, counter.by_phase, counter.bytes, counter.bytes_by_phase):
             c.clear()
         with counter:

@@ -27,11 +27,9 @@ stay on core/fleet.py's per-member loop.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
 
+from basis_train.core.kernels import optional
 from basis_train.core.sketch import _EPS, sketch_bins, sketch_signs
 
 EXACT, BALANCED, UNIFORM = 0, 1, 2  # as kernels/fleet_bins.py
@@ -47,12 +45,7 @@ _kernels = None  # kernels/fleet_bins.py once imported; False where Triton is mi
 def _kernel_module():
     global _kernels
     if _kernels is None:
-        try:
-            _kernels = importlib.import_module("basis_train.core.kernels.fleet_bins")
-        except ImportError as e:
-            warnings.warn(f"Triton is not available ({e}); fleets expand their sketch seeds with PyTorch",
-                          stacklevel=3)
-            _kernels = False
+        _kernels = optional("fleet_bins", "fleets expand their sketch seeds with PyTorch")
     return _kernels
 
 

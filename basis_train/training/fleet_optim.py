@@ -18,10 +18,9 @@ Its state converts to and from each member's single-run optimiser (`to_member`,
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import torch
+
+from basis_train.core.kernels import optional
 
 # Device types whose updates go to the fused kernel; tests add "cpu" with an interpreted `_kernels`.
 _KERNEL_DEVICES = {"cuda"}
@@ -31,12 +30,7 @@ _kernels = None  # core/kernels/fleet_sgd.py once imported; False where Triton i
 def _kernel_module():
     global _kernels
     if _kernels is None:
-        try:
-            _kernels = importlib.import_module("basis_train.core.kernels.fleet_sgd")
-        except ImportError as e:
-            warnings.warn(f"Triton is not available ({e}); fleets update their parameters with PyTorch",
-                          stacklevel=3)
-            _kernels = False
+        _kernels = optional("fleet_sgd", "fleets update their parameters with PyTorch")
     return _kernels
 
 

@@ -228,7 +228,7 @@ def test_reproduce_trains_fleets_by_default_on_cuda_only(tmp_path, tiny_config, 
     args = ["--config", str(auto), "--seeds", "1", "--steps", "2", "--protocols", "heldout"]
     for cuda, extra, expected in ((False, [], False), (True, [], True), (True, ["--no-fleet"], False),
                                   (False, ["--fleet"], True)):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         res = runner.invoke(reproduce_mod.reproduce_app, [*args, "--out", str(tmp_path / "r"), *extra])
         assert res.exit_code == 0, res.output
         assert seen.pop() is expected, (cuda, extra)

@@ -163,7 +163,8 @@ def _fixed_order_sum(ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_ptr, n_cs, cs_ptr, rank, cols, shrink, eps, SCALARS: tl.constexpr, COLSUM: tl.constexpr,
+def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_ptr, n_cs, cs_ptr, rank, cols, shrink,
+                   eps, SCALARS: tl.constexpr, COLSUM: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """In place: sketch *= (1 - lam) * ||m||_F / (||S m||_F + eps) (the invariant scalars, as
     sketch._scale), and the column sums of m from their partials."""
