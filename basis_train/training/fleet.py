@@ -43,14 +43,13 @@ from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.metrics import Throughput
 from basis_train.training.runio import RunError, atomic_write_json, checkpoint_note
 from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device
-from basis_train.training.step import DTYPES, NonFiniteLoss, TrainStep
+from basis_train.training.step import DTYPES, CapturedStep, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopRequests
 from basis_train.training.train import Run
 
 FLEET_VARIES = ("log", "train.seed", "train.method", "sketch.rank", "sketch.layers", "sketch.hashing",
                 "sketch.invariant_scalars", "sketch.lam", "optim.lr_factor", "optim.lr_scale_sketched",
                 "model.checkpoint_blocks")
-_EAGER_BEFORE_CAPTURE = 3
 
 
 def fleet_key(cfg: Config) -> str:
@@ -71,34 +70,21 @@ def fleet_refusal(cfg: Config) -> str | None:
     return None
 
 
-class FleetStep:
+class FleetStep(CapturedStep):
     """One step of every member (forward, backward, SGD), eager or as one CUDA-graph replay;
-    the same recipe as TrainStep (training/step.py) for a batch of member indices (M, B)."""
+    TrainStep's dispatch (training/step.py's CapturedStep) for a batch of member indices (M, B)."""
 
     def __init__(self, model: FleetGPT, opt: FleetSGD, chunks: torch.Tensor, device: torch.device,
                  use_graphs: bool) -> None:
         self.model, self.opt, self.chunks, self.device, self.use_graphs = model, opt, chunks, device, use_graphs
         self.loss_sum = torch.zeros(model.size, dtype=torch.float64, device=device)
-        self.loss_n = 0
-        self.graph = None
-        self._eager_steps = 0
 
-    def __call__(self, idx: torch.Tensor) -> None:
-        if self.graph is not None:
-            self.idx_buf.copy_(idx)
-            self.graph.replay()
-        else:
-            with graphs.side_stream(self.device, self.use_graphs):
-                if self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
-                    self.idx_buf = idx.clone()
-                    self.opt.zero_grad()
-                    self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf),
-                                                generators=self.model.sketching_generators())
-                else:
-                    self._fwd_bwd_opt(idx)
-                    self.opt.zero_grad()
-            self._eager_steps += 1
-        self.loss_n += 1
+    def _eager_step(self, idx: torch.Tensor) -> None:
+        self._fwd_bwd_opt(idx)
+        self.opt.zero_grad()
+
+    def _generators(self) -> list[torch.Generator]:
+        return self.model.sketching_generators()
 
     def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
         chunks = self.chunks[idx]  # (M, B, T + 1)

@@ -78,7 +78,7 @@ class FleetSGD:
             else:
                 p.sub_(g * lr)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:  # always None, as torch's default
         for p in self.params:
             p.grad = None
 

@@ -34,7 +34,38 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-class TrainStep:
+class CapturedStep:
+    """Step dispatch shared by TrainStep and the fleet's FleetStep: `_EAGER_BEFORE_CAPTURE` eager
+    steps on a side stream (lazy initialisation, such as optimiser state and cuBLAS workspaces,
+    happens outside the graph), then, with `use_graphs`, one capture of `_fwd_bwd_opt` on a static
+    index buffer, replayed from then on. Subclasses give `_fwd_bwd_opt`, `_eager_step`, `opt`,
+    `device`, `use_graphs` and `_generators()`, and may hold capture back (`_capture_allowed`)."""
+
+    graph = None
+    _eager_steps = 0
+    loss_n = 0
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if self.graph is not None:
+            self.idx_buf.copy_(idx)
+            self.graph.replay()
+        else:
+            with graphs.side_stream(self.device, self.use_graphs):
+                if self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE and self._capture_allowed():
+                    self.idx_buf = idx.clone()
+                    self.opt.zero_grad(set_to_none=True)
+                    self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf),
+                                                generators=self._generators())
+                else:
+                    self._eager_step(idx)
+            self._eager_steps += 1
+        self.loss_n += 1
+
+    def _capture_allowed(self) -> bool:
+        return True
+
+
+class TrainStep(CapturedStep):
     """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first eager calls also
     measure memory (`measured`, see `_measured_step`).
 
@@ -58,23 +89,6 @@ class TrainStep:
         self.graph = None
         self._eager_steps = 0
 
-    def __call__(self, idx: torch.Tensor) -> None:
-        if self.graph is not None:
-            self.idx_buf.copy_(idx)
-            self.graph.replay()
-        else:
-            # Before capture, a few eager steps on a side stream let lazy initialisation
-            # (optimiser state, cuBLAS workspaces) happen outside the graph.
-            with graphs.side_stream(self.device, self.use_graphs):
-                if self._wants_measure():
-                    self._measured_step(idx)
-                elif self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE:
-                    self._capture_and_replay(idx)
-                else:
-                    self._eager_step(idx)
-            self._eager_steps += 1
-        self.loss_n += 1
-
     def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
         chunks = self.chunks[idx]
         x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
@@ -90,8 +104,20 @@ class TrainStep:
         self.loss_sum += loss.detach()
 
     def _eager_step(self, idx: torch.Tensor) -> None:
+        if self._wants_measure():
+            self._measured_step(idx)
+        else:
+            self._plain_step(idx)
+
+    def _plain_step(self, idx: torch.Tensor) -> None:
         self._fwd_bwd_opt(idx)
         self.opt.zero_grad(set_to_none=True)
+
+    def _capture_allowed(self) -> bool:
+        return not self._wants_measure()  # a step that measures memory runs eagerly
+
+    def _generators(self) -> list[torch.Generator]:
+        return [self.gen]
 
     def _wants_measure(self) -> bool:
         if "activation_bytes" not in self.measured:
@@ -107,15 +133,10 @@ class TrainStep:
         if "activation_bytes" not in self.measured:
             meter = memory.SavedTensorMeter(self.model)
             with meter.measure():
-                self._eager_step(idx)
+                self._plain_step(idx)
             self.measured = meter.fields()  # a checkpoint's fields from before issue 16 are dropped
         else:
-            self.measured["step_peak_bytes"] = self.step_peak(lambda: self._eager_step(idx), self.device)
-
-    def _capture_and_replay(self, idx: torch.Tensor) -> None:
-        self.idx_buf = idx.clone()
-        self.opt.zero_grad(set_to_none=True)
-        self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf), generators=[self.gen])
+            self.measured["step_peak_bytes"] = self.step_peak(lambda: self._plain_step(idx), self.device)
 
     # ------------------------------------------------------------------ loss
     def take_mean_loss(self, dist, step: int) -> float:
