@@ -126,8 +126,8 @@ def train_cmd(
     lam: float | None = _opt("sketch.lam", "lambda shrinkage of the sketches"),
     head: str | None = _opt("model.head", "fused (chunked, never keeps the logits) | plain"),
     head_kernel: str | None = _opt("model.head_kernel",
-                                   "the exact fused head's kernel: auto (Cut Cross-Entropy on CUDA if installed) "
-                                   "| native | cce"),
+                                   "the exact fused head's kernel: auto (= native, ours) | native | cce (Cut "
+                                   "Cross-Entropy on CUDA, bf16/fp16; its bf16 gradient sums cost loss)"),
     lr: float | None = _opt("optim.lr", "learning rate"),
     optimizer: str | None = _opt("optim.name", "sgd | adamw"),
     lr_scale_sketched: float | None = _opt("optim.lr_scale_sketched", "lr factor on the sketchable weights"),

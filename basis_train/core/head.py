@@ -23,8 +23,8 @@ never saved as a cast: backward casts the parameter again (a transient copy).
 Shapes depend only on (rows, chunk, vocab), never on data, and nothing reads a value back
 to the host, so the head can be captured in a CUDA graph and run under DDP.
 
-On CUDA under bf16/fp16 the exact head (FusedHead) runs Apple's Cut Cross-Entropy instead
-when it is installed (core/head_cce.py, `kernel`); the code here remains the reference.
+With `kernel="cce"` the exact head (FusedHead) runs Apple's Cut Cross-Entropy instead on CUDA under
+bf16/fp16 (core/head_cce.py); the code here is the default and the reference.
 """
 
 from __future__ import annotations
@@ -189,9 +189,8 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
 class FusedHead(nn.Linear):
     """A bias-free nn.Linear (same parameters and state_dict) whose `loss` is fused.
 
-    `kernel` picks the implementation of the exact fused loss (core/head_cce.py): "auto"
-    runs Cut Cross-Entropy where it can (CUDA, bf16/fp16, installed) and ours elsewhere,
-    "native" always ours, "cce" always CCE (an error where it cannot run). `kernel_ran`
+    `kernel` picks the implementation of the exact fused loss (core/head_cce.py): "auto" and
+    "native" run ours, "cce" Cut Cross-Entropy (an error where it cannot run). `kernel_ran`
     records the last choice, "cce" or "native", for summary.json."""
 
     def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, kernel: str = "auto",

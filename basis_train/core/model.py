@@ -42,7 +42,7 @@ class GPTConfig:
     exact: bool = False  # True: the same network with every layer exact (the baseline)
     head: str = "fused"  # chunked linear + cross-entropy, the logits never kept (core/head.py); or "plain"
     head_chunk: int = DEFAULT_CHUNK
-    # the exact fused head's kernel: auto (Cut Cross-Entropy on CUDA when installed) | native | cce
+    # the exact fused head's kernel: auto (= native, ours) | native | cce (Cut Cross-Entropy, opt-in)
     head_kernel: str = "auto"
 
     def __post_init__(self) -> None:

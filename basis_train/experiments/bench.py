@@ -95,7 +95,7 @@ def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, o
     rows = size["batch"] * size["seq"]
     if device.type == "cuda" and not opts["compile"]:
         row["graphed_time_ms"] = _guarded(_graphed_time, model, make_opt, run, size, device, opts)
-    # auto picks Cut Cross-Entropy for an exact bf16 head on CUDA: the row says which kernel ran.
+    # --head-kernel cce runs Cut Cross-Entropy for an exact bf16 head on CUDA: the row says which ran.
     return {**row, **meter.fields(), "head_kernel": model.head_kernel_ran(),
             "rank_effective": min(rank, rows) if basis else None,
             "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
@@ -209,8 +209,8 @@ def bench(
     speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
                                           "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
     seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
-    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (Cut Cross-Entropy on CUDA "
-                                                  "in bf16 when installed) | native | cce")] = "auto",
+    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
+                                                  "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
     variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]

@@ -134,7 +134,7 @@ def step_ratios(size: dict, variants: dict[str, tuple[str, str]], reps: int, dev
     try:
         graph_of = {}
         for name, (method, layers, *kernel) in variants.items():
-            cfg = GPTConfig(**{**base.__dict__, "sketch_layers": layers, "head_kernel": (kernel or ["auto"])[0]})
+            cfg = GPTConfig(**{**base.__dict__, "sketch_layers": layers, "head_kernel": (kernel or ["native"])[0]})
             graph_of[name] = _step_graph(cfg, method, size, device)
         return _interleaved(graph_of, reps)
     finally:
@@ -179,13 +179,18 @@ def _layer_targets(targets, ranks, reps, device, command):
 
 def _gpt2_targets(targets, reps, device, command):
     gpt2 = {"config": "configs/gpt2-small.yaml", "batch": 8, "bf16": True, "tf32": True}
-    # Exact twice: with the head basis-train runs for it on CUDA (auto: Cut Cross-Entropy when
-    # installed) and with our native fused head, the one the sketched head is built on.
-    ms = step_ratios(gpt2, {"exact": ("exact", "mlp+head", "auto"), "exact-native": ("exact", "mlp+head", "native"),
-                            "mlp+head": ("basis", "mlp+head"), "all": ("basis", "all")}, max(10, reps // 5), device)
-    for base in ("exact", "exact-native"):
+    # Exact with our fused head (the default, and what the sketched head is built on) and, where it
+    # is installed, with Cut Cross-Entropy (opt-in: its bf16 gradient sums cost loss, core/head_cce.py).
+    from basis_train.core.head_cce import cce_problem
+
+    exact = {"exact-native": ("exact", "mlp+head", "native")}
+    if cce_problem() is None:
+        exact["exact-cce"] = ("exact", "mlp+head", "cce")
+    ms = step_ratios(gpt2, {**exact, "mlp+head": ("basis", "mlp+head"), "all": ("basis", "all")},
+                     max(10, reps // 5), device)
+    for base in exact:
         for name, limit in (("all", 0.95), ("mlp+head", 0.97)):
-            head = "exact's head: auto (CCE if installed)" if base == "exact" else "exact's head: native fused"
+            head = "exact's head: native fused" if base == "exact-native" else "exact's head: Cut Cross-Entropy"
             targets.append(_target(f"GPT-2 small graphed training step, BASIS R = 64 {name} / exact ({head})", limit,
                                    ms[name] / ms[base], command, part="gpt2", basis_ms=round(ms[name], 4),
                                    exact_ms=round(ms[base], 4)))

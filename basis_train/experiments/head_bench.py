@@ -129,8 +129,8 @@ def targets(results: list[dict], head_res: dict, equivalence: Path | None = None
                        "head (measured here eager; the issue's 44.1 ms is with CUDA graphs)", "fused / plain <= 0.80",
                        r, None if r is None else r <= 0.80, cmd))
     heads = {r["impl"]: r for r in head_res.get("rows", []) if r["status"] == "ok"}
-    # The exact head basis-train runs on CUDA (bf16): CCE without filtering when installed
-    # (model.head_kernel auto), else ours; compared against the library's default CCE.
+    # The exact CCE head basis-train runs with --head-kernel cce (unfiltered) when installed, else
+    # ours (the default); compared against the library's default CCE.
     run_name = "cce-exact" if "cce-exact" in heads else "fused"
     ours, cce = heads.get(run_name), heads.get("cce")
     t = ours["time_ms"]["median"] / cce["time_ms"]["median"] if ours and cce else None

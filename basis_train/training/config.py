@@ -38,8 +38,8 @@ class ModelConfig:
     checkpoint_blocks: bool = False
     head: str = "fused"  # fused: chunked linear + cross-entropy that never keeps the logits; plain
     head_chunk: int = 256  # rows per chunk of the fused head (core/head.py)
-    # the exact fused head's kernel: auto = Cut Cross-Entropy on CUDA under bf16/fp16 when installed,
-    # else ours; native = ours; cce = CCE or refuse to start (core/head_cce.py)
+    # the exact fused head's kernel: auto and native = ours; cce = Cut Cross-Entropy (CUDA, bf16/fp16)
+    # or refuse to start; opt-in because its bf16 gradient sums cost loss (core/head_cce.py)
     head_kernel: str = "auto"
 
 

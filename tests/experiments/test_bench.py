@@ -130,3 +130,23 @@ def test_rows_say_which_head_kernel_ran(bench_out):
 def test_unknown_head_kernel_is_one_line_and_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["--quick", "--device", "cpu", "--head-kernel", "foo", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown head kernel 'foo'" in res.output
+
+
+def test_gpt2_targets_time_exact_with_our_head_and_with_cce_only_when_installed(monkeypatch):
+    from basis_train.core import head_cce
+    from basis_train.experiments import bench_kernels
+
+    seen = []
+
+    def fake_ratios(size, variants, reps, device):
+        seen.append(variants)
+        return {name: 10.0 + i for i, name in enumerate(variants)}
+
+    monkeypatch.setattr(bench_kernels, "step_ratios", fake_ratios)
+    for problem, kernels in ((None, {"native", "cce"}), ("not installed", {"native"})):
+        monkeypatch.setattr(head_cce, "cce_problem", lambda problem=problem: problem)
+        targets = []
+        bench_kernels._gpt2_targets(targets, 50, "cuda", "cmd")
+        exact = {k[2] for name, k in seen[-1].items() if k[0] == "exact"}
+        assert exact == kernels and len(targets) == 2 * len(kernels)
+        assert all("auto" not in t["target"] for t in targets)
