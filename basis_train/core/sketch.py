@@ -28,16 +28,15 @@ A *sketch kind* is what summarises a matrix: a count-sketch with one of the hash
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from basis_train.core import feistel as fe
+from basis_train.core.kernels import optional
 
 HASHINGS = ("balanced", "uniform")
 SKETCH_KINDS = (*HASHINGS, "gaussian")
@@ -76,14 +75,8 @@ def kernel_version() -> str:
 
 def _kernel_module():
     global _kernels
-    if _kernels is None:
-        try:
-            module = importlib.import_module(f"basis_train.core.kernels.{KERNEL_VERSIONS[_kernel_version]}")
-        except ImportError as e:  # one warning, then the PyTorch path for the rest of the process
-            warnings.warn(f"Triton is not available ({e}); BASIS uses its slower PyTorch sketch", stacklevel=3)
-            _kernels = False
-        else:
-            _kernels = module
+    if _kernels is None:  # False after one warning where Triton is missing: the PyTorch path from then on
+        _kernels = optional(KERNEL_VERSIONS[_kernel_version], "BASIS uses its slower PyTorch sketch")
     return _kernels
 
 
