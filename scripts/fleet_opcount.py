@@ -63,7 +63,9 @@ def _tensors(tree):
             yield from _tensors(x)
 
 
-def main(per_config: int = 5) -> None:
+def paper_fleet(per_config: int = 5, device: str = "cpu") -> tuple[FleetGPT, FleetSGD, dict]:
+    """The held-out Table 3 fleet (exact, R = 64, 32, 16, 8, 1; `per_config` seeds each) from
+    configs/paper.yaml, its FleetSGD and the config; scripts/fleet_profile.py times the same fleet."""
     torch.manual_seed(0)
     cfg = load_config("paper")
     members, gens = [], []
@@ -71,11 +73,16 @@ def main(per_config: int = 5) -> None:
         for seed in range(per_config):
             c = apply_overrides(cfg, {"sketch.rank": rank, "train.method": method, "train.seed": seed})
             members.append(build_gpt(gpt_config(c), seed=seed, method=method))
-            gens.append(torch.Generator().manual_seed(seed) if method == "basis" else None)
-    fleet = FleetGPT(members, gens)
-    fleet.batched_head = True
+            gens.append(torch.Generator(device=device).manual_seed(seed) if method == "basis" else None)
+    fleet = FleetGPT(members, gens).to(device)
     opt = FleetSGD([fleet.p(n) for n in fleet.names], [[cfg.optim.lr] * fleet.size for _ in fleet.names],
                    cfg.optim.momentum, cfg.optim.weight_decay)
+    return fleet, opt, cfg
+
+
+def main(per_config: int = 5) -> None:
+    fleet, opt, cfg = paper_fleet(per_config)
+    fleet.batched_head = True
     counter = Count()
     torch_path = fleet_sketch.FleetSketch.bins_and_signs
 

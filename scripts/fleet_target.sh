@@ -4,14 +4,21 @@
 # Writes $OUT/fleet.json ({"runs", "steps", "wall_s", "gpu", "command"}) and $OUT/fleet_grid.tgz
 # (the run directories and reports, without checkpoints). Usage on the device:
 #   FULL_TIMEOUT=400 bash scripts/fleet_target.sh
+# One device call may not hold both protocols: PROTOCOLS=heldout (then PROTOCOLS=paper with TESTS=0
+# SMOKE=0, while the machine is still warm) trains them in two calls on the same grid, and each
+# call's fleet.json gives its own basis-reproduce command and wall time.
 set -u
 export PYTHONPATH=$PWD BASIS_TRAIN_CACHE=$PWD/.cache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/fleet_out}; GRID=/tmp/fleet_grid; mkdir -p "$OUT"; rm -rf $GRID
+OUT=${OUT:-/tmp/fleet_out}; GRID=/tmp/fleet_grid; mkdir -p "$OUT"; PROTOCOLS=${PROTOCOLS:-heldout,paper}
+[ "${FRESH:-1}" = 1 ] && rm -rf $GRID
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
+if [ "${TESTS:-1}" = 1 ]; then
 SECONDS=0
-timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/core/test_fleet_sketch.py tests/core/test_fleet_sgd.py tests/core/test_fleet_head.py tests/training/test_fleet.py \
+timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/core/test_fleet_sketch.py tests/core/test_fleet_sgd.py tests/core/test_fleet_head.py tests/training/test_fleet.py tests/training/test_step_dispatch.py \
   -k "cuda or gpu or three or kernel or compiled" 2>&1 | tail -4
 echo "tests: ${SECONDS}s"
+fi
+if [ "${SMOKE:-1}" = 1 ]; then
 SECONDS=0
 timeout ${SMOKE_TIMEOUT:-60} python -m basis_train.experiments.reproduce --protocols heldout --steps 1000 \
   --out /tmp/fleet_smoke --quiet > /tmp/fleet_smoke.log 2>&1
@@ -23,7 +30,8 @@ if s:
           f"(incl. evaluation), cuda_graphs {s[0]['cuda_graphs']}")
 PY
 tail -3 /tmp/fleet_smoke.log
-CMD="python -m basis_train.experiments.reproduce --out $GRID --quiet"
+fi
+CMD="python -m basis_train.experiments.reproduce --protocols $PROTOCOLS --out $GRID --quiet"
 SECONDS=0
 timeout ${FULL_TIMEOUT:-400} $CMD > $OUT/fleet_full.log 2>&1
 rc=$?; WALL=$SECONDS
@@ -31,7 +39,7 @@ echo "full rc=$rc wall ${WALL}s"; tail -5 $OUT/fleet_full.log
 python - "$GRID" "$WALL" "$CMD" "$GPU" "$rc" > $OUT/fleet.json <<'PY'
 import glob, json, sys
 grid, wall, cmd, gpu, rc = sys.argv[1:]
-done = [json.load(open(p)) for p in glob.glob(f"{grid}/*/runs/*/summary.json")]
+done = [json.load(open(p)) for p in glob.glob(f"{grid}/*/runs/*/summary.json")]  # this call's and earlier calls' runs
 print(json.dumps({"runs": len(done), "steps": max((s["steps"] for s in done), default=0), "wall_s": int(wall),
                   "gpu": gpu, "command": cmd.replace(grid, "GRID"), "exit_code": int(rc),
                   "fleet_sizes": sorted({s.get("fleet_size") for s in done if s.get("fleet_size")}),

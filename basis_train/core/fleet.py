@@ -37,7 +37,8 @@ from torch import nn
 from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPT
-from basis_train.core.sketch import BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
+from basis_train.core.kernels import optional
+from basis_train.core.sketch import _EPS, BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
 
 _LN_EPS = 1e-6  # as the single model's LayerNorms
 
@@ -90,22 +91,23 @@ class _FleetLinear(torch.autograd.Function):
 
 class _FleetFusedCE(torch.autograd.Function):
     """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
-    x[m] W[m]^T. Forward turns the logits, once the log-sum-exp and the targets' logits are
-    taken, in place into softmax - onehot and keeps that for backward, which only scales it by
-    each member's grad_loss / rows: no second (M, rows, vocab) product, and the same ops on the
-    same values as recomputing the logits in backward (tests/core/test_fleet_head.py: bit for bit).
-    Keeping it holds one (M, rows, vocab) tensor from forward to backward (386 MB for the paper's
-    30 members) in place of allocating it again in backward; a fleet's reported memory figures are
-    its members' single-run probes (training/fleet.py `_measure`), so none of them changes.
-    With keep False (no gradient wanted) nothing is kept and only the loss is formed.
+    x[m] W[m]^T. Forward, once the log-sum-exp and the targets' logits are taken, turns the
+    logits in place into dlogits = softmax - onehot and keeps that for backward: no second
+    (M, rows, vocab) product. With keep False (no gradient wanted) nothing is kept and only the
+    loss is formed. Keeping it holds one (M, rows, vocab) tensor from forward to backward (386 MB
+    for the paper's 30 members); a fleet's reported memory figures are its members' single-run
+    probes (training/fleet.py `_measure`), so none of them changes.
 
     The dW estimate of a sketched member is BasisLinear's: the rescaled sketch of x in forward
-    and of the member's whole dlogits matrix in backward (one chunk holds all of it), with the
-    same bins and signs (`_kept`, `_dy_side`: the batched sketch, or the per-member loop).
-    core/head.py accumulates the same sketch chunk by chunk with explicit bins and signs (the
-    repository's tests check both against the reference sketch); in one chunk the two are one
-    estimate, and this form sketches every member's dlogits in one batched product instead of
-    expanding bins and signs per member, which dominated a fleet step's kernel count.
+    times the rescaled sketch of its whole dlogits matrix (one chunk holds all of it), with the
+    same bins and signs. With the batched sketch (S kept from forward) it is formed without
+    the (M, Rmax, vocab) sketch of dlogits: (S dl)^T kept = dl^T (S^T kept), and the invariant
+    scalar ||dl|| / ||S dl|| comes from the squared norms `_softmax_grad` adds up while it forms
+    dl (one Triton pass on CUDA, core/kernels/fleet_head.py). Each member's grad_loss / rows
+    scales the small (M, rows, 64) sides instead of dl, and the scalar's epsilon is divided by
+    it, so the estimate is the one of scaled dlogits. Only rounding differs from BasisLinear.
+    Without S (the per-member loop of large or gaussian sketches) backward sketches the scaled
+    dlogits member by member (`_dy_side`).
     """
 
     @staticmethod
@@ -117,27 +119,60 @@ class _FleetFusedCE(torch.autograd.Function):
         loss = (lse - picked).sum(1) / rows
         if not keep:
             return loss
-        dl = logits.sub_(lse.unsqueeze(2)).exp_()  # softmax
-        dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))  # - onehot
         kept, smat = (x, None) if sketch is None else _kept(x, seeds, sketch)
-        ctx.save_for_backward(weight, dl, kept, seeds, smat)
+        sums = _softmax_grad(logits, lse, targets, smat)  # logits is dlogits from here on
+        ctx.save_for_backward(weight, logits, kept, seeds, smat, *sums)
         ctx.sketch = sketch
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        weight, dl, kept, seeds, smat = ctx.saved_tensors
-        rows = dl.shape[1]
-        dl.mul_((grad_loss / rows).view(-1, 1, 1))  # in place: a second backward would see it changed (an error)
-        grad_x = torch.bmm(dl, weight) if ctx.needs_input_grad[0] else None
+        weight, dl, kept, seeds, smat, *sums = ctx.saved_tensors
+        scale = (grad_loss / dl.shape[1]).view(-1, 1, 1)
+        grad_x = torch.bmm(dl, weight).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             if ctx.sketch is None:
-                grad_w = torch.bmm(dl.transpose(1, 2), kept)  # kept is x
+                grad_w = torch.bmm(dl.transpose(1, 2), kept * scale)  # kept is x
+            elif smat is not None:
+                sumsq, sksq = sums
+                c = ctx.sketch.consts(dl.shape[1], dl.device, dl.dtype)
+                ratio = sumsq.sqrt() / (sksq.sqrt() + _EPS / scale.view(-1).abs())  # the scalar of scaled dl
+                factor = torch.where(c.scalars, ratio, 1.0) * c.shrink
+                side = torch.bmm(smat.transpose(1, 2), kept) * (factor.view(-1, 1, 1) * scale)
+                grad_w = torch.bmm(dl.transpose(1, 2), side)
             else:
+                dl = dl.mul_(scale)  # in place: a second backward would see it changed (an error)
                 gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
-                grad_w = _dw_product(gk, kept, factor)  # the factor scales the small kept side
+                grad_w = _dw_product(gk, kept, factor)
         return grad_x, grad_w, None, None, None, None
+
+
+def _softmax_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+                  smat: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """logits becomes softmax - onehot in place; returns (||dl||^2 (M,), ||S dl||^2 (M,)), or ()
+    without S. One Triton pass where the kernel takes the tensors (core/kernels/fleet_head.py),
+    else these PyTorch ops (CPU)."""
+    if logits.device.type in _HEAD_KERNEL_DEVICES and _head_kernels() and _kernels_head.supports(logits, smat):
+        sumsq, sksq = _kernels_head.softmax_grad_(logits, lse, targets, smat)
+        return () if smat is None else (sumsq, sksq)
+    dl = logits.sub_(lse.unsqueeze(2)).exp_()
+    dl.scatter_add_(2, targets.unsqueeze(2), dl.new_full((*targets.shape, 1), -1.0))
+    if smat is None:
+        return ()
+    return dl.square().sum((1, 2)), torch.bmm(smat, dl).square().sum((1, 2))
+
+
+# Device types routed to the head kernel; tests add "cpu" with an interpreted `_kernels_head`.
+_HEAD_KERNEL_DEVICES = {"cuda"}
+_kernels_head = None  # core/kernels/fleet_head.py once imported; False where Triton is missing
+
+
+def _head_kernels():
+    global _kernels_head
+    if _kernels_head is None:
+        _kernels_head = optional("fleet_head", "the fleet head forms its softmax gradient with PyTorch")
+    return _kernels_head
 
 
 def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,9 +1,19 @@
 """core/fleet.py's batched fused head (`_FleetFusedCE`) against the form it had before it kept its
-dlogits from forward: the head that recomputed the logits in backward, written out here. Same ops
-on the same values in the same order, so loss and gradients must be bit for bit equal on CPU."""
+dlogits from forward and formed the sketched dW as dl^T (S^T kept): the head that recomputed the
+logits in backward and sketched the scaled dlogits, written out here. The loss is the same ops on
+the same values (bit for bit); the gradients differ by float32 rounding only. Then the one-pass
+softmax-gradient kernel (core/kernels/fleet_head.py) under Triton's interpreter against the
+PyTorch path it replaces on CUDA."""
+
+import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from torch.testing import assert_close
+
+from basis_train.core import fleet, kernels
 
 from basis_train.core.fleet import _dw_product, _dy_side, _FleetFusedCE, _kept
 from basis_train.core.fleet_sketch import FleetSketch
@@ -69,8 +79,9 @@ def test_head_keeping_dlogits_equals_the_recomputing_head(name, rows, monkeypatc
         loss = fn.apply(x, w, targets, seeds, sketch)
         loss.backward(grad_loss)
         out.append((loss.detach(), x.grad, w.grad))
-    for what, new, old in zip(("loss", "dX", "dW"), *out):
-        assert torch.equal(new, old), what
+    assert torch.equal(out[0][0], out[1][0]), "loss"
+    for what, new, old in zip(("dX", "dW"), out[0][1:], out[1][1:]):
+        assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
 
 
 def test_no_grad_head_loss():
@@ -84,3 +95,102 @@ def test_no_grad_head_loss():
     expected = torch.nn.functional.cross_entropy(torch.bmm(x, w.transpose(1, 2)).flatten(0, 1), targets.flatten(),
                                                  reduction="none").view(2, -1).mean(1)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.fixture()
+def interpreted(monkeypatch):
+    """kernels/fleet_head.py under Triton's interpreter, routed to for CPU tensors."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs where there is no GPU")
+    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
+        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
+    path = Path(kernels.__file__).parent / "fleet_head.py"
+    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted_fleet_head", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+    launch = module.softmax_grad_
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs, block_v=32)  # several tiles and a ragged last one
+
+    monkeypatch.setattr(module, "softmax_grad_", counted)
+    module.calls = calls
+    return module
+
+
+@pytest.mark.parametrize("name", ["exact", "mixed"])
+@pytest.mark.parametrize("rows", [10, 33])
+def test_interpreted_head_kernel_matches_the_pytorch_path(interpreted, monkeypatch, name, rows):
+    plans = PLANS[name]
+    m, n, vocab = 4, 16, 97
+    g = torch.Generator().manual_seed(rows)
+    x0 = torch.randn(m, rows, n, generator=g)
+    w0 = torch.randn(m, vocab, n, generator=g) * 0.3
+    targets = torch.randint(0, vocab, (m, rows), generator=g)
+    seeds = torch.stack([draw_seed(torch.device("cpu"), g) for _ in range(m)])
+    grad_loss = torch.tensor([1.0, 0.5, 2.0, -0.25])
+    out = []
+    for devices in ({"cuda"}, {"cpu", "cuda"}):  # the PyTorch path, then the interpreted kernel
+        monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", devices)
+        monkeypatch.setattr(fleet, "_kernels_head", interpreted)
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        sketch = None if plans is None else FleetSketch(plans)
+        loss = _FleetFusedCE.apply(x, w, targets, seeds, sketch)
+        loss.backward(grad_loss)
+        out.append((loss.detach(), x.grad, w.grad))
+    assert len(interpreted.calls) == 1, "the kernel was not the second head's path"
+    for what, new, old in zip(("loss", "dX", "dW"), *out):
+        assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def test_interpreted_kernel_norms_and_dlogits(interpreted):
+    """dlogits, ||dl||^2 and ||S dl||^2 of the kernel against float64, with rows that are not a power
+    of two, a sketch width below the rows and a vocabulary of several tiles plus a ragged one."""
+    g = torch.Generator().manual_seed(3)
+    m, rows, vocab, width = 3, 21, 75, 5
+    logits = torch.randn(m, rows, vocab, generator=g) * 3
+    targets = torch.randint(0, vocab, (m, rows), generator=g)
+    smat = torch.randint(-1, 2, (m, width, rows), generator=g).float()
+    lse = torch.logsumexp(logits, 2)
+    ref = torch.softmax(logits.double(), 2) - torch.nn.functional.one_hot(targets, vocab).double()
+    dl = logits.clone()
+    sumsq, sksq = interpreted.softmax_grad_(dl, lse, targets, smat)
+    assert_close(dl, ref.float(), rtol=1e-5, atol=1e-6)
+    assert_close(sumsq.double(), ref.square().sum((1, 2)), rtol=1e-5, atol=1e-6)
+    assert_close(sksq.double(), torch.bmm(smat.double(), ref).square().sum((1, 2)), rtol=1e-5, atol=1e-6)
+    dl2 = logits.clone()
+    assert interpreted.softmax_grad_(dl2, lse, targets, None)[1] is None
+    assert torch.equal(dl2, dl)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["exact", "mixed"])
+def test_cuda_head_kernel_matches_the_pytorch_path(monkeypatch, name):
+    """On a GPU, at the paper's shape (64 rows, vocabulary 50257, width 64): the compiled kernel's head
+    against the PyTorch path, float32 with TF32 off."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    plans = PLANS[name]
+    dev = torch.device("cuda")
+    m, rows, n, vocab = 4, 64, 64, 50257
+    g = torch.Generator(device=dev).manual_seed(0)
+    x0 = torch.randn(m, rows, n, generator=g, device=dev)
+    w0 = torch.randn(m, vocab, n, generator=g, device=dev) * 0.1
+    targets = torch.randint(0, vocab, (m, rows), generator=g, device=dev)
+    seeds = torch.stack([draw_seed(dev, g) for _ in range(m)])
+    grad_loss = torch.tensor([1.0, 0.5, 2.0, 0.25], device=dev)
+    out = []
+    for devices in (set(), {"cuda"}):
+        monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", devices)
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        sketch = None if plans is None else FleetSketch(plans)
+        loss = _FleetFusedCE.apply(x, w, targets, seeds, sketch)
+        loss.backward(grad_loss)
+        out.append((loss.detach(), x.grad, w.grad))
+    assert fleet._kernels_head, "the kernel module did not load"
+    for what, new, old in zip(("loss", "dX", "dW"), *out):
+        assert_close(new, old, rtol=1e-4, atol=1e-6, msg=what)
