@@ -1,7 +1,7 @@
 """core/fleet.py's batched fused head (`_FleetFusedCE`) against the form it had before it kept its
 dlogits from forward and formed the sketched dW as dl^T (S^T kept): the head that recomputed the
-logits in backward and sketched the scaled dlogits, written out here. The loss is the same ops on
-the same values (bit for bit); the gradients differ by float32 rounding only. Then the one-pass
+logits in backward and sketched the scaled dlogits, written out here. They differ by float32
+rounding only (the head now forms its logits transposed and sums dX over vocabulary chunks). Then the one-pass
 softmax-gradient kernel (core/kernels/fleet_head.py) under Triton's interpreter against the
 PyTorch path it replaces on CUDA."""
 
@@ -79,8 +79,7 @@ def test_head_keeping_dlogits_equals_the_recomputing_head(name, rows, monkeypatc
         loss = fn.apply(x, w, targets, seeds, sketch)
         loss.backward(grad_loss)
         out.append((loss.detach(), x.grad, w.grad))
-    assert torch.equal(out[0][0], out[1][0]), "loss"
-    for what, new, old in zip(("dX", "dW"), out[0][1:], out[1][1:]):
+    for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
 
 
@@ -150,7 +149,8 @@ def test_interpreted_head_kernel_matches_the_pytorch_path(interpreted, monkeypat
 
 def test_interpreted_kernel_norms_and_dlogits(interpreted):
     """dlogits, ||dl||^2 and ||S dl||^2 of the kernel against float64, with rows that are not a power
-    of two, a sketch width below the rows and a vocabulary of several tiles plus a ragged one."""
+    of two, a sketch width below the rows and a vocabulary of several tiles plus a ragged one; on
+    the head's transposed (M, vocab, rows) layout."""
     g = torch.Generator().manual_seed(3)
     m, rows, vocab, width = 3, 21, 75, 5
     logits = torch.randn(m, rows, vocab, generator=g) * 3
@@ -158,14 +158,35 @@ def test_interpreted_kernel_norms_and_dlogits(interpreted):
     smat = torch.randint(-1, 2, (m, width, rows), generator=g).float()
     lse = torch.logsumexp(logits, 2)
     ref = torch.softmax(logits.double(), 2) - torch.nn.functional.one_hot(targets, vocab).double()
-    dl = logits.clone()
-    sumsq, sksq = interpreted.softmax_grad_(dl, lse, targets, smat)
-    assert_close(dl, ref.float(), rtol=1e-5, atol=1e-6)
+    dl_t = logits.transpose(1, 2).contiguous()
+    sumsq, sksq = interpreted.softmax_grad_(dl_t, lse, targets, smat)
+    assert_close(dl_t, ref.transpose(1, 2).float(), rtol=1e-5, atol=1e-6)
     assert_close(sumsq.double(), ref.square().sum((1, 2)), rtol=1e-5, atol=1e-6)
     assert_close(sksq.double(), torch.bmm(smat.double(), ref).square().sum((1, 2)), rtol=1e-5, atol=1e-6)
-    dl2 = logits.clone()
+    dl2 = logits.transpose(1, 2).contiguous()
     assert interpreted.softmax_grad_(dl2, lse, targets, None)[1] is None
-    assert torch.equal(dl2, dl)
+    assert torch.equal(dl2, dl_t)
+
+
+@pytest.mark.parametrize("vocab", [75, 50, 4000])
+def test_interpreted_row_lse(interpreted, vocab):
+    """The chunked log-sum-exp against float64: one ragged chunk, an exact tile, chunks of several tiles
+    whose last tiles are empty, and rows (21) that are not a power of two; large logits do not overflow."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, 21, generator=g) * 4 + torch.tensor([0.0, 80.0, -80.0]).view(3, 1, 1)
+    lse = interpreted.row_lse(logits, block_v=16, tiles=4)
+    assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-5)
+
+
+def test_dx_over_vocabulary_chunks():
+    """`_dx` (a sum over vocabulary chunks) against one float64 product, where the vocabulary splits
+    into chunks (4000 = 2 x 2000) and where it does not (a prime: one chunk)."""
+    g = torch.Generator().manual_seed(0)
+    for vocab, chunks in ((4000, 2), (4001, 1), (50257, 29)):
+        assert fleet._vocab_chunks(vocab) == chunks
+        dl_t, w = torch.randn(3, vocab, 7, generator=g), torch.randn(3, vocab, 5, generator=g)
+        expected = torch.bmm(dl_t.double().transpose(1, 2), w.double())
+        assert_close(fleet._dx(dl_t, w).double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
