@@ -18,7 +18,7 @@ def losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def main(runs: Path, steps=(1000, 10000, 20000, 36000)) -> None:
+def main(runs: Path, steps=(1000, 10000, 20000, 36000, 50000)) -> None:
     by_step: dict[int, list] = {}
     for run in sorted(runs.iterdir()):
         ref = Path("results/paper/recheck_feistel/runs") / run.name / "metrics.jsonl"
