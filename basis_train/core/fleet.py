@@ -38,8 +38,8 @@ from torch import nn
 
 from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
-from basis_train.core.model import GPT
 from basis_train.core.kernels import optional
+from basis_train.core.model import GPT
 from basis_train.core.sketch import _EPS, BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
 
 _LN_EPS = 1e-6  # as the single model's LayerNorms

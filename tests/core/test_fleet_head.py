@@ -5,16 +5,12 @@ rounding only (the head now forms its logits transposed and sums dX over vocabul
 softmax-gradient kernel (core/kernels/fleet_head.py) under Triton's interpreter against the
 PyTorch path it replaces on CUDA."""
 
-import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from basis_train.core import fleet, kernels
-
+from basis_train.core import fleet
 from basis_train.core.fleet import _dw_product, _dy_side, _FleetFusedCE, _kept
 from basis_train.core.fleet_sketch import FleetSketch
 from basis_train.core.sketch import draw_seed
@@ -59,26 +55,33 @@ PLANS = {
 }
 
 
+def _problem(rows: int, m: int = 4, n: int = 16, vocab: int = 97):
+    """x, W, targets and sketch seeds of `m` members, and weights of the members' losses that differ
+    (one negative: the invariant scalar's epsilon must use its magnitude)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(m, rows, n, generator=g)
+    w = torch.randn(m, vocab, n, generator=g) * 0.3
+    targets = torch.randint(0, vocab, (m, rows), generator=g)
+    seeds = torch.stack([draw_seed(torch.device("cpu"), g) for _ in range(m)])
+    return x, w, targets, seeds, torch.tensor([1.0, 0.5, 2.0, -0.25])
+
+
+def _head_grads(fn, plans, x0, w0, targets, seeds, grad_loss):
+    """(loss, dX, dW) of the head `fn` (an autograd Function) on fresh copies of x0 and w0."""
+    x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    loss = fn.apply(x, w, targets, seeds, None if plans is None else FleetSketch(plans))
+    loss.backward(grad_loss)
+    return loss.detach(), x.grad, w.grad
+
+
 @pytest.mark.parametrize("name", PLANS)
 @pytest.mark.parametrize("rows", [10, 33])
 def test_head_keeping_dlogits_equals_the_recomputing_head(name, rows, monkeypatch):
     plans = PLANS[name]
     if name == "small-S":  # the per-member loop (`_kept_rows`, `_sketched_rows`), not the dense S
         monkeypatch.setattr("basis_train.core.fleet_sketch.MAX_DENSE", 0)
-    m, n, vocab = 4, 16, 97
-    g = torch.Generator().manual_seed(rows)
-    x0 = torch.randn(m, rows, n, generator=g)
-    w0 = torch.randn(m, vocab, n, generator=g) * 0.3
-    targets = torch.randint(0, vocab, (m, rows), generator=g)
-    seeds = torch.stack([draw_seed(torch.device("cpu"), g) for _ in range(m)])
-    grad_loss = torch.tensor([1.0, 0.5, 2.0, -0.25])  # the members' losses weighted differently
-    out = []
-    for fn in (_FleetFusedCE, _RecomputingCE):
-        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-        sketch = None if plans is None else FleetSketch(plans)
-        loss = fn.apply(x, w, targets, seeds, sketch)
-        loss.backward(grad_loss)
-        out.append((loss.detach(), x.grad, w.grad))
+    problem = _problem(rows)
+    out = [_head_grads(fn, plans, *problem) for fn in (_FleetFusedCE, _RecomputingCE)]
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
 
@@ -97,19 +100,9 @@ def test_no_grad_head_loss():
 
 
 @pytest.fixture()
-def interpreted(monkeypatch):
+def interpreted(monkeypatch, interpreted_kernel):
     """kernels/fleet_head.py under Triton's interpreter, routed to for CPU tensors."""
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter runs where there is no GPU")
-    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
-        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    path = Path(kernels.__file__).parent / "fleet_head.py"
-    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted_fleet_head", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = interpreted_kernel("fleet_head", "the interpreter runs where there is no GPU")
     calls = []
     launch = module.softmax_grad_
 
@@ -125,23 +118,12 @@ def interpreted(monkeypatch):
 @pytest.mark.parametrize("name", ["exact", "mixed"])
 @pytest.mark.parametrize("rows", [10, 33])
 def test_interpreted_head_kernel_matches_the_pytorch_path(interpreted, monkeypatch, name, rows):
-    plans = PLANS[name]
-    m, n, vocab = 4, 16, 97
-    g = torch.Generator().manual_seed(rows)
-    x0 = torch.randn(m, rows, n, generator=g)
-    w0 = torch.randn(m, vocab, n, generator=g) * 0.3
-    targets = torch.randint(0, vocab, (m, rows), generator=g)
-    seeds = torch.stack([draw_seed(torch.device("cpu"), g) for _ in range(m)])
-    grad_loss = torch.tensor([1.0, 0.5, 2.0, -0.25])
+    problem = _problem(rows)
+    monkeypatch.setattr(fleet, "_kernels_head", interpreted)
     out = []
     for devices in ({"cuda"}, {"cpu", "cuda"}):  # the PyTorch path, then the interpreted kernel
         monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", devices)
-        monkeypatch.setattr(fleet, "_kernels_head", interpreted)
-        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-        sketch = None if plans is None else FleetSketch(plans)
-        loss = _FleetFusedCE.apply(x, w, targets, seeds, sketch)
-        loss.backward(grad_loss)
-        out.append((loss.detach(), x.grad, w.grad))
+        out.append(_head_grads(_FleetFusedCE, PLANS[name], *problem))
     assert len(interpreted.calls) == 1, "the kernel was not the second head's path"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)

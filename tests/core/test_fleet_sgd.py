@@ -2,15 +2,11 @@
 FleetSGD's PyTorch path and against each member's own torch.optim.SGD, with per-member lrs that
 differ, weight decay 0 and > 0, momentum 0 and > 0."""
 
-import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from basis_train.core import kernels
 from basis_train.training import fleet_optim
 from basis_train.training.fleet_optim import FleetSGD
 
@@ -25,20 +21,10 @@ TOL = dict(rtol=2e-6, atol=1e-6)  # float32 rounding (an FMA or not: 1 ulp of va
 
 
 @pytest.fixture()
-def interpreted(monkeypatch):
+def interpreted(monkeypatch, interpreted_kernel):
     """kernels/fleet_sgd.py under Triton's interpreter, routed to for CPU tensors (as
     tests/core/test_fleet_sketch.py does for the bins kernel)."""
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter runs where there is no GPU")
-    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
-        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    path = Path(kernels.__file__).parent / "fleet_sgd.py"
-    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted_fleet_sgd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = interpreted_kernel("fleet_sgd", "the interpreter runs where there is no GPU")
     monkeypatch.setattr(module, "BLOCK", 64)  # several programs per parameter, a ragged last one
     monkeypatch.setattr(fleet_optim, "_kernels", module)
     monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cpu", "cuda"})

@@ -6,9 +6,6 @@ of x and dY the per-member `scaled_sketch` / `_sketch_stats` + `_scale` results.
 guards the point of it all: a fleet step's op count does not grow with the fleet.
 """
 
-import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -60,20 +57,10 @@ def test_torch_bins_and_signs_of_fleets_without_every_mode(plans):
 
 
 @pytest.fixture()
-def interpreted(monkeypatch):
+def interpreted(monkeypatch, interpreted_kernel):
     """kernels/fleet_bins.py under Triton's interpreter, routed to for CPU tensors (as
     tests/core/test_sketch_kernels.py does for the single-run kernels)."""
-    triton = pytest.importorskip("triton")
-    import triton.language as tl
-
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the compiled kernel runs in the fleet tests instead")
-    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
-        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    path = Path(fleet_sketch.__file__).parent / "kernels" / "fleet_bins.py"
-    spec = importlib.util.spec_from_file_location("basis_train.core.kernels._interpreted_fleet_bins", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = interpreted_kernel("fleet_bins", "with a GPU the compiled kernel runs in the fleet tests instead")
     monkeypatch.setattr(fleet_sketch, "_kernels", module)
     monkeypatch.setattr(fleet_sketch, "_KERNEL_DEVICES", {"cpu", "cuda"})
     return module

@@ -2,7 +2,6 @@
 Triton interpreter on CPU (small shapes), and compiled on a GPU when there is one."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -18,32 +17,23 @@ VERSIONS = sorted(sketch.KERNEL_VERSIONS)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def interpret(version, monkeypatch):
+def interpret(version, monkeypatch, load_interpreted_kernel):
     """A copy of a kernel module built under Triton's interpreter, routed to for CPU tensors."""
-    import triton.language as tl
-
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the compiled kernels are tested instead (the tests marked cuda)")
-    if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
-        pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    name = sketch.KERNEL_VERSIONS[version]
-    spec = importlib.util.spec_from_file_location(f"basis_train.core.kernels._interpreted_{name}",
-                                                  KERNEL_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_interpreted_kernel(sketch.KERNEL_VERSIONS[version],
+                                     "with a GPU the compiled kernels are tested instead (the tests marked cuda)")
     monkeypatch.setattr(sketch, "_kernels", module)
     monkeypatch.setattr(sketch, "_KERNEL_DEVICES", {"cpu", "cuda"})
     return module
 
 
 @pytest.fixture(params=VERSIONS)
-def interpreted(request, monkeypatch):
-    return interpret(request.param, monkeypatch)
+def interpreted(request, monkeypatch, interpreted_kernel):
+    return interpret(request.param, monkeypatch, interpreted_kernel)
 
 
 @pytest.fixture()
-def interpreted_v2(monkeypatch):
-    return interpret("v2", monkeypatch)
+def interpreted_v2(monkeypatch, interpreted_kernel):
+    return interpret("v2", monkeypatch, interpreted_kernel)
 
 
 def compiled(version):
