@@ -198,14 +198,18 @@ _HEAD_KERNEL_DEVICES = {"cuda"}
 _kernels_head = None  # core/kernels/fleet_head.py once imported; False where Triton is missing
 
 
-def _head_kernels_for(logits_t: torch.Tensor, smat: torch.Tensor | None):
-    """core/kernels/fleet_head.py where it takes these tensors on their device, else None."""
+def _head_kernels_for(logits_t: torch.Tensor, smat: torch.Tensor | None, lse_only: bool = False):
+    """core/kernels/fleet_head.py where it takes these tensors on their device (with `lse_only`,
+    where `row_lse` takes logits_t: any float32 tensor), else None."""
     global _kernels_head
     if logits_t.device.type not in _HEAD_KERNEL_DEVICES:
         return None
     if _kernels_head is None:
         _kernels_head = optional("fleet_head", "the fleet head forms its softmax gradient with PyTorch")
-    return _kernels_head if _kernels_head and _kernels_head.supports(logits_t, smat) else None
+    if not _kernels_head:
+        return None
+    ok = logits_t.dtype == torch.float32 if lse_only else _kernels_head.supports(logits_t, smat)
+    return _kernels_head if ok else None
 
 
 def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -405,14 +409,23 @@ class FleetGPT(nn.Module):
 
     @torch.no_grad()
     def eval_loss_sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy per member (M,) float64 of one batch (B, T) that every member scores,
-        computed as the single run's evaluation does (full logits, float32 cross-entropy)."""
-        h = self.trunk(x.expand(self.size, *x.shape))
+        """Summed cross-entropy per member (M,) float64 of one batch (B, T) that every member scores:
+        full float32 logits of one member at a time ((B, T, vocab) is the large tensor). Where the
+        head kernels run (CUDA), the logits are formed transposed and the cross-entropy is their
+        log-sum-exp from one read (core/kernels/fleet_head.py `row_lse`) minus the targets' logits;
+        elsewhere F.cross_entropy, as the single run's evaluation. The two differ by rounding."""
+        h = self.trunk(x.expand(self.size, *x.shape)).flatten(1, 2)  # (M, tokens, D)
         w = self.p("lm_head.weight")
         out = torch.zeros(self.size, dtype=torch.float64, device=x.device)
-        for m in range(self.size):  # one member's logits at a time: (B, T, vocab) is the large tensor
-            logits = F.linear(h[m], w[m])
-            out[m] = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        targets = y.reshape(1, -1)
+        kernels = _head_kernels_for(h, None, lse_only=True)
+        for m in range(self.size):
+            if kernels:
+                logits_t = (w[m] @ h[m].t()).unsqueeze(0)  # (1, vocab, tokens)
+                lse = kernels.row_lse(logits_t)
+                out[m] = (lse - logits_t[0].gather(0, targets)).sum(dtype=torch.float64)
+            else:
+                out[m] = F.cross_entropy(F.linear(h[m], w[m]).float(), y.flatten(), reduction="sum")
         return out
 
 

@@ -197,3 +197,30 @@ def test_cuda_head_kernel_matches_the_pytorch_path(monkeypatch, name):
     assert fleet._kernels_head, "the kernel module did not load"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-4, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize("rows", [21, 130])
+def test_interpreted_row_lse_in_row_blocks(interpreted, rows):
+    """The evaluation's use: many rows (tokens) in blocks of 32, the last one ragged."""
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(2, 300, rows, generator=g) * 3
+    lse = interpreted.row_lse(logits, block_v=32, tiles=2, block_rows=32)
+    assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-5)
+
+
+def test_fleet_evaluation_through_the_interpreted_kernel(interpreted, monkeypatch):
+    """FleetGPT.eval_loss_sums with the head kernels (the CUDA path) against F.cross_entropy (the CPU
+    path) on a small fleet of three members."""
+    from basis_train.core.fleet import FleetGPT
+    from basis_train.core.model import GPTConfig, build_gpt
+
+    cfg = GPTConfig(vocab_size=211, block_size=16, n_embd=16, n_head=2, n_layer=1, head="fused", head_chunk=64)
+    fleet_model = FleetGPT([build_gpt(cfg, seed=s, method="exact") for s in range(3)], [None] * 3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 211, (5, 16), generator=g), torch.randint(0, 211, (5, 16), generator=g)
+    expected = fleet_model.eval_loss_sums(x, y)
+    monkeypatch.setattr(fleet, "_kernels_head", interpreted)
+    monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", {"cpu", "cuda"})
+    got = fleet_model.eval_loss_sums(x, y)
+    assert got.dtype == torch.float64 and expected.shape == (3,) and len(set(expected.tolist())) == 3
+    assert_close(got, expected, rtol=1e-6, atol=1e-4)

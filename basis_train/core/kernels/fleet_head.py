@@ -4,9 +4,10 @@ CUDA path).
 The head keeps every member's logits transposed, (M, vocab, rows), so that vocabulary chunks are
 contiguous blocks (core/fleet.py splits the long dX reduction over them). On that layout:
 
-- `row_lse`: one program per (member, vocabulary chunk) reads its chunk once and keeps a running
-  maximum and sum of exponentials per row; the (M, chunks, rows) partials are combined with a few
-  small ops. torch.logsumexp made four passes (max, subtract, exp, sum).
+- `row_lse`: one program per (member, vocabulary chunk, block of rows) reads its chunk once and
+  keeps a running maximum and sum of exponentials per row; the (M, chunks, rows) partials are
+  combined with a few small ops. torch.logsumexp made four passes (max, subtract, exp, sum). The
+  fleet's evaluation uses it too, on each member's (vocab, tokens) logits of a validation batch.
 - `softmax_grad_`: one program per (member, vocabulary tile) turns its tile in place into
   dlogits = softmax - onehot and, from the same registers, adds up the two squared norms the
   invariant scalars need: ||dlogits||^2 and ||S dlogits||^2, with S (M, W, rows) the member's
@@ -36,7 +37,7 @@ def _row_lse_kernel(l_ptr, max_ptr, sum_ptr, rows, vocab, chunks, ROWS: tl.const
                     TILES: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    r = tl.arange(0, ROWS)
+    r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     rmask = r < rows
     mx = tl.full([ROWS], float("-inf"), tl.float32)
     se = tl.zeros([ROWS], tl.float32)
@@ -81,7 +82,8 @@ def _softmax_grad_kernel(dl_ptr, lse_ptr, tgt_ptr, s_ptr, sumsq_ptr, sksq_ptr, r
 
 
 def supports(logits_t: torch.Tensor, smat: torch.Tensor | None) -> bool:
-    """Whether the kernels take these: float32, contiguous, and rows and W within one tile."""
+    """Whether `softmax_grad_` takes these: float32, contiguous, and rows and W within one tile
+    (`row_lse` takes any float32 contiguous (M, vocab, rows))."""
     ts = (logits_t,) if smat is None else (logits_t, smat)
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in ts) and 0 < logits_t.shape[2] <= 128 \
         and logits_t.shape[1] > 0 and (smat is None or smat.shape[1] <= 128)
@@ -92,14 +94,17 @@ def _pad(n: int) -> int:
 
 
 @torch.no_grad()
-def row_lse(logits_t: torch.Tensor, block_v: int = BLOCK_V, tiles: int = LSE_TILES) -> torch.Tensor:
-    """Log-sum-exp over the vocabulary (M, rows) of logits_t (M, vocab, rows)."""
+def row_lse(logits_t: torch.Tensor, block_v: int = BLOCK_V, tiles: int = LSE_TILES,
+            block_rows: int = 64) -> torch.Tensor:
+    """Log-sum-exp over the vocabulary (M, rows) of logits_t (M, vocab, rows), float32 contiguous;
+    rows in blocks of `block_rows` (a power of two)."""
     size, vocab, rows = logits_t.shape
     chunks = triton.cdiv(vocab, block_v * tiles)
     mx = torch.empty(size, chunks, rows, device=logits_t.device, dtype=torch.float32)
     se = torch.empty_like(mx)
-    _row_lse_kernel[(size, chunks)](logits_t, mx, se, rows, vocab, chunks, ROWS=_pad(rows), BLOCK_V=block_v,
-                                    TILES=tiles)
+    block = min(_pad(rows), block_rows)
+    _row_lse_kernel[(size, chunks, triton.cdiv(rows, block))](logits_t, mx, se, rows, vocab, chunks, ROWS=block,
+                                                              BLOCK_V=block_v, TILES=tiles)
     top = mx.amax(1, keepdim=True)
     return (se * (mx - top).exp()).sum(1).log() + top.squeeze(1)
 
