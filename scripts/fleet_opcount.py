@@ -5,8 +5,9 @@ traffic, which the members' 50257 x 64 vocabulary matrices dominate).
     python scripts/fleet_opcount.py [MEMBERS_PER_CONFIG]
 
 Builds the held-out Table 3 fleet (exact, R = 64, 32, 16, 8, 1; 5 seeds each by default) from
-configs/paper.yaml, routes the bins-and-signs expansion and the fused SGD update (one per parameter,
-after the first step) to stand-ins counted as the one Triton launch each is on CUDA, takes the batched
+configs/paper.yaml, routes the bins-and-signs expansion, the fused SGD update (one per parameter,
+after the first step; the token embedding's from its gradient rows) and the head's log-sum-exp and
+softmax-gradient passes to stand-ins counted as the one Triton launch each is on CUDA, takes the batched
 head (the CUDA choice), runs forward+backward+SGD steps on CPU and prints the second step's counts.
 Views and other metadata-only ops are left out (they launch nothing); the rest count whether or not
 they launch a kernel, so the figure is an upper bound on kernels. Bytes: every tensor argument and result of each op, once
@@ -19,6 +20,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from basis_train.core import fleet as fleet_module
 from basis_train.core import fleet_sketch
 from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
@@ -75,8 +77,9 @@ def paper_fleet(per_config: int = 5, device: str = "cpu") -> tuple[FleetGPT, Fle
             members.append(build_gpt(gpt_config(c), seed=seed, method=method))
             gens.append(torch.Generator(device=device).manual_seed(seed) if method == "basis" else None)
     fleet = FleetGPT(members, gens).to(device)
+    rows = {fleet.names.index("wte.weight"): fleet.sparse_embedding_grad()}  # as training/fleet.py
     opt = FleetSGD([fleet.p(n) for n in fleet.names], [[cfg.optim.lr] * fleet.size for _ in fleet.names],
-                   cfg.optim.momentum, cfg.optim.weight_decay)
+                   cfg.optim.momentum, cfg.optim.weight_decay, sparse=rows)
     return fleet, opt, cfg
 
 
@@ -95,29 +98,70 @@ def main(per_config: int = 5) -> None:
 
     fleet_sketch.FleetSketch.bins_and_signs = one_launch
 
+    def count(name, tensors):
+        counter.ops[name] += 1
+        counter.by_phase[counter.phase] += 1
+        moved = sum(t.numel() * t.element_size() for t in tensors)
+        counter.bytes[name] += moved
+        counter.bytes_by_phase[counter.phase] += moved
+
     class FusedSGD:
-        """core/kernels/fleet_sgd.py's launch: reads p, grad, buf and lr once, writes buf and p once."""
+        """core/kernels/fleet_sgd.py's launches: `fleet_sgd_` reads p, grad (if any), buf and lr once and
+        writes buf and p once; `fleet_sgd_rows_` reads each gradient row and its index once and reads and
+        writes the row of p and buf it updates."""
 
         @staticmethod
         def supports(p, g, buf):
-            return all(t.dtype == torch.float32 and t.is_contiguous() for t in (p, g) + (() if buf is None else (buf,)))
+            return all(t.dtype == torch.float32 and t.is_contiguous() for t in (p, g, buf) if t is not None)
 
         @staticmethod
         def fleet_sgd_(p, g, buf, lr, momentum, wd):
             with torch.utils._python_dispatch._disable_current_modes():
-                d = g + wd * p if wd else g
+                d = torch.zeros_like(p) if g is None else g
+                d = d + wd * p if wd else d
                 if buf is not None and momentum:
                     buf.mul_(momentum).add_(d)
                     d = buf
                 p.sub_(d * lr.view(-1, *([1] * (p.dim() - 1))))
-            tensors = (p, g, lr) + (() if buf is None or not momentum else (buf, buf)) + (p,)
-            counter.ops["triton:fleet_sgd"] += 1
-            counter.by_phase[counter.phase] += 1
-            moved = sum(t.numel() * t.element_size() for t in tensors)
-            counter.bytes["triton:fleet_sgd"] += moved
-            counter.bytes_by_phase[counter.phase] += moved
+            count("triton:fleet_sgd", tuple(t for t in (p, g, lr) if t is not None)
+                  + (() if buf is None or not momentum else (buf, buf)) + (p,))
+
+        @staticmethod
+        def fleet_sgd_rows_(p, buf, index, rows, lr):
+            with torch.utils._python_dispatch._disable_current_modes():
+                per = p[0].numel() // p.shape[-1]
+                if buf is not None:
+                    buf.view(-1, p.shape[-1]).index_add_(0, index, rows)
+                p.view(-1, p.shape[-1]).index_add_(0, index, rows * -lr[index // per].unsqueeze(1))
+            count("triton:fleet_sgd_rows", (index, rows) + (rows,) * (4 if buf is not None else 2))
+
+    class HeadKernels:
+        """core/kernels/fleet_head.py's launches: `row_lse` reads the logits once, `softmax_grad_` reads
+        and writes them once (and reads S)."""
+
+        @staticmethod
+        def supports(logits_t, smat):
+            return True
+
+        @staticmethod
+        def row_lse(logits_t):
+            with torch.utils._python_dispatch._disable_current_modes():
+                out = torch.logsumexp(logits_t, 1)
+            count("triton:row_lse", (logits_t, out))
+            return out
+
+        @staticmethod
+        def softmax_grad_(logits_t, lse, targets, smat):
+            with torch.utils._python_dispatch._disable_current_modes():
+                dl = logits_t.sub_(lse.unsqueeze(1)).exp_()
+                dl.scatter_add_(1, targets.unsqueeze(1), dl.new_full((targets.shape[0], 1, targets.shape[1]), -1.0))
+                sumsq = dl.square().sum((1, 2))
+                sksq = None if smat is None else torch.bmm(smat, dl.transpose(1, 2)).square().sum((1, 2))
+            count("triton:softmax_grad", (logits_t, logits_t, lse, targets) + (() if smat is None else (smat,)))
+            return sumsq, sksq
 
     fleet_optim._kernels, fleet_optim._KERNEL_DEVICES = FusedSGD, {"cpu", "cuda"}
+    fleet_module._kernels_head, fleet_module._HEAD_KERNEL_DEVICES = HeadKernels, {"cpu", "cuda"}
     t = cfg.model.block_size
     idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
     for _ in range(2):  # the second step is the steady state (momentum buffers exist)

@@ -285,6 +285,40 @@ def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plan
     return gk, sums
 
 
+class EmbeddingRows:
+    """The token embedding's gradient of one training step as rows: `index` (flat rows of the members'
+    tables laid end to end, member m's rows m * vocab + token, member-major) and `rows` (one gradient
+    row per token, index order). Set by `_FleetEmbedding`'s backward, consumed and cleared by
+    training/fleet_optim.py's FleetSGD. A dense (M, vocab, D) gradient would be zero-filled, written
+    and read once more by the update: 3 x 386 MB per step at the paper's 30 members, for 64 rows a
+    member."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+
+class _FleetEmbedding(torch.autograd.Function):
+    """The members' token embeddings, F.embedding on their tables laid end to end; backward leaves the
+    table's .grad alone and hands its gradient rows to `holder` (EmbeddingRows)."""
+
+    @staticmethod
+    def forward(ctx, flat_idx, table, holder):
+        ctx.save_for_backward(flat_idx)
+        ctx.holder = holder
+        return F.embedding(flat_idx, table.reshape(-1, table.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (flat_idx,) = ctx.saved_tensors
+        if ctx.holder.rows is not None:  # else the table would silently never train
+            raise RuntimeError("the token embedding's gradient rows of the last step were never used: the "
+                               "optimiser must take them (FleetSGD(..., sparse={index: holder}))")
+        ctx.holder.index = flat_idx.reshape(-1)
+        ctx.holder.rows = grad_out.reshape(-1, grad_out.shape[-1])
+        return None, None, None
+
+
 class FleetGPT(nn.Module):
     """M members of core/model.py's GPT, all of one GPTConfig shape and head type."""
 
@@ -321,6 +355,13 @@ class FleetGPT(nn.Module):
                 if p is not None and generators[m] is None:
                     raise ValueError(f"member {m} sketches {n} but has no sketch generator")
         self.chunk = getattr(first.lm_head, "chunk", None)
+        self.embedding_rows: EmbeddingRows | None = None  # see `sparse_embedding_grad`
+
+    def sparse_embedding_grad(self) -> EmbeddingRows:
+        """From now on training steps leave wte's .grad None and put its gradient rows in the returned
+        EmbeddingRows, for an optimiser that updates from them (FleetSGD's `sparse`)."""
+        self.embedding_rows = EmbeddingRows()
+        return self.embedding_rows
 
     def sketching_generators(self) -> list[torch.Generator]:
         """The generators a training step draws from (a CUDA graph must register each)."""
@@ -377,7 +418,11 @@ class FleetGPT(nn.Module):
         vocab = wte.shape[1]
         # One lookup into the members' tables laid end to end: member m's ids move by m * vocab.
         offset = (torch.arange(mc, device=idx.device) * vocab).view(mc, 1, 1)
-        x = F.embedding(idx + offset, wte.reshape(mc * vocab, -1)) + self.p("wpe.weight")[:, :t].unsqueeze(1)
+        if self.embedding_rows is not None and self.training and torch.is_grad_enabled():
+            x = _FleetEmbedding.apply(idx + offset, wte, self.embedding_rows)
+        else:
+            x = F.embedding(idx + offset, wte.reshape(mc * vocab, -1))
+        x = x + self.p("wpe.weight")[:, :t].unsqueeze(1)
         for i in range(self.cfg.n_layer):
             x = self._block(i, x)
         return self._layer_norm("ln_f", x)

@@ -166,8 +166,10 @@ class Fleet:
         self.model = FleetGPT([r.model for r in self.runs], [r.train_step.gen for r in self.runs])
         self.names = self.model.names
         self._member_params = [[dict(r.model.named_parameters())[n] for n in self.names] for r in self.runs]
+        # The token embedding's gradient arrives as its 64 rows a member, not a dense table.
+        rows = {self.names.index("wte.weight"): self.model.sparse_embedding_grad()}
         self.opt = FleetSGD([self.model.p(n) for n in self.names], self._lrs(), cfg0.optim.momentum,
-                            cfg0.optim.weight_decay)
+                            cfg0.optim.weight_decay, sparse=rows)
         for m, r in enumerate(self.runs):
             self.opt.from_member(m, r.train_step.opt, self._member_params[m])
         t = cfg0.train

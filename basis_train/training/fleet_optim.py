@@ -35,10 +35,13 @@ def _kernel_module():
 
 
 class FleetSGD:
-    def __init__(self, params: list[torch.Tensor], lrs: list[list[float]], momentum: float, weight_decay: float) -> None:
-        """params: stacked [M, ...] tensors; lrs[i][m]: member m's lr for params[i]."""
+    def __init__(self, params: list[torch.Tensor], lrs: list[list[float]], momentum: float, weight_decay: float,
+                 sparse: dict | None = None) -> None:
+        """params: stacked [M, ...] tensors; lrs[i][m]: member m's lr for params[i]; sparse: {i: holder}
+        for params whose gradient arrives as rows (core/fleet.py `EmbeddingRows`) instead of .grad."""
         self.params, self.momentum, self.weight_decay = params, float(momentum), float(weight_decay)
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
+        self.sparse = dict(sparse or {})
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs: list[list[float]]) -> None:
@@ -56,6 +59,9 @@ class FleetSGD:
     @torch.no_grad()
     def step(self) -> None:
         for i, p in enumerate(self.params):
+            if i in self.sparse:
+                self._rows_step(i, self.sparse[i])
+                continue
             g = p.grad
             if g is None:
                 continue
@@ -77,6 +83,36 @@ class FleetSGD:
                 p.add_(g, alpha=-lr)
             else:
                 p.sub_(g * lr)
+
+    def _rows_step(self, i: int, holder) -> None:
+        """SGD of params[i] from gradient rows: p - lr * (momentum * buf + wd * p + g) with g zero outside
+        the rows, as the dense update; the rows are consumed. No rows (no backward ran): no update."""
+        index, rows = holder.index, holder.rows
+        if rows is None:
+            return
+        holder.index = holder.rows = None
+        p = self.params[i]
+        if self.momentum and self.bufs[i] is None:
+            self.bufs[i] = torch.zeros_like(p)  # momentum * 0 + g = g: torch's first buffer, row by row
+        buf = self.bufs[i] if self.momentum else None
+        lr = self.lr_vectors[i]
+        if p.device.type in _KERNEL_DEVICES and _kernel_module() and _kernels.supports(p, None, buf):
+            if buf is not None or self.weight_decay:
+                _kernels.fleet_sgd_(p, None, buf, lr, self.momentum, self.weight_decay)
+            _kernels.fleet_sgd_rows_(p, buf, index, rows.contiguous(), lr)
+            return
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        if buf is not None:
+            buf.mul_(self.momentum)
+            if self.weight_decay:
+                buf.add_(p, alpha=self.weight_decay)
+            p.sub_(buf * lr.view(shape))
+        elif self.weight_decay:
+            p.sub_(p * (self.weight_decay * lr.view(shape)))
+        flat, per = p.view(-1, p.shape[-1]), p[0].numel() // p.shape[-1]
+        if buf is not None:
+            buf.view(-1, p.shape[-1]).index_add_(0, index, rows)
+        flat.index_add_(0, index, rows * -lr[index // per].unsqueeze(1))
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # always None, as torch's default
         for p in self.params:

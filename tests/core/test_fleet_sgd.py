@@ -133,3 +133,82 @@ def test_compiled_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, momentum,
 
     for i, (a, b) in enumerate(zip(run({"cuda"}), run(set()))):
         assert_close(a, b, **TOL, msg=f"parameter {i}")
+
+
+def _rows_problem(step, size=M, vocab=11, width=5, count=6):
+    """Gradient rows of one step, member-major, with repeated tokens, and the dense gradient they make."""
+    g = torch.Generator().manual_seed(200 + step)
+    tokens = torch.randint(0, vocab, (size, count), generator=g)
+    tokens[:, 1] = tokens[:, 0]  # every member sees one token twice
+    index = (tokens + torch.arange(size).view(-1, 1) * vocab).reshape(-1)
+    rows = torch.randn(size * count, width, generator=g)
+    dense = torch.zeros(size * vocab, width).index_add_(0, index, rows).view(size, vocab, width)
+    return index, rows, dense
+
+
+def run_rows(momentum, wd, device="cpu", steps=3, sparse=True):
+    from basis_train.core.fleet import EmbeddingRows
+
+    p = torch.randn(M, 11, 5, generator=torch.Generator().manual_seed(1)).to(device)
+    holder = EmbeddingRows()
+    opt = FleetSGD([p], [LRS[0]], momentum, wd, sparse={0: holder} if sparse else None)
+    for step in range(steps):
+        index, rows, dense = (t.to(device) for t in _rows_problem(step))
+        if sparse:
+            holder.index, holder.rows = index, rows
+        else:
+            p.grad = dense
+        opt.step()
+        opt.zero_grad()
+        assert holder.rows is None and holder.index is None  # consumed
+    opt.step()  # no backward since: no rows (no gradient), no update
+    return p, opt.bufs[0]
+
+
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_gradient_rows_update_equals_the_dense_update(momentum, wd):
+    """FleetSGD from gradient rows (the token embedding's) on the PyTorch path against the dense update
+    of the gradient those rows make, repeated tokens included, over three steps."""
+    fleet_optim._kernels = None  # the module state other tests may have routed
+    dense_p, dense_buf = run_rows(momentum, wd, sparse=False)
+    rows_p, rows_buf = run_rows(momentum, wd)
+    assert_close(rows_p, dense_p, **TOL)
+    if momentum:
+        assert_close(rows_buf, dense_buf, **TOL)
+
+
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_interpreted_rows_kernel_equals_the_pytorch_path(interpreted, monkeypatch, momentum, wd):
+    kernel = run_rows(momentum, wd)
+    assert len(interpreted.calls) == (3 if momentum or wd else 0)  # the dense part, when there is one
+    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cuda"})
+    torch_path = run_rows(momentum, wd)
+    assert_close(kernel[0], torch_path[0], **TOL)
+    if momentum:
+        assert_close(kernel[1], torch_path[1], **TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
+def test_compiled_rows_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, momentum, wd):
+    kernel = run_rows(momentum, wd, "cuda")
+    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", set())
+    torch_path = run_rows(momentum, wd, "cuda")
+    assert_close(kernel[0], torch_path[0], **TOL)
+
+
+def test_embedding_rows_no_optimiser_takes_are_an_error():
+    """A fleet that hands out its embedding's gradient rows must have them taken before the next
+    backward: otherwise the table would never train, without a word."""
+    from basis_train.core.fleet import FleetGPT
+    from basis_train.core.model import GPTConfig, build_gpt
+
+    cfg = GPTConfig(vocab_size=31, block_size=8, n_embd=8, n_head=2, n_layer=1)
+    fleet = FleetGPT([build_gpt(cfg, seed=s, method="exact") for s in range(2)], [None] * 2)
+    holder = fleet.sparse_embedding_grad()
+    idx = torch.randint(0, 31, (2, 1, 9))
+    fleet(idx[..., :-1], idx[..., 1:]).sum().backward()
+    assert fleet.p("wte.weight").grad is None and holder.rows.shape == (16, 8) and holder.index.shape == (16,)
+    assert (holder.index // 31).tolist() == [0] * 8 + [1] * 8  # member-major
+    with pytest.raises(RuntimeError, match="never used"):
+        fleet(idx[..., :-1], idx[..., 1:]).sum().backward()
