@@ -224,3 +224,21 @@ def test_fleet_evaluation_through_the_interpreted_kernel(interpreted, monkeypatc
     got = fleet_model.eval_loss_sums(x, y)
     assert got.dtype == torch.float64 and expected.shape == (3,) and len(set(expected.tolist())) == 3
     assert_close(got, expected, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fleet_evaluation_kernel_matches_cross_entropy(monkeypatch):
+    """On a GPU, at the paper's vocabulary: the evaluation through `row_lse` against F.cross_entropy."""
+    from basis_train.core.fleet import FleetGPT
+    from basis_train.core.model import GPTConfig, build_gpt
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = GPTConfig(vocab_size=50257, block_size=64, n_embd=64, n_head=2, n_layer=2, head="fused", head_chunk=256)
+    fleet_model = FleetGPT([build_gpt(cfg, seed=s, method="exact") for s in range(3)], [None] * 3).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y = (torch.randint(0, 50257, (32, 64), generator=g, device="cuda") for _ in range(2))
+    got = fleet_model.eval_loss_sums(x, y)
+    monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", set())
+    expected = fleet_model.eval_loss_sums(x, y)
+    assert fleet._kernels_head, "the kernel module did not load"
+    assert_close(got, expected, rtol=1e-6, atol=0.0)
