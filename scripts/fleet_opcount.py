@@ -20,8 +20,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from basis_train.core import fleet as fleet_module
-from basis_train.core import fleet_sketch
+from basis_train.core import fleet_head, fleet_sketch
 from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
 from basis_train.training import fleet_optim
@@ -161,7 +160,7 @@ def main(per_config: int = 5) -> None:
             return sumsq, sksq
 
     fleet_optim._kernels, fleet_optim._KERNEL_DEVICES = FusedSGD, {"cpu", "cuda"}
-    fleet_module._kernels_head, fleet_module._HEAD_KERNEL_DEVICES = HeadKernels, {"cpu", "cuda"}
+    fleet_head._kernels_head, fleet_head._HEAD_KERNEL_DEVICES = HeadKernels, {"cpu", "cuda"}
     t = cfg.model.block_size
     idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
     for _ in range(2):  # the second step is the steady state (momentum buffers exist)

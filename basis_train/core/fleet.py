@@ -17,30 +17,29 @@ rows) (the identity for exact members) gives all sketches in one torch.bmm, resc
 `_scale`'s invariant scalars and lambda from per-member constants, and S is kept for the dY
 sketch in backward. So the ops of a step do not grow with M, apart from the seed draws.
 Fleets with a gaussian member, or whose S would be large, take the per-member loop instead
-(`_kept_rows`, `_sketched_rows`: `scaled_sketch`, `_sketch_stats` + `_scale` per member).
+(core/fleet_sketch.py `_kept_rows`, `_sketched_rows`: `scaled_sketch`, `_sketch_stats` +
+`_scale` per member).
 Everything around the sketches is batched as well: the matmuls, attention, LayerNorm,
 embeddings, and the final dW product, for which sketches are zero-padded to a common row count
 (zero rows change neither the norms, taken before padding, nor the product).
 
 The fused head: when a step's rows fit one chunk (the paper: 64 rows, chunks of 256) all
-members' heads run as one batched fused op (`_FleetFusedCE`) whose sketched dW is
-BasisLinear's; with several chunks each member calls core/head.py's
+members' heads run as one batched fused op (core/fleet_head.py `_FleetFusedCE`) whose sketched
+dW is BasisLinear's; with several chunks each member calls core/head.py's
 `fused_linear_cross_entropy` itself.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
+from basis_train.core.fleet_head import _FleetFusedCE, _head_kernels_for
+from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, _kept
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
-from basis_train.core.kernels import optional
 from basis_train.core.model import GPT
-from basis_train.core.sketch import _EPS, BasisLinear, _scale, _sketch_stats, draw_seed, scaled_sketch
+from basis_train.core.sketch import BasisLinear, draw_seed
 
 _LN_EPS = 1e-6  # as the single model's LayerNorms
 
@@ -89,200 +88,6 @@ class _FleetLinear(torch.autograd.Function):
                     grad_b[m] = colsum.to(weight.dtype)
             grad_w = _dw_product(gk, kept, factor).to(weight.dtype)  # fleets train in float32
         return grad_x, grad_w, grad_b, None, None
-
-
-class _FleetFusedCE(torch.autograd.Function):
-    """Every member's fused head in one chunk (rows <= chunk): per-member mean cross-entropy of
-    x[m] W[m]^T. The logits are formed transposed, (M, vocab, rows), so that vocabulary chunks are
-    contiguous blocks. Forward, once the log-sum-exp and the targets' logits are taken, turns them
-    in place into dlogits = softmax - onehot and keeps that for backward: no second
-    (M, rows, vocab) product. With keep False (no gradient wanted) nothing is kept and only the
-    loss is formed. Keeping it holds one (M, rows, vocab) tensor from forward to backward (386 MB
-    for the paper's 30 members); a fleet's reported memory figures are its members' single-run
-    probes (training/fleet.py `_measure`), so none of them changes.
-
-    dX = dl W sums over the whole vocabulary for a tiny (rows, 64) result, which cuBLAS ran on a
-    few dozen thread blocks (about 1.8 ms of a 6.6 ms step of 30 members on an H200,
-    scripts/fleet_profile.py); `_dx` splits that sum over vocabulary chunks.
-
-    The dW estimate of a sketched member is BasisLinear's: the rescaled sketch of x in forward
-    times the rescaled sketch of its whole dlogits matrix (one chunk holds all of it), with the
-    same bins and signs. With the batched sketch (S kept from forward) it is formed without
-    the (M, Rmax, vocab) sketch of dlogits: (S dl)^T kept = dl^T (S^T kept), and the invariant
-    scalar ||dl|| / ||S dl|| comes from the squared norms `_softmax_grad` adds up while it forms
-    dl (one Triton pass on CUDA, core/kernels/fleet_head.py). Each member's grad_loss / rows
-    scales the small (M, rows, 64) sides instead of dl, and the scalar's epsilon is divided by
-    it, so the estimate is the one of scaled dlogits. Only rounding differs from BasisLinear.
-    Without S (the per-member loop of large or gaussian sketches) backward sketches the scaled
-    dlogits member by member (`_dy_side`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, seeds, sketch, keep=True):
-        rows = x.shape[1]
-        logits_t = torch.bmm(weight, x.transpose(1, 2))  # (M, vocab, rows); becomes dlogits below
-        kernels = _head_kernels_for(logits_t, None)
-        lse = kernels.row_lse(logits_t) if kernels else torch.logsumexp(logits_t, dim=1)
-        picked = logits_t.gather(1, targets.unsqueeze(1)).squeeze(1)
-        loss = (lse - picked).sum(1) / rows
-        if not keep:
-            return loss
-        kept, smat = (x, None) if sketch is None else _kept(x, seeds, sketch)
-        sums = _softmax_grad(logits_t, lse, targets, smat)  # logits_t is dlogits^T from here on
-        ctx.save_for_backward(weight, logits_t, kept, seeds, smat, *sums)
-        ctx.sketch = sketch
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        weight, dl_t, kept, seeds, smat, *sums = ctx.saved_tensors
-        scale = (grad_loss / dl_t.shape[2]).view(-1, 1, 1)
-        grad_x = _dx(dl_t, weight).mul_(scale) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            if ctx.sketch is None:
-                grad_w = torch.bmm(dl_t, kept * scale)  # kept is x
-            elif smat is not None:
-                sumsq, sksq = sums
-                c = ctx.sketch.consts(dl_t.shape[2], dl_t.device, dl_t.dtype)
-                ratio = sumsq.sqrt() / (sksq.sqrt() + _EPS / scale.view(-1).abs())  # the scalar of scaled dl
-                factor = torch.where(c.scalars, ratio, 1.0) * c.shrink
-                side = torch.bmm(smat.transpose(1, 2), kept) * (factor.view(-1, 1, 1) * scale)
-                grad_w = torch.bmm(dl_t, side)
-            else:
-                dl = dl_t.transpose(1, 2).mul(scale)
-                gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
-                grad_w = _dw_product(gk, kept, factor)
-        return grad_x, grad_w, None, None, None, None
-
-
-@functools.cache
-def _vocab_chunks(vocab: int) -> int:
-    """How many equal vocabulary chunks `_dx` sums over: the divisor of `vocab` whose chunks are
-    closest to 2,048 entries (50257 = 29 x 1733), or 1 where `vocab` has none in 256..16384."""
-    best = 1
-    for c in range(2, vocab // 256 + 1):
-        if vocab % c == 0 and vocab // c <= 16384 and abs(vocab // c - 2048) < abs(vocab // best - 2048):
-            best = c
-    return best
-
-
-def _dx(dl_t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Every member's dl W, (M, rows, N), from dl_t (M, vocab, rows) and weight (M, vocab, N): one batched
-    product per vocabulary chunk (chunks are contiguous, so both sides are views), then their sum."""
-    size, vocab, rows = dl_t.shape
-    c = _vocab_chunks(vocab)
-    part = torch.bmm(dl_t.reshape(size * c, vocab // c, rows).transpose(1, 2),
-                     weight.reshape(size * c, vocab // c, weight.shape[2]))
-    return part.view(size, c, rows, -1).sum(1)
-
-
-def _softmax_grad(logits_t: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
-                  smat: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """logits_t (M, vocab, rows) becomes (softmax - onehot) transposed in place; returns
-    (||dl||^2 (M,), ||S dl||^2 (M,)), or () without S. One Triton pass where the kernel takes the
-    tensors (core/kernels/fleet_head.py), else these PyTorch ops (CPU)."""
-    kernels = _head_kernels_for(logits_t, smat)
-    if kernels:
-        sumsq, sksq = kernels.softmax_grad_(logits_t, lse, targets, smat)
-        return () if smat is None else (sumsq, sksq)
-    dl_t = logits_t.sub_(lse.unsqueeze(1)).exp_()
-    dl_t.scatter_add_(1, targets.unsqueeze(1), dl_t.new_full((targets.shape[0], 1, targets.shape[1]), -1.0))
-    if smat is None:
-        return ()
-    return dl_t.square().sum((1, 2)), torch.bmm(smat, dl_t.transpose(1, 2)).square().sum((1, 2))
-
-
-# Device types routed to the head kernel; tests add "cpu" with an interpreted `_kernels_head`.
-_HEAD_KERNEL_DEVICES = {"cuda"}
-_kernels_head = None  # core/kernels/fleet_head.py once imported; False where Triton is missing
-
-
-def _head_kernels_for(logits_t: torch.Tensor, smat: torch.Tensor | None, lse_only: bool = False):
-    """core/kernels/fleet_head.py where it takes these tensors on their device (with `lse_only`,
-    where `row_lse` takes logits_t: any float32 tensor), else None."""
-    global _kernels_head
-    if logits_t.device.type not in _HEAD_KERNEL_DEVICES:
-        return None
-    if _kernels_head is None:
-        _kernels_head = optional("fleet_head", "the fleet head forms its softmax gradient with PyTorch")
-    if not _kernels_head:
-        return None
-    ok = logits_t.dtype == torch.float32 if lse_only else _kernels_head.supports(logits_t, smat)
-    return _kernels_head if ok else None
-
-
-def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(kept rows of x for the dW product, S for backward or None): the batched sketch of every
-    member (core/fleet_sketch.py) where the layer allows it, else the per-member loop."""
-    rows = x.shape[1]
-    if sketch.use_batched(rows):
-        smat = sketch.matrix(seeds, rows, x.dtype)
-        return sketch.scaled(smat, x.detach()), smat
-    return _kept_rows(x, seeds, sketch.plans)[0], None
-
-
-def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
-             sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list, torch.Tensor | None]:
-    """The dY side of the dW product with forward's randomness, and the per-member factor (M,)
-    still to be applied to it, or None where it is applied already. With S from forward (the
-    batched path) the side is S dY unscaled and the factor is `_scale`'s (the bias needs no
-    column sums from it: the caller's grad_out.sum(1) serves); else `_sketched_rows`, rescaled."""
-    if smat is not None:
-        gk, factor = sketch.sketch_and_factor(smat.to(grad_out.dtype), grad_out)
-        return gk, [None] * grad_out.shape[0], factor
-    gk, sums = _sketched_rows(grad_out, width, seeds, sketch.plans, safe_ranks(sketch.plans, grad_out.shape[1]), colsum)
-    return gk, sums, None
-
-
-def _dw_product(gk: torch.Tensor, kept: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-    """Every member's dW = factor[m] * gk[m]^T kept[m], (M, O, N) from gk (M, R, O) and kept (M, R, N),
-    the factor applied to whichever of gk, kept and the product has the fewest elements: the head's
-    kept side (M, R, 64) rather than its (M, R, vocab) dlogits sketch, one pass less over a wide
-    tensor. Only rounding differs from scaling gk."""
-    if factor is None:
-        return torch.bmm(gk.transpose(1, 2), kept)
-    f = factor.view(-1, 1, 1)
-    r, o, n = gk.shape[1], gk.shape[2], kept.shape[2]
-    if r * n <= min(r * o, o * n):
-        return torch.bmm(gk.transpose(1, 2), kept * f)
-    if r * o <= o * n:
-        return torch.bmm((gk * f).transpose(1, 2), kept)
-    return torch.bmm(gk.transpose(1, 2), kept).mul_(f)
-
-
-def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:
-    """What each member's dW product needs of its input, zero-padded to one row count: x itself
-    (exact) or `scaled_sketch` of x with the member's seed, rank, hashing, scalars and lambda."""
-    rows = x.shape[1]
-    ranks = safe_ranks(plans, rows)
-    if all(p is None for p in plans):
-        return x, ranks
-    kept = x.new_zeros(x.shape[0], max(ranks), x.shape[2])
-    for m, p in enumerate(plans):
-        if p is None:
-            kept[m, :rows] = x[m].detach()
-        else:
-            _, kind, scalars, lam = p
-            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
-    return kept, ranks
-
-
-def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plans: tuple, ranks: list[int],
-                   colsum: bool = False) -> tuple[torch.Tensor, list]:
-    """The dY side of each member's dW product, zero-padded to `width` rows: dY itself (exact) or
-    its rescaled sketch (`_sketch_stats` + `_scale`, BasisLinear's backward); with `colsum`, also
-    each sketched member's column sums of dY from the same pass (None for exact members)."""
-    gk = grad_out.new_zeros(grad_out.shape[0], width, grad_out.shape[2])
-    sums = [None] * len(plans)
-    for m, p in enumerate(plans):
-        if p is None:
-            gk[m, : grad_out.shape[1]] = grad_out[m]
-        else:
-            _, kind, scalars, lam = p
-            gs, sumsq, sums[m] = _sketch_stats(grad_out[m], seeds[m], ranks[m], kind, colsum=colsum)
-            gk[m, : ranks[m]] = _scale(gs, sumsq, lam, scalars)
-    return gk, sums
 
 
 class EmbeddingRows:

@@ -18,11 +18,15 @@ step at M = 30. Here one layer's sketches of all members are a few batched ops:
 
 S is kept from forward for backward, which sketches dY with it (tiny: M x Rmax x rows); there the
 factor of step 3 is applied not to S dY but to the smallest tensor of the dW product it enters
-(core/fleet.py `_dw_product`), for the head the kept side instead of the (M, Rmax, vocab) sketch.
+(`_dw_product` below; the batched head, core/fleet_head.py, forms no (M, Rmax, vocab) sketch at all).
 The per-member constants (modes, ranks, scalars, 1 - lam) are built once per layer, device
 and dtype and cached on its `FleetSketch`: a CUDA-graph captured step must not copy from the
 host. Gaussian members (a dense projection, not a hashing) and fleets whose S would be large
-stay on core/fleet.py's per-member loop.
+stay on the per-member loop (`_kept_rows`, `_sketched_rows` below).
+
+The functions at the end give the batched layers (core/fleet.py, core/fleet_head.py) the two
+sides of their dW product, whichever path the layer takes: `_kept` in forward, `_dy_side` in
+backward, `_dw_product` for the product itself.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from basis_train.core.kernels import optional
-from basis_train.core.sketch import _EPS, sketch_bins, sketch_signs
+from basis_train.core.sketch import _EPS, _scale, _sketch_stats, scaled_sketch, sketch_bins, sketch_signs
 
 EXACT, BALANCED, UNIFORM = 0, 1, 2  # as kernels/fleet_bins.py
 _MODES = {"balanced": BALANCED, "uniform": UNIFORM}
@@ -133,3 +137,76 @@ def torch_bins_and_signs(seeds: torch.Tensor, rows: int, c: _Consts, dtype: torc
         signs = torch.where(c.has[EXACT], 1.0, signs)
     return bins, signs
 
+
+# ------------------------------------------------ the two sides of a fleet's dW product
+def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(kept rows of x for the dW product, S for backward or None): the batched sketch of every
+    member (core/fleet_sketch.py) where the layer allows it, else the per-member loop."""
+    rows = x.shape[1]
+    if sketch.use_batched(rows):
+        smat = sketch.matrix(seeds, rows, x.dtype)
+        return sketch.scaled(smat, x.detach()), smat
+    return _kept_rows(x, seeds, sketch.plans)[0], None
+
+
+def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
+             sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+    """The dY side of the dW product with forward's randomness, and the per-member factor (M,)
+    still to be applied to it, or None where it is applied already. With S from forward (the
+    batched path) the side is S dY unscaled and the factor is `_scale`'s (the bias needs no
+    column sums from it: the caller's grad_out.sum(1) serves); else `_sketched_rows`, rescaled."""
+    if smat is not None:
+        gk, factor = sketch.sketch_and_factor(smat.to(grad_out.dtype), grad_out)
+        return gk, [None] * grad_out.shape[0], factor
+    gk, sums = _sketched_rows(grad_out, width, seeds, sketch.plans, safe_ranks(sketch.plans, grad_out.shape[1]), colsum)
+    return gk, sums, None
+
+
+def _dw_product(gk: torch.Tensor, kept: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Every member's dW = factor[m] * gk[m]^T kept[m], (M, O, N) from gk (M, R, O) and kept (M, R, N),
+    the factor applied to whichever of gk, kept and the product has the fewest elements: the head's
+    kept side (M, R, 64) rather than its (M, R, vocab) dlogits sketch, one pass less over a wide
+    tensor. Only rounding differs from scaling gk."""
+    if factor is None:
+        return torch.bmm(gk.transpose(1, 2), kept)
+    f = factor.view(-1, 1, 1)
+    r, o, n = gk.shape[1], gk.shape[2], kept.shape[2]
+    if r * n <= min(r * o, o * n):
+        return torch.bmm(gk.transpose(1, 2), kept * f)
+    if r * o <= o * n:
+        return torch.bmm((gk * f).transpose(1, 2), kept)
+    return torch.bmm(gk.transpose(1, 2), kept).mul_(f)
+
+
+def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torch.Tensor, list[int]]:
+    """What each member's dW product needs of its input, zero-padded to one row count: x itself
+    (exact) or `scaled_sketch` of x with the member's seed, rank, hashing, scalars and lambda."""
+    rows = x.shape[1]
+    ranks = safe_ranks(plans, rows)
+    if all(p is None for p in plans):
+        return x, ranks
+    kept = x.new_zeros(x.shape[0], max(ranks), x.shape[2])
+    for m, p in enumerate(plans):
+        if p is None:
+            kept[m, :rows] = x[m].detach()
+        else:
+            _, kind, scalars, lam = p
+            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+    return kept, ranks
+
+
+def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plans: tuple, ranks: list[int],
+                   colsum: bool = False) -> tuple[torch.Tensor, list]:
+    """The dY side of each member's dW product, zero-padded to `width` rows: dY itself (exact) or
+    its rescaled sketch (`_sketch_stats` + `_scale`, BasisLinear's backward); with `colsum`, also
+    each sketched member's column sums of dY from the same pass (None for exact members)."""
+    gk = grad_out.new_zeros(grad_out.shape[0], width, grad_out.shape[2])
+    sums = [None] * len(plans)
+    for m, p in enumerate(plans):
+        if p is None:
+            gk[m, : grad_out.shape[1]] = grad_out[m]
+        else:
+            _, kind, scalars, lam = p
+            gs, sumsq, sums[m] = _sketch_stats(grad_out[m], seeds[m], ranks[m], kind, colsum=colsum)
+            gk[m, : ranks[m]] = _scale(gs, sumsq, lam, scalars)
+    return gk, sums

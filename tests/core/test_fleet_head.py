@@ -1,4 +1,4 @@
-"""core/fleet.py's batched fused head (`_FleetFusedCE`) against the form it had before it kept its
+"""core/fleet_head.py's batched fused head (`_FleetFusedCE`) against the form it had before it kept its
 dlogits from forward and formed the sketched dW as dl^T (S^T kept): the head that recomputed the
 logits in backward and sketched the scaled dlogits, written out here. They differ by float32
 rounding only (the head now forms its logits transposed and sums dX over vocabulary chunks). Then the one-pass
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from basis_train.core import fleet
-from basis_train.core.fleet import _dw_product, _dy_side, _FleetFusedCE, _kept
-from basis_train.core.fleet_sketch import FleetSketch
+from basis_train.core import fleet_head
+from basis_train.core.fleet_head import _FleetFusedCE
+from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, _kept
 from basis_train.core.sketch import draw_seed
 
 
@@ -44,7 +44,7 @@ class _RecomputingCE(torch.autograd.Function):
             grad_w = torch.bmm(dl.transpose(1, 2), x)
         else:
             gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
-            grad_w = _dw_product(gk, kept, factor)  # the sketched dW product, as core/fleet.py forms it
+            grad_w = _dw_product(gk, kept, factor)  # the sketched dW product, as core/fleet_sketch.py forms it
         return grad_x, grad_w, None, None, None
 
 
@@ -119,10 +119,10 @@ def interpreted(monkeypatch, interpreted_kernel):
 @pytest.mark.parametrize("rows", [10, 33])
 def test_interpreted_head_kernel_matches_the_pytorch_path(interpreted, monkeypatch, name, rows):
     problem = _problem(rows)
-    monkeypatch.setattr(fleet, "_kernels_head", interpreted)
+    monkeypatch.setattr(fleet_head, "_kernels_head", interpreted)
     out = []
     for devices in ({"cuda"}, {"cpu", "cuda"}):  # the PyTorch path, then the interpreted kernel
-        monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", devices)
+        monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", devices)
         out.append(_head_grads(_FleetFusedCE, PLANS[name], *problem))
     assert len(interpreted.calls) == 1, "the kernel was not the second head's path"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
@@ -165,10 +165,10 @@ def test_dx_over_vocabulary_chunks():
     into chunks (4000 = 2 x 2000) and where it does not (a prime: one chunk)."""
     g = torch.Generator().manual_seed(0)
     for vocab, chunks in ((4000, 2), (4001, 1), (50257, 29)):
-        assert fleet._vocab_chunks(vocab) == chunks
+        assert fleet_head._vocab_chunks(vocab) == chunks
         dl_t, w = torch.randn(3, vocab, 7, generator=g), torch.randn(3, vocab, 5, generator=g)
         expected = torch.bmm(dl_t.double().transpose(1, 2), w.double())
-        assert_close(fleet._dx(dl_t, w).double(), expected, rtol=1e-5, atol=1e-4)
+        assert_close(fleet_head._dx(dl_t, w).double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -188,13 +188,13 @@ def test_cuda_head_kernel_matches_the_pytorch_path(monkeypatch, name):
     grad_loss = torch.tensor([1.0, 0.5, 2.0, 0.25], device=dev)
     out = []
     for devices in (set(), {"cuda"}):
-        monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", devices)
+        monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", devices)
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         sketch = None if plans is None else FleetSketch(plans)
         loss = _FleetFusedCE.apply(x, w, targets, seeds, sketch)
         loss.backward(grad_loss)
         out.append((loss.detach(), x.grad, w.grad))
-    assert fleet._kernels_head, "the kernel module did not load"
+    assert fleet_head._kernels_head, "the kernel module did not load"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-4, atol=1e-6, msg=what)
 
@@ -219,8 +219,8 @@ def test_fleet_evaluation_through_the_interpreted_kernel(interpreted, monkeypatc
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 211, (5, 16), generator=g), torch.randint(0, 211, (5, 16), generator=g)
     expected = fleet_model.eval_loss_sums(x, y)
-    monkeypatch.setattr(fleet, "_kernels_head", interpreted)
-    monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fleet_head, "_kernels_head", interpreted)
+    monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", {"cpu", "cuda"})
     got = fleet_model.eval_loss_sums(x, y)
     assert got.dtype == torch.float64 and expected.shape == (3,) and len(set(expected.tolist())) == 3
     assert_close(got, expected, rtol=1e-6, atol=1e-4)
@@ -238,7 +238,7 @@ def test_cuda_fleet_evaluation_kernel_matches_cross_entropy(monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(0)
     x, y = (torch.randint(0, 50257, (32, 64), generator=g, device="cuda") for _ in range(2))
     got = fleet_model.eval_loss_sums(x, y)
-    monkeypatch.setattr(fleet, "_HEAD_KERNEL_DEVICES", set())
+    monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", set())
     expected = fleet_model.eval_loss_sums(x, y)
-    assert fleet._kernels_head, "the kernel module did not load"
+    assert fleet_head._kernels_head, "the kernel module did not load"
     assert_close(got, expected, rtol=1e-6, atol=0.0)

@@ -13,8 +13,9 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from basis_train.core import fleet_sketch
-from basis_train.core.fleet import FleetGPT, _dw_product, _dy_side, _FleetFusedCE, _FleetLinear
-from basis_train.core.fleet_sketch import FleetSketch, safe_ranks
+from basis_train.core.fleet import FleetGPT, _FleetLinear
+from basis_train.core.fleet_head import _FleetFusedCE
+from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, safe_ranks
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import _scale, _sketch_stats, draw_seed, scaled_sketch, sketch_bins, sketch_signs
 

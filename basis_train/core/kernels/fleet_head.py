@@ -1,8 +1,8 @@
-"""The batched fleet head's softmax and its gradient in two passes (core/fleet.py `_FleetFusedCE`'s
+"""The batched fleet head's softmax and its gradient in two passes (core/fleet_head.py `_FleetFusedCE`'s
 CUDA path).
 
 The head keeps every member's logits transposed, (M, vocab, rows), so that vocabulary chunks are
-contiguous blocks (core/fleet.py splits the long dX reduction over them). On that layout:
+contiguous blocks (core/fleet_head.py splits the long dX reduction over them). On that layout:
 
 - `row_lse`: one program per (member, vocabulary chunk, block of rows) reads its chunk once and
   keeps a running maximum and sum of exponentials per row; the (M, chunks, rows) partials are
