@@ -15,6 +15,8 @@ from basis_train.core.fleet_head import _FleetFusedCE
 from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, _kept
 from basis_train.core.sketch import draw_seed
 
+from tolerance import assert_fp32_sum_close, small_integers
+
 
 class _RecomputingCE(torch.autograd.Function):
     """The head before: logits dropped in forward, recomputed with a bmm in backward."""
@@ -162,13 +164,19 @@ def test_interpreted_row_lse(interpreted, vocab):
 
 def test_dx_over_vocabulary_chunks():
     """`_dx` (a sum over vocabulary chunks) against one float64 product, where the vocabulary splits
-    into chunks (4000 = 2 x 2000) and where it does not (a prime: one chunk)."""
+    into chunks (4000 = 2 x 2000) and where it does not (a prime: one chunk): exactly on small
+    integers (every term counted once, at its place), and within the float32 rounding bound of a
+    sum of `vocab` terms on normal draws (tests/tolerance.py)."""
     g = torch.Generator().manual_seed(0)
     for vocab, chunks in ((4000, 2), (4001, 1), (50257, 29)):
         assert fleet_head._vocab_chunks(vocab) == chunks
+        dl_t, w = small_integers(3, vocab, 7, generator=g), small_integers(3, vocab, 5, generator=g)
+        expected = torch.bmm(dl_t.double().transpose(1, 2), w.double())
+        assert torch.equal(fleet_head._dx(dl_t, w).double(), expected), vocab
         dl_t, w = torch.randn(3, vocab, 7, generator=g), torch.randn(3, vocab, 5, generator=g)
         expected = torch.bmm(dl_t.double().transpose(1, 2), w.double())
-        assert_close(fleet_head._dx(dl_t, w).double(), expected, rtol=1e-5, atol=1e-4)
+        abs_sum = torch.bmm(dl_t.double().abs().transpose(1, 2), w.double().abs())
+        assert_fp32_sum_close(fleet_head._dx(dl_t, w), expected, abs_sum, vocab, msg=f"vocab {vocab}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
