@@ -37,12 +37,11 @@ from torch import nn
 from basis_train.core import head_cce, memory
 from basis_train.core.sketch import (
     BasisLinear,
+    SketchSpec,
     _rescale,
+    bins_and_signs,
     draw_seed,
     gaussian_projection,
-    scaled_sketch,
-    sketch_bins,
-    sketch_signs,
 )
 
 HEADS = ("fused", "plain")
@@ -88,11 +87,11 @@ def _padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _FusedLinearCE(torch.autograd.Function):
-    """Mean cross-entropy of x W^T against targets. `sketch` is None (exact dW) or
-    (rank, hashing, scalars, lam, generator) for the BASIS estimate."""
+    """Mean cross-entropy of x W^T against targets. `spec` is None (exact dW) or the
+    SketchSpec of the BASIS estimate, sketched with `seed`."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk, sketch):
+    def forward(ctx, x, weight, targets, chunk, spec, seed):
         cd, acc = head_cce.compute_dtype(x), _acc_dtype(x)
         dev = x.device.type
         rows = x.shape[0]
@@ -108,16 +107,15 @@ class _FusedLinearCE(torch.autograd.Function):
                 loss += (lse[a:b] - picked).sum()
             saved = [xc, targets, lse, weight]
             ctx.sketch_cfg = None
-            if sketch is not None:
-                rank, hashing, scalars, lam, generator = sketch
-                r = min(rank, rows)
-                seed = draw_seed(x.device, generator)
+            if spec is not None:
+                r = min(spec.rank, rows)
                 # As BasisLinear: the sketch reads x as given, before any autocast cast.
-                xs = scaled_sketch(x.detach(), seed, r, hashing, scalars, lam)
+                xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
                 saved += [xs, seed]
-                memory.mark(xs, "sketches")
-                memory.mark(seed, "seeds")
-                ctx.sketch_cfg = (r, hashing, scalars, lam)
+                if not torch.compiler.is_compiling():  # the meter runs eagerly
+                    memory.mark(xs, "sketches")
+                    memory.mark(seed, "seeds")
+                ctx.sketch_cfg = (r, spec.kind, spec.scalars, spec.lam)
         ctx.save_for_backward(*saved)
         ctx.chunk, ctx.cd, ctx.x_dtype = chunk, cd, x.dtype
         return loss / rows
@@ -145,8 +143,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 if hashing == "gaussian":
                     proj = gaussian_projection(seed, rows, r).to(acc)
                 else:
-                    bins = sketch_bins(seed, rows, r, hashing)
-                    signs = sketch_signs(seed, rows, acc)
+                    bins, signs = bins_and_signs(seed, rows, r, hashing)
+                    signs = signs.to(acc)
             for a, b in _chunks(rows, ctx.chunk):
                 dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
                 dl.sub_(lse[a:b, None]).exp_()
@@ -175,15 +173,23 @@ class _FusedLinearCE(torch.autograd.Function):
                 grad_w = g_sketch.t() @ xs
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = DEFAULT_CHUNK, sketch: tuple | None = None) -> torch.Tensor:
-    """Mean cross-entropy of (x W^T) over rows of x (rows, N) against targets (rows,)."""
+                               chunk: int = DEFAULT_CHUNK, sketch: tuple | None = None,
+                               seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (x W^T) over rows of x (rows, N) against targets (rows,).
+
+    `sketch`, for the BASIS dW: (rank, hashing, scalars, lam, generator); `seed`, when given, is
+    the sketch's seed, else one is drawn from `generator` (as BasisLinear draws it)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk!r}")
-    return _FusedLinearCE.apply(x, weight, targets, int(chunk), sketch)
+    spec = None
+    if sketch is not None:
+        spec = SketchSpec(*sketch[:4])
+        seed = draw_seed(x.device, sketch[4]) if seed is None else seed
+    return _FusedLinearCE.apply(x, weight, targets, int(chunk), spec, seed)
 
 
 class FusedHead(nn.Linear):
@@ -223,9 +229,10 @@ class FusedBasisHead(BasisLinear):
         self.chunk = int(chunk)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        sketch = None
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         # The sketch only serves dW: a frozen weight gets the exact head and draws no seed (as BasisLinear).
-        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
-            sketch = (self.rank, self.sketch, self.invariant_scalars, self.lam, self.generator)
-        return fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1),
-                                          self.chunk, sketch)
+        if not self.sketching():
+            return fused_linear_cross_entropy(x, self.weight, targets, self.chunk)
+        spec = self.spec
+        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk,
+                                          (spec.rank, spec.kind, spec.scalars, spec.lam, None), self.take_seed(x))

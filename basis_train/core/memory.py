@@ -55,7 +55,7 @@ def gpt_category(name: str, module: nn.Module | None, t: torch.Tensor, after_hea
     leaf = name.rsplit(".", 1)[-1]
     if name == "lm_head" or (name == "" and after_head_input):
         return "head"  # the head's input and logits, and cross-entropy's log-softmax
-    if name == "" or leaf in ("ln1", "ln2", "ln_f", "fc", "q", "k", "v", "out"):
+    if name == "" or leaf in ("ln1", "ln2", "ln_f", "fc", "q", "k", "v", "qkv", "out"):
         # the root, before the head, saves only checkpointed blocks' inputs (the residual stream)
         return "width_d"
     if leaf in ("mlp", "proj"):

@@ -1,7 +1,14 @@
-"""The paper's tiny GPT (PAPER.md section 2), with exact or BASIS linear layers.
+"""A GPT with exact or BASIS linear layers, in two architectures (`arch`).
 
-Pre-LN blocks, learned absolute positions, separate q/k/v projections, tanh GELU,
-LayerNorm eps 1e-6, an untied bias-free head, no dropout, Flax-default initialisation.
+- "paper": the paper's tiny GPT (PAPER.md section 2): pre-LN blocks, learned absolute
+  positions, separate q/k/v projections, tanh GELU, LayerNorm eps 1e-6, an untied bias-free
+  head, no dropout, Flax-default initialisation (lecun normal, no residual scaling).
+- "gpt2": GPT-2's architecture and initialisation as people train it (nanoGPT, HF GPT-2): one
+  fused qkv projection, the token embedding tied to the head, N(0, 0.02) weights with the two
+  residual output projections of each block at 0.02 / sqrt(2 n_layer), LayerNorm eps 1e-5,
+  biases on every linear layer but the head. With a sketched head the BASIS dW estimate of the
+  head and the embedding's exact row gradient add on the one tied weight.
+
 Which linear layers are sketched is a constructor choice; the initial weights depend
 only on the seed, never on that choice, so exact and BASIS runs can be paired.
 """
@@ -21,12 +28,15 @@ from basis_train.core.head_cce import KERNELS
 from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
 SKETCH_LAYERS = ("none", "mlp+head", "all")
+ARCHS = ("paper", "gpt2")
+_GPT2_STD = 0.02
 # trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.
 _TRUNC_STD = 0.87962566103423978
 
 
 @dataclass
 class GPTConfig:
+    arch: str = "paper"
     vocab_size: int = 50257
     block_size: int = 64
     n_embd: int = 64
@@ -46,6 +56,8 @@ class GPTConfig:
     head_kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.sketch_layers not in SKETCH_LAYERS:
             raise ValueError(f"sketch_layers must be one of {SKETCH_LAYERS}, got {self.sketch_layers!r}")
         if self.n_embd % self.n_head:
@@ -84,14 +96,18 @@ class CausalSelfAttention(nn.Module):
         sk = cfg.sketch_layers == "all"
         d = cfg.n_embd
         self.n_head = cfg.n_head
-        self.q = _linear(cfg, d, d, True, sk)
-        self.k = _linear(cfg, d, d, True, sk)
-        self.v = _linear(cfg, d, d, True, sk)
+        if cfg.arch == "gpt2":  # one product for q, k and v: one sketchable layer
+            self.qkv = _linear(cfg, d, 3 * d, True, sk)
+        else:
+            self.q = _linear(cfg, d, d, True, sk)
+            self.k = _linear(cfg, d, d, True, sk)
+            self.v = _linear(cfg, d, d, True, sk)
         self.out = _linear(cfg, d, d, True, sk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        heads = [p(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        qkv = self.qkv(x).split(d, dim=2) if hasattr(self, "qkv") else (self.q(x), self.k(x), self.v(x))
+        heads = [p.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for p in qkv]
         y = F.scaled_dot_product_attention(*heads, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -111,9 +127,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=_ln_eps(cfg))
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=_ln_eps(cfg))
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +144,19 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-6)
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=_ln_eps(cfg))
         self.lm_head = _head(cfg)
+        if cfg.arch == "gpt2":
+            self.lm_head.weight = self.wte.weight  # tied: one (vocab, n_embd) parameter
         self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Flax defaults from a private CPU generator, so weights depend on the seed only."""
+        """The architecture's initialisation from a private CPU generator, so weights depend on the seed only."""
         gen = torch.Generator().manual_seed(seed)
+        if self.cfg.arch == "gpt2":
+            self._gpt2_init(gen)
+            return
         for module in self.modules():  # registration order: identical for every method
             if isinstance(module, nn.Linear):
                 std = 1.0 / math.sqrt(module.in_features) / _TRUNC_STD
@@ -152,6 +173,42 @@ class GPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+
+    def _gpt2_init(self, gen: torch.Generator) -> None:
+        residual_std = _GPT2_STD / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():  # registration order: identical for every method
+            if name == "lm_head":
+                continue  # tied to wte, initialised there
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith((".attn.out", ".mlp.proj")) else _GPT2_STD
+                w = torch.empty(module.weight.shape)
+                nn.init.normal_(w, std=std, generator=gen)
+                module.weight.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def no_decay(self, name: str, p: nn.Parameter) -> bool:
+        """Parameters weight decay leaves alone: none in the paper's model (it decays every
+        parameter, as its reference does); GPT-2's recipe decays only matrices (>= 2-D)."""
+        return self.cfg.arch == "gpt2" and p.dim() < 2
+
+    def draw_sketch_seeds(self, generator: torch.Generator | None) -> None:
+        """Draw this step's sketch seeds now, one per sketching layer, in the order a forward
+        draws them (registration order), so the stream is the one a plain forward draws.
+
+        The training step calls this before the (compiled) forward: the seeds are then inputs
+        of the graph, never drawn inside it, so no recompute (AOTAutograd's, a checkpointed
+        block's) can draw them again. `clear_sketch_seeds` after the backward."""
+        for m in self.sketched_modules():
+            if m.sketching():
+                m.seed = draw_seed(m.weight.device, generator)
+
+    def clear_sketch_seeds(self) -> None:
+        for m in self.sketched_modules():
+            m.seed = None
 
     def sketched_modules(self) -> list[BasisLinear]:
         return [m for m in self.modules() if isinstance(m, BasisLinear)]
@@ -192,6 +249,10 @@ class GPT(nn.Module):
         return logits, loss
 
 
+def _ln_eps(cfg: GPTConfig) -> float:
+    return 1e-5 if cfg.arch == "gpt2" else 1e-6
+
+
 def _sketching(block: Block) -> list[BasisLinear]:
     """The block's layers that draw a sketch seed in a training forward, in the order they run."""
     return [m for m in block.modules() if isinstance(m, BasisLinear) and m.training and m.weight.requires_grad]
@@ -216,7 +277,10 @@ def _checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
     run's. The block's seeds are drawn here, in the order its layers run (registration order),
     as a plain forward draws them, and handed to both the forward and the recompute.
     """
-    seeds = [draw_seed(x.device, m.generator) for m in _sketching(block)]
+    layers = _sketching(block)
+    if all(m.seed is not None for m in layers):  # drawn by the training step: the recompute reads them too
+        return checkpoint(block, x, use_reentrant=False)
+    seeds = [draw_seed(x.device, m.generator) for m in layers]
     return checkpoint(_run_with_seeds, block, x, seeds, use_reentrant=False)
 
 

@@ -28,8 +28,10 @@ A *sketch kind* is what summarises a matrix: a count-sketch with one of the hash
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -201,47 +203,116 @@ def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) ->
     return gs.t() @ xs
 
 
+@dataclass(frozen=True)
+class SketchSpec:
+    """What a BASIS layer does with its sketches: R bins, the sketch kind, the invariant
+    scalars on or off, and the lambda shrinkage (PAPER.md section 1)."""
+
+    rank: int = 32
+    kind: str = "balanced"
+    scalars: bool = True
+    lam: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank)
+        object.__setattr__(self, "rank", int(self.rank))  # 32.0 from a YAML file is rank 32
+        if self.kind not in SKETCH_KINDS:
+            raise ValueError(f"sketch must be one of {SKETCH_KINDS}, got {self.kind!r}")
+        if not 0.0 <= float(self.lam) < 1.0:
+            raise ValueError(f"lam must be in [0, 1), got {self.lam!r}")
+
+
+# The sketches as torch.library custom ops: torch.compile keeps one graph around them (no graph
+# break at a BASIS layer) and treats them as opaque kernels, so the Triton path runs compiled too.
+@torch.library.custom_op("basis::scaled_sketch", mutates_args=())
+def _sketch_op(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float) -> torch.Tensor:
+    return _scaled_stats(m, seed, rank, kind, scalars, lam)[0]
+
+
+@_sketch_op.register_fake
+def _(m, seed, rank, kind, scalars, lam):
+    return m.new_empty(rank, m.shape[1], dtype=_acc_dtype(m))
+
+
+@torch.library.custom_op("basis::scaled_sketch_colsum", mutates_args=())
+def _sketch_colsum_op(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool,
+                      lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sk, cs = _scaled_stats(m, seed, rank, kind, scalars, lam, colsum=True)
+    return sk, cs
+
+
+@_sketch_colsum_op.register_fake
+def _(m, seed, rank, kind, scalars, lam):
+    acc = _acc_dtype(m)
+    return m.new_empty(rank, m.shape[1], dtype=acc), m.new_empty(m.shape[1], dtype=acc)
+
+
+@torch.library.custom_op("basis::bins_and_signs", mutates_args=())
+def _bins_signs_op(seed: torch.Tensor, rows: int, rank: int, hashing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Opaque to torch.compile: the balanced bins' cycle walk loops a data-dependent number of times.
+    return sketch_bins(seed, rows, rank, hashing), sketch_signs(seed, rows, torch.float32)
+
+
+@_bins_signs_op.register_fake
+def _(seed, rows, rank, hashing):
+    return seed.new_empty(rows, dtype=torch.int64), seed.new_empty(rows, dtype=torch.float32)
+
+
+def bins_and_signs(seed: torch.Tensor, rows: int, rank: int, hashing: str = "balanced"):
+    """(bin of every row, its sign as float32): `sketch_bins` and `sketch_signs` in one op."""
+    return torch.ops.basis.bins_and_signs(seed, rows, rank, hashing)
+
+
+@torch.library.custom_op("basis::fresh_seed", mutates_args=())
+def _fresh_seed_op(like: torch.Tensor, salt: int) -> torch.Tensor:
+    # An opaque draw from torch's global generator: AOTAutograd saves its output for backward
+    # rather than re-running it (it recomputes only cheap pure ops), and the per-layer salt keeps
+    # two layers fed the same input from being merged into one draw.
+    return draw_seed(like.device)
+
+
+@_fresh_seed_op.register_fake
+def _(like, salt):
+    return like.new_empty((), dtype=torch.int64)
+
+
 class BasisLinearFunction(torch.autograd.Function):
     """Exact forward, exact dX and db, count-sketched dW. Inputs are 2-D (rows, features)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, rank, kind, scalars, lam):
+    def forward(ctx, x, weight, bias, seed, spec: SketchSpec):
         # R_safe = min(R, B); at least one bin so that an empty batch gives an empty sketch.
-        r = max(1, min(rank, x.shape[0]))
+        r = max(1, min(spec.rank, x.shape[0]))
         # The sketch reads x as given (under autocast the matmul below may read a bf16
         # cast of it) and always sums in float32.
-        xs = scaled_sketch(x.detach(), seed, r, kind, scalars, lam)
+        xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
         ctx.save_for_backward(xs, seed, weight)
-        ctx.cfg = (r, kind, scalars, lam, x.dtype, bias is not None)
+        ctx.cfg = (r, spec, x.dtype, bias is not None)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         xs, seed, weight = ctx.saved_tensors
-        r, kind, scalars, lam, x_dtype, has_bias = ctx.cfg
+        r, spec, x_dtype, has_bias = ctx.cfg
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x_dtype)
         need_b = has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             # One pass over dY: its sketch, its norm and (for the bias) its column sums.
-            gs, colsum = _scaled_stats(grad_out, seed, r, kind, scalars, lam, colsum=need_b)
-            grad_w = _weight_grad(gs, xs, grad_out.dtype).to(weight.dtype)
+            args = (grad_out, seed, r, spec.kind, spec.scalars, spec.lam)
             if need_b:
+                gs, colsum = torch.ops.basis.scaled_sketch_colsum(*args)
                 grad_b = colsum.to(weight.dtype)
+            else:
+                gs = torch.ops.basis.scaled_sketch(*args)
+            grad_w = _weight_grad(gs, xs, grad_out.dtype).to(weight.dtype)
         elif need_b:
             grad_b = grad_out.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-@torch.compiler.disable
-def _apply_basis(x, weight, bias, seed, generator, *cfg):
-    # AOTAutograd re-draws the sketch seed between the traced forward and backward
-    # (seen with torch 2.13: dW off at R = rows), which silently breaks the estimator.
-    # Compiled models therefore graph-break here and draw the seed and run this op eagerly.
-    if seed is None:
-        seed = draw_seed(x.device, generator)
-    return BasisLinearFunction.apply(x, weight, bias, seed, *cfg)
+_salts = itertools.count()
 
 
 class BasisLinear(nn.Linear):
@@ -267,24 +338,37 @@ class BasisLinear(nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
-        check_rank(rank)
-        if sketch not in SKETCH_KINDS:
-            raise ValueError(f"sketch must be one of {SKETCH_KINDS}, got {sketch!r}")
-        if not 0.0 <= float(lam) < 1.0:
-            raise ValueError(f"lam must be in [0, 1), got {lam!r}")
+        spec = SketchSpec(rank, sketch, bool(invariant_scalars), float(lam))
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.rank = int(rank)
-        self.sketch = sketch
-        self.invariant_scalars = bool(invariant_scalars)
-        self.lam = float(lam)
+        self.spec = spec
         self.generator: torch.Generator | None = None
         self.seed: torch.Tensor | None = None
+        self._salt = next(_salts)
+
+    # The spec's fields under the names the rest of the package reads.
+    rank = property(lambda self: self.spec.rank)
+    sketch = property(lambda self: self.spec.kind)
+    invariant_scalars = property(lambda self: self.spec.scalars)
+    lam = property(lambda self: self.spec.lam)
+
+    def sketching(self) -> bool:
+        """Whether a forward now draws a sketch (training, grad on, a weight that wants a gradient)."""
+        return self.training and torch.is_grad_enabled() and self.weight.requires_grad
+
+    def take_seed(self, x: torch.Tensor) -> torch.Tensor:
+        """This forward's sketch seed: the one set from outside (the training step or a
+        checkpointed block's recompute), else a fresh draw: eagerly from `generator`, or under
+        torch.compile as an opaque op on the global generator that no recompute re-runs."""
+        if self.seed is not None:
+            return self.seed
+        if torch.compiler.is_compiling():
+            return torch.ops.basis.fresh_seed(x, self._salt)
+        return draw_seed(x.device, self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
+        if not self.sketching():
             return F.linear(x, self.weight, self.bias)
-        y = _apply_basis(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.seed, self.generator,
-                         self.rank, self.sketch, self.invariant_scalars, self.lam)
+        y = BasisLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.take_seed(x), self.spec)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:

@@ -29,6 +29,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # paper: the paper's tiny GPT as its reference builds it; gpt2: GPT-2's architecture and
+    # initialisation (fused qkv, tied head, residual-scaled init; core/model.py)
+    arch: str = "paper"
     vocab_size: int = 50257
     block_size: int = 64
     n_embd: int = 64
@@ -68,6 +71,8 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    # global gradient-norm clipping (torch.nn.utils.clip_grad_norm_); 0 = off (the paper)
+    grad_clip: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Config:
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("paper", "gpt2"),
     "sketch.layers": ("none", "mlp+head", "all"),
     "model.head": ("fused", "plain"),
     "model.head_kernel": ("auto", "native", "cce"),
@@ -143,7 +149,7 @@ MIN_VALUES: dict[str, float] = {
     "train.steps": 1, "train.batch_size": 1, "train.eval_every": 1, "train.checkpoint_every": 1,
     "train.seed": 0, "data.max_docs": 1, "data.paper_val_docs": 1, "data.paper_val_batches": 1,
     "data.heldout_min_tokens": 1, "data.eval_batch_size": 1, "optim.warmup_steps": 0,
-    "optim.min_lr_ratio": 0,
+    "optim.min_lr_ratio": 0, "optim.grad_clip": 0,
     # holding out every 1st document would leave nothing to train on
     "data.heldout_every": 2,
 }
@@ -175,7 +181,7 @@ HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs", "mo
 # finished runs keep their hash and resumable grids do not rerun them.
 HASH_OMIT_DEFAULTS: dict[str, object] = {
     "optim.lr_factor": 1.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
-    "optim.min_lr_ratio": 0.1, "data.single_pass": False,
+    "optim.min_lr_ratio": 0.1, "data.single_pass": False, "model.arch": "paper", "optim.grad_clip": 0.0,
 }
 
 

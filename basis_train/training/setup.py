@@ -72,22 +72,36 @@ def variant_of(cfg: Config) -> str:
 def gpt_config(cfg: Config) -> GPTConfig:
     m, s = cfg.model, cfg.sketch
     return GPTConfig(
-        vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
+        arch=m.arch, vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
         n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
         head=m.head, head_chunk=m.head_chunk, head_kernel=m.head_kernel,
         sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
     )
 
 
-def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimizer:
-    """`lr_scale_sketched` scales the weights of the sketchable layers only: lambda
-    scales their dW and nothing else, so this is the lr-matched exact baseline."""
+def param_groups(model, cfg: Config) -> list[dict]:
+    """The optimiser's groups: (lr scale, weight decay) per parameter.
+
+    `lr_scale_sketched` scales the weights of the sketchable layers only: lambda scales their
+    dW and nothing else, so this is the lr-matched exact baseline. A tied head's weight is the
+    token embedding's (named `wte.weight`), which is not scaled. Weight decay goes where the
+    architecture's recipe puts it (`GPT.no_decay`)."""
     o = cfg.optim
     lr = o.lr * o.lr_factor
     sketchable = {f"{n}.weight" for n in model.sketchable_names()}
-    scaled = [p for n, p in model.named_parameters() if n in sketchable]
-    rest = [p for n, p in model.named_parameters() if n not in sketchable]
-    groups = [{"params": rest, "lr": lr}, {"params": scaled, "lr": lr * o.lr_scale_sketched}]
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        groups.setdefault((n in sketchable, model.no_decay(n, p)), []).append(p)
+    # The two decayed groups always, in this order (the paper model's two groups, which its
+    # checkpoints hold); the decay-free ones only where the recipe has any.
+    keys = [(False, False), (True, False)] + [k for k in ((False, True), (True, True)) if k in groups]
+    return [{"params": groups.get(k, []), "lr": lr * (o.lr_scale_sketched if k[0] else 1.0),
+             "weight_decay": 0.0 if k[1] else o.weight_decay} for k in keys]
+
+
+def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, cfg)
     for g in groups:
         g["base_lr"] = g["lr"]
         if capturable and o.schedule != "constant":
@@ -95,8 +109,10 @@ def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimiz
             g["lr"] = torch.tensor(g["lr"], device=next(model.parameters()).device)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    # One fused kernel for the whole update on CUDA (what GPT-2 recipes use); foreach elsewhere.
+    fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                             capturable=capturable)
+                             capturable=capturable, fused=fused or None)
 
 
 def lr_multiplier(cfg: Config, step: int) -> float:

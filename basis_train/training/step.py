@@ -75,8 +75,13 @@ class TrainStep(CapturedStep):
     """
 
     def __init__(self, model, forward, opt, chunks: torch.Tensor, gen: torch.Generator,
-                 device: torch.device, dtype: torch.dtype, use_graphs: bool) -> None:
+                 device: torch.device, dtype: torch.dtype, use_graphs: bool, grad_clip: float = 0.0,
+                 eager_forward=None) -> None:
         self.model, self.forward, self.opt, self.chunks = model, forward, opt, chunks
+        # The memory meter's step runs this (uncompiled) forward: its hooks see each module.
+        self.eager_forward = eager_forward or forward
+        self.grad_clip = float(grad_clip)
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self.gen, self.device, self.dtype = gen, device, dtype
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         if use_graphs and self.scaler is not None:
@@ -89,19 +94,33 @@ class TrainStep(CapturedStep):
         self.graph = None
         self._eager_steps = 0
 
-    def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
+    def _fwd_bwd_opt(self, idx: torch.Tensor, forward=None) -> None:
         chunks = self.chunks[idx]
         x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
-        with autocast(self.device, self.dtype):
-            _, loss = self.forward(x, y)
-        if self.scaler is None:
-            loss.backward()
-            self.opt.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)  # skipped if a gradient is not finite
-            self.scaler.update()
+        # Seeds drawn here, outside any compiled graph (inside a captured CUDA graph, whose replay
+        # draws them anew): the same stream a plain forward draws, and nothing can redraw them.
+        self.model.draw_sketch_seeds(self.gen)
+        try:
+            with autocast(self.device, self.dtype):
+                _, loss = (forward or self.forward)(x, y)
+            if self.scaler is None:
+                loss.backward()
+                self._clip()
+                self.opt.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+                self._clip()
+                self.scaler.step(self.opt)  # skipped if a gradient is not finite
+                self.scaler.update()
+        finally:
+            self.model.clear_sketch_seeds()
         self.loss_sum += loss.detach()
+
+    def _clip(self) -> None:
+        # foreach norms and an in-place scale: no host synchronisation, so a graph can hold it
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
 
     def _eager_step(self, idx: torch.Tensor) -> None:
         if self._wants_measure():
@@ -109,8 +128,8 @@ class TrainStep(CapturedStep):
         else:
             self._plain_step(idx)
 
-    def _plain_step(self, idx: torch.Tensor) -> None:
-        self._fwd_bwd_opt(idx)
+    def _plain_step(self, idx: torch.Tensor, forward=None) -> None:
+        self._fwd_bwd_opt(idx, forward)
         self.opt.zero_grad(set_to_none=True)
 
     def _capture_allowed(self) -> bool:
@@ -133,7 +152,7 @@ class TrainStep(CapturedStep):
         if "activation_bytes" not in self.measured:
             meter = memory.SavedTensorMeter(self.model)
             with meter.measure():
-                self._plain_step(idx)
+                self._plain_step(idx, self.eager_forward)
             self.measured = meter.fields()  # a checkpoint's fields from before issue 16 are dropped
         else:
             self.measured["step_peak_bytes"] = self.step_peak(lambda: self._plain_step(idx), self.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from basis_train.core import graphs
+from basis_train.core import flops, graphs
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
 from basis_train.data.loaders import TrainLoader
@@ -97,10 +97,10 @@ class Run:
         if use_graphs:
             graphs.check_graph_support()  # before training starts, not at the capture
         opt = build_optimizer(self.model, cfg, capturable=use_graphs)
-        self.forward = dist.wrap(self.model)  # eval and checkpoints use the bare model
+        self.forward = eager = dist.wrap(self.model)  # eval and checkpoints use the bare model
         self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.train_step = TrainStep(self.model, self.forward, opt, self.loader.chunks, gen, self.device, dtype,
-                                    use_graphs)
+                                    use_graphs, grad_clip=cfg.optim.grad_clip, eager_forward=eager)
         self.evaluate = Evaluator(self.model, splits.val_tokens, cfg, self.device, dtype, dist)
         self.clock = Throughput(t.batch_size * cfg.model.block_size * dist.world_size, self.device)
 
@@ -216,6 +216,10 @@ class Run:
             "config_hash": config_hash(cfg), "world_size": world, "global_batch_size": cfg.train.batch_size * world,
             "by_rank": {k: [r[k] for r in by_rank] for k in by_rank[0]},
         }
+        m = cfg.model
+        per_token = flops.flops_per_token(self.model, m.n_layer, m.n_head, m.n_embd, m.block_size)
+        summary.update(flops_per_token=per_token, mfu=flops.mfu(summary["tokens_per_s"], per_token, summary["gpu"]),
+                       mfu_peak=flops.peak_flops(summary["gpu"])[1], compiled=cfg.train.compile, arch=m.arch)
         if self.evaluate.restarts is not None:
             summary["val_restarts"] = self.evaluate.restarts
         atomic_write_json(self.out / "summary.json", summary)

@@ -1,0 +1,153 @@
+"""GPT-2-small training-step speed, ours against nanoGPT's model, in one process on one GPU.
+
+    python scripts/speed_gpt2.py OUT.json [--nanogpt PATH/TO/nanoGPT/model.py] [--steps 30]
+
+Every row trains B 8 x T 1024 under bf16 autocast with fused AdamW (lr 6e-4, betas 0.9/0.95,
+weight decay 0.1 on matrices), gradient clipping 1.0 and torch.compile of the model, on one
+fixed random batch; the timed steps follow warm-up steps (compilation, optimiser state).
+nanoGPT's model.py is read from the given path (a copy kept outside the repository: it is
+another project's code) and serves as the outside reference; its rows are skipped without it.
+MFU by basis_train/core/flops.py (nanoGPT's 6N + 12 L H Q T, the exact model's FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from basis_train.core import flops
+from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.sketch import BasisLinear
+
+B, T = 8, 1024
+SMALL = GPTConfig(arch="gpt2", vocab_size=50257, block_size=T, n_embd=768, n_head=12, n_layer=12, head_chunk=1024)
+
+
+def _adamw(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=6e-4, betas=(0.9, 0.95), fused=True)
+
+
+def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None) -> dict:
+    opt = _adamw(model)
+    params = [p for p in model.parameters()]
+    x = torch.randint(0, 50257, (B, T), device="cuda")
+    y = torch.randint(0, 50257, (B, T), device="cuda")
+
+    def step():
+        if before:
+            before()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(x, y)
+        loss.backward()
+        if after:
+            after()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    return {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int) -> dict:
+    layers = {"exact": "none", "mlp+head": "mlp+head", "all": "all"}[variant]
+    cfg = dataclasses.replace(SMALL, sketch_layers=layers if layers != "none" else "mlp+head", rank=rank, head=head)
+    model = build_gpt(cfg, seed=0, method="exact" if variant == "exact" else "basis").cuda()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    fwd = torch.compile(model) if compiled else model
+    row = _time(model, lambda x, y: fwd(x, y)[1], steps, warmup,
+                before=lambda: model.draw_sketch_seeds(gen), after=model.clear_sketch_seeds)
+    row["flops_per_token"] = flops.flops_per_token(model, 12, 12, 768, T)
+    return row
+
+
+def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int) -> dict:
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.GPT(mod.GPTConfig(block_size=T, vocab_size=50304, n_layer=12, n_head=12, n_embd=768,
+                                  dropout=0.0, bias=True))
+    if basis_rank:  # the drop-in a user would try: MLP and head as BasisLinear, weights kept
+        def swap(lin):
+            new = BasisLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, rank=basis_rank)
+            new.load_state_dict(lin.state_dict())
+            return new
+        for block in model.transformer.h:
+            block.mlp.c_fc, block.mlp.c_proj = swap(block.mlp.c_fc), swap(block.mlp.c_proj)
+        model.lm_head = swap(model.lm_head)
+        model.transformer.wte.weight = model.lm_head.weight
+    model = model.cuda()
+    fwd = torch.compile(model)
+    row = _time(model, lambda x, y: fwd(x, y)[1], steps, warmup)
+    n = sum(p.numel() for n_, p in model.named_parameters() if "wpe" not in n_)
+    row["flops_per_token"] = 6 * n + 12 * 12 * 12 * 64 * T
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--nanogpt")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--rows", default="all")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    plan = [
+        ("ours exact, fused head, compiled", lambda: ours("exact", 256, "fused", True, a.steps, a.warmup)),
+        ("ours exact, plain head, compiled", lambda: ours("exact", 256, "plain", True, a.steps, a.warmup)),
+        ("ours BASIS mlp+head R=256, fused head, compiled", lambda: ours("mlp+head", 256, "fused", True, a.steps, a.warmup)),
+        ("ours BASIS mlp+head R=256, plain head, compiled", lambda: ours("mlp+head", 256, "plain", True, a.steps, a.warmup)),
+        ("ours BASIS all R=256, fused head, compiled", lambda: ours("all", 256, "fused", True, a.steps, a.warmup)),
+        ("ours BASIS all R=256, plain head, compiled", lambda: ours("all", 256, "plain", True, a.steps, a.warmup)),
+        ("ours exact, fused head, eager", lambda: ours("exact", 256, "fused", False, a.steps, a.warmup)),
+    ]
+    if a.nanogpt:
+        plan = [("nanoGPT model.py, compiled", lambda: nanogpt(a.nanogpt, None, a.steps, a.warmup)),
+                ("nanoGPT model.py, MLP+head as BasisLinear R=256, compiled",
+                 lambda: nanogpt(a.nanogpt, 256, a.steps, a.warmup))] + plan
+    if a.rows != "all":
+        keep = [int(i) for i in a.rows.split(",")]
+        plan = [p for i, p in enumerate(plan) if i in keep]
+    rows = []
+    for name, fn in plan:
+        torch._dynamo.reset()
+        try:
+            row = {"row": name, **fn()}
+            row["mfu"] = flops.mfu(row["tokens_per_s"], row["flops_per_token"], gpu)
+        except Exception as e:  # one failing row must not lose the others
+            row = {"row": name, "error": f"{type(e).__name__}: {e}"[:500]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"command": "python " + " ".join(sys.argv), "commit": commit or None, "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "batch": [B, T], "mfu_peak": flops.peak_flops(gpu)[1]}
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
