@@ -1,6 +1,6 @@
 """A GPT with exact or BASIS linear layers, in two architectures (`arch`).
 
-- "paper": the paper's tiny GPT (PAPER.md section 2): pre-LN blocks, learned absolute
+- "paper": the paper's tiny GPT (docs/paper.md section 2): pre-LN blocks, learned absolute
   positions, separate q/k/v projections, tanh GELU, LayerNorm eps 1e-6, an untied bias-free
   head, no dropout, Flax-default initialisation (lecun normal, no residual scaling).
 - "gpt2": GPT-2's architecture and initialisation as people train it (nanoGPT, HF GPT-2): one
@@ -166,7 +166,7 @@ class GPT(nn.Module):
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
-                # PAPER.md: both tables N(0, 0.125) at width 64, i.e. 1/sqrt(width).
+                # docs/paper.md: both tables N(0, 0.125) at width 64, i.e. 1/sqrt(width).
                 w = torch.empty(module.weight.shape)
                 nn.init.normal_(w, std=self.cfg.n_embd**-0.5, generator=gen)
                 module.weight.copy_(w)

@@ -1,4 +1,4 @@
-"""BASIS: the count-sketched weight gradient of a linear layer (PAPER.md section 1).
+"""BASIS: the count-sketched weight gradient of a linear layer (docs/paper.md section 1).
 
 For Y = X W^T + b with X of shape (B, N), the forward pass is exact and keeps only an
 R x N count-sketch of X. The backward pass returns the exact dX and db, and estimates

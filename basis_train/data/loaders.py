@@ -1,4 +1,4 @@
-"""Train/validation splits of a tokenized corpus and the batch loaders (PAPER.md section 2).
+"""Train/validation splits of a tokenized corpus and the batch loaders (docs/paper.md section 2).
 
 Documents are concatenated, each followed by end-of-text, and cut into consecutive
 non-overlapping (block_size + 1)-token chunks, as the reference script does.

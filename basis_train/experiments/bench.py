@@ -1,6 +1,6 @@
 """Step time and activation memory of exact backprop, checkpointing and BASIS, measured.
 
-PAPER.md section 3 point 9: the paper claims O(L R N) activation memory but never measures
+docs/paper.md section 3 point 9: the paper claims O(L R N) activation memory but never measures
 it. Everything here runs in one process so that every ratio compares like with like (same
 device state, same random batch, same initial weights): full GPT training steps at two
 sizes, and one linear layer fwd+bwd. Memory is the CUDA allocator peak of one step and the

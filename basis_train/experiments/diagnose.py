@@ -1,7 +1,7 @@
 """Estimator diagnostics: how far is a BASIS weight gradient from the exact one?
 
 An exact model runs real training batches; each sketchable layer's input X and output gradient dY
-are captured and many BASIS estimates of dW = dY^T X drawn per rank R and variant (PAPER.md
+are captured and many BASIS estimates of dW = dY^T X drawn per rank R and variant (docs/paper.md
 section 3 ablations) to measure relative error, cosine, norm ratio and bias.
 
 Speed: every metric is a Frobenius norm or inner product of dW^ and dW. Writing X = Xc Q^T with

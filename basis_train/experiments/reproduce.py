@@ -28,7 +28,7 @@ from basis_train.reporting.stats import verdict_parity
 from basis_train.training.config import ConfigError, load_config
 
 RANKS = [64, 32, 16, 8, 1]
-# PAPER.md section 2, Table 3 (final train / val loss at step 50,000; truncated to 3 decimals).
+# docs/paper.md section 2, Table 3 (final train / val loss at step 50,000; truncated to 3 decimals).
 PAPER_VAL = {"exact": 6.616, "basis R=64": 6.573, "basis R=32": 6.575, "basis R=16": 6.675,
              "basis R=8": 6.762, "basis R=1": 7.221}
 PAPER_TRAIN = {"exact": 6.718, "basis R=64": 6.680, "basis R=32": 6.735, "basis R=16": 6.731,

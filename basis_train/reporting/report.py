@@ -2,7 +2,7 @@
 
 Every comparison against the baseline is paired by seed: within a seed all methods share the
 initial weights and batch order, so the seed-to-seed noise cancels in the difference and the
-paired CI is much tighter than comparing two unpaired CIs (PAPER.md section 3, items 1-2).
+paired CI is much tighter than comparing two unpaired CIs (docs/paper.md section 3, items 1-2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Typed, validated run configuration.
 
-Defaults are the paper's protocol (PAPER.md section 2), so `load_config(None)` is the paper run.
+Defaults are the paper's protocol (docs/paper.md section 2), so `load_config(None)` is the paper run.
 Every entry point funnels through `config_from_dict`, so YAML files, CLI overrides and configs read
 back from an output directory are all checked by the same code.
 """

@@ -83,7 +83,7 @@ def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chun
 
 
 def test_basis_head_at_full_rank_is_scaled_exact(vocab_pad):
-    # R = rows: every bin one row, scalars 1, dW = (1 - lam)^2 X^T dY (PAPER.md section 1).
+    # R = rows: every bin one row, scalars 1, dW = (1 - lam)^2 X^T dY (docs/paper.md section 1).
     x, w, t = _data(seed=2)
     got = _fused_basis(x, w, t, 3, 10, rank=ROWS, lam=0.01)
     exact = _grads(lambda x, w: F.cross_entropy(x @ w.t(), t), x, w)[2]

@@ -85,7 +85,7 @@ def test_gpt_under_autocast_reports_weight_casts_for_exact_layers_only():
 
 
 def test_fused_head_cuts_paper_size_activations():
-    # PAPER.md section 3 point 9: the logits dominate; the fused head removes them.
+    # docs/paper.md section 3 point 9: the logits dominate; the fused head removes them.
     plain = _gpt_fields("exact", "plain")["activation_bytes"]
     fused = _gpt_fields("exact", "fused")["activation_bytes"]
     assert fused < plain

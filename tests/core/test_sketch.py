@@ -1,4 +1,4 @@
-"""The BASIS estimator against a float64 reference (PAPER.md section 1)."""
+"""The BASIS estimator against a float64 reference (docs/paper.md section 1)."""
 
 import pytest
 import torch
