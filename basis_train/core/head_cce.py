@@ -20,8 +20,8 @@ its backward accepts only 16-bit inputs, so it runs only under bf16/fp16 (autoca
 lock-protected atomics (ours accumulates in float32), so its gradients are coarser and not
 bit-reproducible from run to run.
 
-That rounding is not harmless: at GPT-2 small (results/scale/, 2,000 AdamW steps, bf16) exact
-runs with CCE ended about 0.06 nats above the same seeds with our head (results/scale/summary.md,
+That rounding is not harmless: at GPT-2 small (results/archive/scale-sorted/, 2,000 AdamW steps, bf16) exact
+runs with CCE ended about 0.06 nats above the same seeds with our head (results/archive/scale-sorted/summary.md,
 "exact [cce]"). So `auto` (the default) runs ours everywhere and CCE runs only when asked for
 (`--head-kernel cce`): a user trades that loss for CCE's memory and speed knowingly.
 It saves the 16-bit cast of the weight for backward; the memory meter counts that copy

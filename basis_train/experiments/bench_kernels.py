@@ -24,7 +24,7 @@ from basis_train.core.sketch import BasisLinear
 from basis_train.fsutil import atomic_write_text
 
 LAYER = (8192, 768, 3072)
-# The paper-size graphed step before the fused kernels (results/bench/README.md, BASIS R = 32).
+# The paper-size graphed step before the fused kernels (BASIS R = 32; docs/history.md says where it came from).
 PAPER_STEP_BEFORE_MS = 0.765
 
 

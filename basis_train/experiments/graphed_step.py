@@ -1,7 +1,7 @@
 """A GPT training step timed as the training loop runs it on CUDA: one CUDA-graph replay.
 
 Eager timings of a small model measure the host issuing kernels more than the kernels
-(see results/bench/README.md); a replayed graph removes the host from the step, so the
+(see docs/kernels.md); a replayed graph removes the host from the step, so the
 two together say how much of a step is launch overhead. The capture is core/graphs.py's,
 with a private sketch generator registered as basis-train registers it.
 """

@@ -101,7 +101,7 @@ def test_graphed_training_step_with_cce_matches_eager(tmp_path):
     """The loop's whole step (TrainStep, core/graphs.py capture) with the exact head on CCE:
     no host sync inside CCE's path (capture would fail), and replays train as eager steps do.
     CCE's locked tile additions are not bit-reproducible, hence a tolerance relative to training's
-    own movement, not equality. Not yet run on a GPU in this form (see results/bench/README.md)."""
+    own movement, not equality. Not yet run on a GPU in this form (see docs/history.md)."""
     from basis_train.training.config import apply_overrides, load_config
     from basis_train.training.train import Run
 

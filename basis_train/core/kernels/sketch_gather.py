@@ -192,7 +192,7 @@ def _tuning() -> dict[str, int]:
     """Launch shape; BASIS_SKETCH_V2="tile_rows=32,block_c=128,warps=4,programs=528" overrides
     any of them (for the A/B sweep on a GPU: bench_kernels --ab)."""
     # programs=264 (2 per SM of an H200): the fastest of the shapes timed on an H200 for dY at every R
-    # and for X at R = 64, 256 (results/bench/gpu_2026-11-30_s4/checks/kernel_ab.json: dY 8192 x 3072
+    # and for X at R = 64, 256 (results/bench/h200_gpt2/sketch_v2/kernel_ab.json: dY 8192 x 3072
     # at R = 64 37.3 us against 48.4 us with 528)
     cfg = dict(tile_rows=32, block_c=128, warps=4, programs=264, table_block=1024)
     for item in filter(None, os.environ.get("BASIS_SKETCH_V2", "").split(",")):
