@@ -1,0 +1,76 @@
+"""The README stays honest: its set-up and test commands are the ones CI runs, every link in the
+user documents resolves, and the README stays short enough to read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+README_LIMIT = 20_000  # bytes; a newcomer should reach the answers before the layout table
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def setup_commands(text: str) -> list[str]:
+    """The commands of the first fenced block under the README's set-up heading, one per `&&` part,
+    trailing comments dropped."""
+    section = re.search(r"^## Set-up and tests\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "README.md has no '## Set-up and tests' section"
+    block = re.search(r"```[a-z]*\n(.*?)```", section.group(1), re.S)
+    assert block, "the set-up section has no fenced command block"
+    commands = []
+    for line in block.group(1).splitlines():
+        line = line.split(" # ")[0].strip()
+        commands += [part.strip() for part in line.split(" && ") if part.strip()]
+    return commands
+
+
+def ci_commands(text: str) -> set[str]:
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+
+
+def documents() -> list[Path]:
+    docs = [README, ROOT / "scripts" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return docs + sorted((ROOT / "results").rglob("README.md"))
+
+
+def broken_links(doc: Path) -> list[str]:
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # web addresses and anchors in the same page
+        if not (doc.parent / target.split("#")[0]).exists():
+            broken.append(target)
+    return broken
+
+
+def test_setup_and_test_commands_are_what_ci_runs():
+    commands = setup_commands(README.read_text(encoding="utf-8"))
+    assert len(commands) >= 2, commands
+    assert "python -m pytest -q" in commands, "the README's test command is not `python -m pytest -q`"
+    ci = ci_commands((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    missing = [c for c in commands if c not in ci]
+    assert not missing, f"README set-up commands not in .ci/run as written: {missing}"
+
+
+def test_readme_is_short():
+    size = len(README.read_bytes())
+    assert size < README_LIMIT, f"README.md is {size} bytes; keep it under {README_LIMIT}"
+
+
+@pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_resolve(doc):
+    broken = broken_links(doc)
+    assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_readme_links_results_and_docs():
+    # The README's figures must point at their committed files; an edit that drops every link to
+    # results/ or docs/ would leave the link check with nothing to check.
+    targets = LINK.findall(README.read_text(encoding="utf-8"))
+    assert any(t.startswith("results/") for t in targets)
+    assert any(t.startswith("docs/") for t in targets)
