@@ -206,7 +206,7 @@ def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) ->
 @dataclass(frozen=True)
 class SketchSpec:
     """What a BASIS layer does with its sketches: R bins, the sketch kind, the invariant
-    scalars on or off, and the lambda shrinkage (PAPER.md section 1)."""
+    scalars on or off, and the lambda shrinkage (docs/paper.md section 1)."""
 
     rank: int = 32
     kind: str = "balanced"
