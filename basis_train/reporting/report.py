@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from basis_train.core.memory import CATEGORIES
+from basis_train.reporting.plotstyle import legend_below, legend_outside, series_style
 from basis_train.reporting.stats import mean_ci, paired_diff
 
 MEMORY_CATEGORIES: tuple[str, ...] = CATEGORIES
@@ -238,12 +239,12 @@ def _val_curve(run_dir: Path) -> dict[int, float]:
 
 
 def plot_val_curves(run_dirs_by_label: Mapping[str, Sequence[str | Path]], path: str | Path,
-                    title: str = "Validation loss (mean over seeds, ±1 std)") -> None:
+                    title: str = "Validation loss (mean over seeds, ±1 std)") -> Figure:
     """Mean val loss over seeds vs step, with a ±1 std band; only steps every seed reached."""
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, dirs in run_dirs_by_label.items():
+    for i, (label, dirs) in enumerate(run_dirs_by_label.items()):
         curves = [_val_curve(Path(d)) for d in dirs]
         curves = [c for c in curves if c]
         if not curves:
@@ -253,21 +254,23 @@ def plot_val_curves(run_dirs_by_label: Mapping[str, Sequence[str | Path]], path:
             continue
         stats = [mean_ci([c[s] for c in curves]) for s in steps]
         mean = [st["mean"] for st in stats]
-        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})")
+        style = series_style(i)  # by position in the table, so a label keeps its style across plots
+        (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})", color=style["color"],
+                          linestyle=style["linestyle"], linewidth=1.4)
         if len(curves) > 1:
             std = [st["std"] for st in stats]
             ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
                             [m + s for m, s in zip(mean, std, strict=True)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("step")
+    ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    legend_outside(ax, fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 _COLORS = {"head": "tab:red", "attention": "tab:orange", "mlp_hidden": "tab:green", "width_d": "tab:blue",
@@ -275,7 +278,7 @@ _COLORS = {"head": "tab:red", "attention": "tab:orange", "mlp_hidden": "tab:gree
 
 
 def plot_memory(summary: Sequence[Mapping], path: str | Path, lines: Mapping[str, float] | None = None,
-                title: str = "Activation memory vs R (saved for backward, mean over seeds)") -> None:
+                title: str = "Activation memory vs R (saved for backward, mean over seeds)") -> Figure:
     """BASIS activation bytes vs R, stacked by category, one panel per BASIS variant; exact
     configurations (and `lines`, e.g. exact with checkpointing: label -> bytes) as horizontal lines."""
     basis = [s for s in summary if s["method"] != "exact" and s.get("act_bytes_mean") is not None]
@@ -298,10 +301,13 @@ def plot_memory(summary: Sequence[Mapping], path: str | Path, lines: Mapping[str
         for j, (label, nbytes) in enumerate(exact.items()):
             ax.axhline(nbytes / MIB, color="black", linestyle=("-", "--", ":", "-.")[j % 4], label=label)
         ax.set_xticks(xs, [f"R={s['rank']}" for s in entries])
+        ax.set_xlabel("sketch rows R")
         ax.set_ylabel("activation memory (MiB)")
         ax.set_title(f"BASIS [{variant}]" if variant else "BASIS")
-        ax.legend(fontsize=7)
+    # One legend for all panels, below them: inside a panel it covers the bars.
+    legend_below(fig, fig.axes, ncol=4, fontsize=8)
     fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
