@@ -4,6 +4,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from basis_train.experiments import compare as compare_mod
@@ -14,6 +15,7 @@ from basis_train.training.config import config_hash, load_config
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_tiny_compare_writes_everything_and_resumes(tmp_path, tiny_config):
     out = tmp_path / "cmp"
     args = ["--config", str(tiny_config), "--ranks", "8,4", "--seeds", "2", "--steps", "4", "--eval-every", "2",
@@ -180,6 +182,7 @@ def test_verdicts_follow_the_numbers():
     assert "inconclusive" in " ".join(verdicts(unclear, {}))
 
 
+@pytest.mark.slow
 def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
     from basis_train.experiments.reproduce import reproduce_app
 

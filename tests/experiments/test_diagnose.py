@@ -76,6 +76,7 @@ def test_compressed_draws_match_the_literal_estimator(tiny, variant):
             torch.testing.assert_close(torch.from_numpy(raw["nrm2"][0, ri, 0, 0]), nrm, rtol=1e-9, atol=1e-20)
 
 
+@pytest.mark.slow
 def test_exact_at_rows(table, tiny):
     for layer in [*tiny[1], "overall"]:
         assert table[(layer, "unbiased", ROWS)]["rel_err_mean"] < 1e-10
@@ -86,12 +87,14 @@ def test_exact_at_rows(table, tiny):
         assert basis["cos_mean"] == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["unbiased", "basis"])
 def test_error_decreases_with_rank(table, variant):
     errs = [table[("overall", variant, r)]["rel_err_mean"] for r in RANKS]
     assert all(a > b for a, b in itertools.pairwise(errs)), errs
 
 
+@pytest.mark.slow
 def test_unbiased_within_noise_and_scalars_overshoot(table, tiny):
     for r in RANKS[:-1]:
         row = table[("overall", "unbiased", r)]
@@ -104,6 +107,7 @@ def test_unbiased_within_noise_and_scalars_overshoot(table, tiny):
     assert table[("overall", "basis", 1)]["norm_ratio_std"] < table[("overall", "unbiased", 1)]["norm_ratio_std"]
 
 
+@pytest.mark.slow
 def test_findings_quote_the_measured_numbers(table):
     overall = [row for key, row in table.items() if key[0] == "overall"]
     text = " ".join(findings(overall, ROWS))

@@ -70,6 +70,7 @@ def test_schedule_moves_every_group_and_keeps_lr_factor():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 * 0.25, 1e-3 * 0.25])
 
 
+@pytest.mark.slow
 def test_scale_grid_end_to_end_on_cpu(tmp_path, code_corpus):
     config = tmp_path / "tiny-code.yaml"
     config.write_text(TINY_CODE)

@@ -19,8 +19,9 @@ import torch
 TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s"}
 BASIS = ["--steps", 40, "--eval-every", 10, "--checkpoint-every", 10, "--batch-size", 2]
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.slow]  # torchrun subprocesses: minutes on 2 cores
 
 
 def _free_port() -> int:

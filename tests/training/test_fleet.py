@@ -238,6 +238,7 @@ def test_cuda_graph_fleet_matches_eager_fleet(tmp_path):
             assert rel(a["train_loss"], b["train_loss"]) < 1e-4, (i, a, b)
 
 
+@pytest.mark.slow
 def test_compare_fleet_end_to_end(tmp_path, tiny_config):
     """basis-compare --fleet on the real data pipeline: one fleet, run directories a single
     basis-train run reproduces, the usual report, finished runs skipped on a rerun."""

@@ -29,6 +29,7 @@ def short_paper_run(method: str, out: Path) -> list[dict]:
     return [{k: r[k] for k in ("step", "train_loss", "val_loss")} for r in recs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["basis", "exact"])
 def test_paper_config_trains_as_before(tmp_path, method):
     expected = json.loads(REFERENCE.read_text())[method]

@@ -113,6 +113,7 @@ def test_resume_after_kill_between_checkpoints(tmp_path, tiny_config):
         assert torch.equal(v, ref_state[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_real_signal_then_resume(tmp_path, tiny_config, sig):
     out = tmp_path / "sig"
