@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from basis_train.core import flops
+from basis_train.core import flops, graphs
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
 
@@ -31,15 +31,16 @@ B, T = 8, 1024
 SMALL = GPTConfig(arch="gpt2", vocab_size=50257, block_size=T, n_embd=768, n_head=12, n_layer=12, head_chunk=1024)
 
 
-def _adamw(model):
+def _adamw(model, capturable: bool = False):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                             lr=6e-4, betas=(0.9, 0.95), fused=True)
+                             lr=6e-4, betas=(0.9, 0.95), fused=True, capturable=capturable)
 
 
-def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None) -> dict:
-    opt = _adamw(model)
+def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None, graph: bool = False,
+          generators=()) -> dict:
+    opt = _adamw(model, capturable=graph)
     params = [p for p in model.parameters()]
     x = torch.randint(0, 50257, (B, T), device="cuda")
     y = torch.randint(0, 50257, (B, T), device="cuda")
@@ -56,8 +57,12 @@ def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None) -> d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
+    with graphs.side_stream(torch.device("cuda"), graph):
+        for _ in range(warmup):
+            step()
+    if graph:  # the whole step (compiled forward and backward, clipping, AdamW) as one CUDA graph
+        g = graphs.capture(step, generators=generators)
+        step = g.replay
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -70,19 +75,20 @@ def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None) -> d
     return {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
-def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int) -> dict:
+def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int, graph: bool = False) -> dict:
     layers = {"exact": "none", "mlp+head": "mlp+head", "all": "all"}[variant]
     cfg = dataclasses.replace(SMALL, sketch_layers=layers if layers != "none" else "mlp+head", rank=rank, head=head)
     model = build_gpt(cfg, seed=0, method="exact" if variant == "exact" else "basis").cuda()
     gen = torch.Generator(device="cuda").manual_seed(1)
     fwd = torch.compile(model) if compiled else model
     row = _time(model, lambda x, y: fwd(x, y)[1], steps, warmup,
-                before=lambda: model.draw_sketch_seeds(gen), after=model.clear_sketch_seeds)
+                before=lambda: model.draw_sketch_seeds(gen), after=model.clear_sketch_seeds, graph=graph,
+                generators=[gen])
     row["flops_per_token"] = flops.flops_per_token(model, 12, 12, 768, T)
     return row
 
 
-def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int) -> dict:
+def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int, mode: str | None = None) -> dict:
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -98,7 +104,7 @@ def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int) -> dict:
         model.lm_head = swap(model.lm_head)
         model.transformer.wte.weight = model.lm_head.weight
     model = model.cuda()
-    fwd = torch.compile(model)
+    fwd = torch.compile(model, mode=mode)
     row = _time(model, lambda x, y: fwd(x, y)[1], steps, warmup)
     n = sum(p.numel() for n_, p in model.named_parameters() if "wpe" not in n_)
     row["flops_per_token"] = 6 * n + 12 * 12 * 12 * 64 * T
@@ -116,7 +122,16 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
+    S, W = a.steps, a.warmup
     plan = [
+        ("ours exact, fused head, compiled + CUDA graph", lambda: ours("exact", 256, "fused", True, S, W, True)),
+        ("ours exact, plain head, compiled + CUDA graph", lambda: ours("exact", 256, "plain", True, S, W, True)),
+        ("ours BASIS mlp+head R=256, fused head, compiled + CUDA graph",
+         lambda: ours("mlp+head", 256, "fused", True, S, W, True)),
+        ("ours BASIS mlp+head R=256, plain head, compiled + CUDA graph",
+         lambda: ours("mlp+head", 256, "plain", True, S, W, True)),
+        ("ours BASIS all R=256, fused head, compiled + CUDA graph", lambda: ours("all", 256, "fused", True, S, W, True)),
+        ("ours BASIS all R=256, plain head, compiled + CUDA graph", lambda: ours("all", 256, "plain", True, S, W, True)),
         ("ours exact, fused head, compiled", lambda: ours("exact", 256, "fused", True, a.steps, a.warmup)),
         ("ours exact, plain head, compiled", lambda: ours("exact", 256, "plain", True, a.steps, a.warmup)),
         ("ours BASIS mlp+head R=256, fused head, compiled", lambda: ours("mlp+head", 256, "fused", True, a.steps, a.warmup)),
@@ -128,7 +143,10 @@ def main() -> None:
     if a.nanogpt:
         plan = [("nanoGPT model.py, compiled", lambda: nanogpt(a.nanogpt, None, a.steps, a.warmup)),
                 ("nanoGPT model.py, MLP+head as BasisLinear R=256, compiled",
-                 lambda: nanogpt(a.nanogpt, 256, a.steps, a.warmup))] + plan
+                 lambda: nanogpt(a.nanogpt, 256, a.steps, a.warmup)),
+                ("nanoGPT model.py, compiled reduce-overhead", lambda: nanogpt(a.nanogpt, None, S, W, "reduce-overhead")),
+                ("nanoGPT model.py, MLP+head as BasisLinear R=256, compiled reduce-overhead",
+                 lambda: nanogpt(a.nanogpt, 256, S, W, "reduce-overhead"))] + plan
     if a.rows != "all":
         keep = [int(i) for i in a.rows.split(",")]
         plan = [p for i, p in enumerate(plan) if i in keep]

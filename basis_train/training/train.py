@@ -92,7 +92,9 @@ class Run:
         # No graph capture under DDP: its gradient all-reduce hooks and bucket rebuilding
         # on the first iterations do not survive being frozen into a captured graph. Nor in
         # float16, whose GradScaler decides on the host whether to skip each step.
-        use_graphs = (t.cuda_graphs and self.device.type == "cuda" and not t.compile and not dist.enabled
+        # With torch.compile the graph holds the compiled step: the BASIS sketches' kernels are
+        # launched from Python (custom ops), whose host overhead the replay removes.
+        use_graphs = (t.cuda_graphs and self.device.type == "cuda" and not dist.enabled
                       and t.dtype != "float16")
         if use_graphs:
             graphs.check_graph_support()  # before training starts, not at the capture
