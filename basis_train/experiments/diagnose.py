@@ -230,7 +230,7 @@ def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, ckpt: dict
     corpus = load_tokens(d.dataset, d.data_files, d.max_docs, d.cache_dir)
     splits = make_splits(corpus, d.val_protocol, cfg.model.block_size, paper_val_docs=d.paper_val_docs,
                          heldout_every=d.heldout_every, heldout_min_tokens=d.heldout_min_tokens)
-    loader = TrainLoader(splits.train_tokens, batch_size, cfg.model.block_size, device, shuffle=d.shuffle, seed=seed)
+    loader = TrainLoader(splits.train_tokens, batch_size, cfg.model.block_size, device, shuffle=d.shuffled, seed=seed)
     # A trained model is diagnosed on the batches its training would have seen next.
     if isinstance(ckpt.get("loader"), dict) and batch_size == cfg.train.batch_size:
         loader.load_state_dict(ckpt["loader"])

@@ -1,6 +1,8 @@
 """Typed, validated run configuration.
 
-Defaults are the paper's protocol (docs/paper.md section 2), so `load_config(None)` is the paper run.
+Defaults are the paper's protocol (docs/paper.md section 2), so `load_config(None)` is the paper run,
+except that fineweb-edu and local files are shuffled unless `data.shuffle` says otherwise
+(configs/paper.yaml pins the reference's stream order).
 Every entry point funnels through `config_from_dict`, so YAML files, CLI overrides and configs read
 back from an output directory are all checked by the same code.
 """
@@ -100,10 +102,21 @@ class DataConfig:
     heldout_every: int = 20
     heldout_min_tokens: int = 100000
     eval_batch_size: int = 128
-    shuffle: bool = False
+    # Training chunks in a seeded random order (a permutation per pass, loaders.TrainLoader) or in
+    # the stream's order. None: shuffled for files and fineweb-edu, whose stream order is an
+    # artefact (sorted paths, hub order); the stream order for wiki-offline, the paper protocol.
+    shuffle: bool | None = None
     cache_dir: str | None = None
     # true: a run that would need a second pass over the training tokens is refused at start.
     single_pass: bool = False
+
+    @property
+    def shuffled(self) -> bool:
+        """Whether the training chunks are read in a seeded random order (shuffle resolved)."""
+        return self.dataset in SHUFFLED_BY_DEFAULT if self.shuffle is None else self.shuffle
+
+
+SHUFFLED_BY_DEFAULT: tuple[str, ...] = ("files", "fineweb-edu")
 
 
 @dataclass(frozen=True)
@@ -381,9 +394,12 @@ def config_hash(cfg: Config, ignore: typing.Iterable[str] = HASH_IGNORE) -> str:
     ignore |= {k for k, default in HASH_OMIT_DEFAULTS.items() if _get(cfg, k) == default}
     if _get(cfg, "model.head_kernel") != "cce":
         ignore.add("model.head_kernel")
+    body = config_to_dict(cfg)
+    # The order, not how it was asked for: an unset shuffle hashes as the order it resolves to.
+    body["data"]["shuffle"] = cfg.data.shuffled
     d = {
-        section: {k: v for k, v in body.items() if f"{section}.{k}" not in ignore}
-        for section, body in config_to_dict(cfg).items()
+        section: {k: v for k, v in fields.items() if f"{section}.{k}" not in ignore}
+        for section, fields in body.items()
         if section not in ignore
     }
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

@@ -75,7 +75,7 @@ class Run:
             splits, source = splits
         self.data_info = dict(splits.info, source=source)
         self.loader = TrainLoader(splits.train_tokens, t.batch_size, cfg.model.block_size, self.device,
-                                  shuffle=cfg.data.shuffle, seed=t.seed, proc_rank=dist.proc_rank, world_size=dist.world_size)
+                                  shuffle=cfg.data.shuffled, seed=t.seed, proc_rank=dist.proc_rank, world_size=dist.world_size)
         if cfg.data.single_pass and t.steps > self.loader.steps_per_epoch - 1:  # -1: the init batch
             raise RunError(
                 f"data.single_pass: {t.steps} steps need {t.steps + 1} batches of "
@@ -207,9 +207,13 @@ class Run:
             # single pass means epoch 0 here: no training chunk was seen twice
             "tokens_seen": self.step * self.loader.global_batch * cfg.model.block_size,
             "epoch": self.loader.epoch,
+            # shuffled: one seeded permutation of the training chunks per pass; stream: their order
+            "data_order": "shuffled" if self.loader.shuffle else "stream",
+            # chunks trained on / chunks in the training stream (> 1: more than one pass)
+            "stream_fraction": self.step * self.loader.global_batch / self.loader.n_chunks,
             "sketch_layers": cfg.sketch.layers, "hashing": cfg.sketch.hashing,
             "invariant_scalars": cfg.sketch.invariant_scalars, "lam": cfg.sketch.lam,
-            "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "dtype": cfg.train.dtype,
+            "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "lr_factor": cfg.optim.lr_factor, "dtype": cfg.train.dtype,
             "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if cuda else None,
             "cuda_graphs": self.train_step.graph is not None, "torch": torch.__version__,
             # >1: basis-compare ran this many runs per GPU at once (MPS), so wall_s and tokens_per_s
