@@ -1,61 +1,57 @@
-"""The GPT-2-small scale report (issue 12), built from a grid's run directories alone.
+"""The GPT-2-small scale report (issues 12 and 25), built from a grid's run directories alone.
 
-Writes results.csv, summary.md (paired gaps to exact with CIs, memory, speed), val_loss.png,
-pareto.png (step peak memory vs final validation loss) and corpus.md. Memory fields are read
-under their current names (activation_bytes, step_peak_bytes) or the older ones.
+Writes results.csv (one row per run), summary.md (paired gaps to exact with CIs at the final step
+and at every evaluation, memory, speed, the lr tables), val_loss.png, gap_vs_step.png, pareto.png,
+memory.png and corpus.md. Configurations and their baselines: grid_stats.py.
 
     python -m basis_train.reporting.scale GRID_DIR --results results/scale --command "..."
+
+GRID_DIR holds run directories (each with summary.json and metrics.jsonl), directly or under runs/.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import typer
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from basis_train.reporting.report import config_label, plot_val_curves, summarize
+from basis_train.reporting.grid_stats import (
+    Protocol,
+    RunRecord,
+    label,
+    read_runs,
+    reference_protocol,
+    summarize_settings,
+)
+from basis_train.reporting.report import config_label
 
 GIB = 2 ** 30
 MIB = 2 ** 20
-COLUMNS = ("label", "method", "rank", "variant", "sketch_layers", "lr", "seed", "steps", "final_val_loss",
-           "final_train_loss", "activation_bytes", "step_peak_bytes", "tokens_per_s", "wall_s",
-           "runs_per_gpu", "tokens_seen", "epoch", "run_dir")
-_RENAMED = {"activation_bytes": "peak_activation_bytes", "step_peak_bytes": "cuda_peak_step_bytes"}
+COLUMNS = ("label", "method", "rank", "variant", "sketch_layers", "optimizer", "lr", "lr_factor", "steps",
+           "data_order", "stream_fraction", "seed", "final_val_loss", "final_train_loss", "activation_bytes",
+           "step_peak_bytes", "tokens_per_s", "mfu", "wall_s", "runs_per_gpu", "tokens_seen", "epoch", "run_dir")
 
 
-def load_rows(grid: Path) -> tuple[list[dict], list[dict]]:
-    """(one row per finished run, the summaries) under grid/runs/*/summary.json."""
-    rows, summaries = [], []
-    for path in sorted(Path(grid).glob("runs/*/summary.json")):
-        s = json.loads(path.read_text(encoding="utf-8"))
-        row = {k: s.get(k) for k in COLUMNS}
-        for new, old in _RENAMED.items():
-            row[new] = s.get(new, s.get(old))
-            row[old] = row[new]  # report.summarize reads the old names
-        row["variant"] = row["variant"] or ""
-        row["runs_per_gpu"] = s.get("runs_per_gpu", 1)  # absent: written before basis-compare shared GPUs
-        row["label"] = config_label(row["method"], row["rank"], row["variant"])
-        row["run_dir"] = str(path.parent)
-        row["val_protocol"] = s.get("val_protocol")
-        rows.append(row)
-        summaries.append(s)
-    if not rows:
-        raise ValueError(f"no finished runs under {Path(grid) / 'runs'}")
-    return rows, summaries
+def run_dirs(grid: Path) -> list[Path]:
+    grid = Path(grid)
+    found = sorted(p.parent for p in grid.glob("runs/*/summary.json")) or \
+        sorted(p.parent for p in grid.glob("*/summary.json"))
+    if not found:
+        raise ValueError(f"no finished runs (*/summary.json) under {grid} or {grid / 'runs'}")
+    return found
 
 
-def timed_rows(rows: Sequence[Mapping]) -> list[dict]:
-    """The rows for the statistics, with the speed of runs that shared their GPU (runs_per_gpu > 1)
-    left out: their tokens/s measures the sharing, not the configuration. Losses and memory stay."""
-    return [{**r, "tokens_per_s": None, "wall_s": None} if (r.get("runs_per_gpu") or 1) > 1 else dict(r)
-            for r in rows]
+def csv_rows(runs: Sequence[RunRecord], ref: Protocol) -> list[dict]:
+    rows = []
+    for r in sorted(runs, key=lambda r: (label(r.setting, ref), r.seed)):
+        s, p = r.summary, r.setting.protocol
+        rows.append({**{k: s.get(k) for k in COLUMNS}, "label": label(r.setting, ref), "variant": s.get("variant") or "",
+                     "lr_factor": p.lr_factor, "data_order": p.data_order, "runs_per_gpu": s.get("runs_per_gpu", 1),
+                     "run_dir": str(r.run_dir)})
+    return rows
 
 
 def write_csv(rows: Sequence[Mapping], path: Path) -> None:
@@ -72,102 +68,121 @@ def _f(x, fmt: str = ".4f", sign: bool = False) -> str:
     return format(x, ("+" if sign else "") + fmt)
 
 
-def _gap(s: Mapping) -> str:
-    if s["label"] == s["baseline"]:
+def _gap_cell(g: Mapping | None, digits: int = 4) -> str:
+    fmt = f".{digits}f"
+    if not g or not g["n"]:
+        return "–"
+    if g["n"] < 2:
+        return f"{_f(g['mean'], fmt, True)} (1 seed)"
+    return f"{_f(g['mean'], fmt, True)} [{_f(g['ci_low'], fmt, True)}, {_f(g['ci_high'], fmt, True)}]"
+
+
+def _gap(e: Mapping) -> str:
+    if e["setting"].is_baseline:
         return "(baseline)"
-    if not s["diff_n"]:
+    if not e["has_baseline"]:
+        return f"no baseline ({e['baseline_label']} not run)"
+    g = e["gap"]
+    if not g:
         return "no common seeds"
-    if s["diff_n"] < 2:
-        return f"{_f(s['diff_mean'], sign=True)} (1 seed, no CI)"
-    return (f"{_f(s['diff_mean'], sign=True)} [{_f(s['diff_ci_low'], sign=True)}, "
-            f"{_f(s['diff_ci_high'], sign=True)}] ({s['n_better']}/{s['diff_n']} better)")
+    if g["n"] < 2:
+        return f"{_f(g['mean'], sign=True)} (1 seed, no CI)"
+    return f"{_gap_cell(g)} ({g['n_better']}/{g['n']} better)"
 
 
-def summary_md(summary: Sequence[Mapping], rows: Sequence[Mapping], title: str) -> str:
-    lines = [f"# {title}", "",
-             "| configuration | seeds | val loss mean ± std | Δ vs exact, paired (95% CI) | p "
-             "| activation MiB | step peak GiB | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in summary:
-        step_peak = s.get("step_peak_bytes_mean")
+def main_table(entries: Sequence[Mapping]) -> list[str]:
+    lines = ["| configuration | seeds | val loss mean ± std | Δ vs exact, paired (95% CI) | p "
+             "| activation MiB | step peak GiB | tokens/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        peak, act, mfu, g = e["step_peak_bytes_mean"], e["act_bytes_mean"], e["mfu_mean"], e["gap"]
         lines.append(
-            f"| {s['label']} | {s['n']} | {_f(s['val_mean'])} ± {_f(s['val_std'])} | {_gap(s)} | "
-            f"{_f(s['p_value'])} | {_f(s['act_bytes_mean'] and s['act_bytes_mean'] / MIB, '.1f')} | "
-            f"{_f(step_peak and step_peak / GIB, '.2f')} | {_f(s['tokens_per_s_mean'], ',.0f')} |")
-    lines += ["", "Δ = configuration − exact on the same seeds (same initial weights and batches); negative "
-              "means lower validation loss. CIs: Student's t over seeds. Activation: bytes saved for "
-              "backward by one training step; step peak: CUDA memory peak of one step above the "
-              "allocations before it; tokens/s: mean over the evaluation intervals, over the runs that had "
-              "their GPU to themselves (results.csv: runs_per_gpu = 1)."]
-    lr = _lr_table(rows)
-    if lr:
-        lines += ["", "## Learning-rate sensitivity (seed 0, final validation loss)", ""] + lr
-    epochs = sorted({r["epoch"] for r in rows if r.get("epoch") is not None})
-    seen = [r["tokens_seen"] for r in rows if r.get("tokens_seen") is not None]
-    lines += ["", f"Single pass: epoch at the end of every run {epochs or '(not recorded)'}"
-              + (f"; tokens seen per run {min(seen):,}–{max(seen):,}." if seen else ".")]
-    if any(e != 0 for e in epochs):
-        lines.append("**Some runs saw training tokens twice (epoch > 0): not a single-pass grid.**")
-    return "\n".join(lines) + "\n"
+            f"| {e['label']} | {e['n']} | {_f(e['val_mean'])} ± {_f(e['val_std'])} | {_gap(e)} | "
+            f"{_f(g['p_value'] if g else None)} | {_f(act and act / MIB, '.1f')} | {_f(peak and peak / GIB, '.2f')} | "
+            f"{_f(e['tokens_per_s_mean'], ',.0f')} | {_f(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} |")
+    return lines
 
 
-def _lr_factor(variant: str) -> float | None:
-    """'lr0.5x' -> 0.5; '' -> 1.0; any other tag ('ckpt', 'layers=all') -> None."""
-    tags = [t for t in variant.split(",") if t]
-    lr = [t for t in tags if t.startswith("lr") and t.endswith("x")]
-    rest = [t for t in tags if t not in lr]
-    if rest:
-        return None
-    return float(lr[0][2:-1]) if lr else 1.0
-
-
-def _lr_table(rows: Sequence[Mapping]) -> list[str]:
-    """Rows: exact and each BASIS config that has lr variants; columns: lr factors; seed 0 only."""
-    cells: dict[str, dict[float, float]] = {}
-    for r in rows:
-        factor = _lr_factor(r["variant"])
-        if r["seed"] != 0 or factor is None:
-            continue
-        cells.setdefault(config_label(r["method"], r["rank"]), {})[factor] = r["final_val_loss"]
-    cells = {k: v for k, v in cells.items() if len(v) > 1}
-    if not cells:
-        return []
-    factors = sorted({f for v in cells.values() for f in v})
-    out = ["| configuration | " + " | ".join(f"lr x {f:g}" for f in factors) + " |",
-           "|---|" + "---|" * len(factors)]
-    for label, v in sorted(cells.items(), key=lambda kv: kv[0] != "exact"):
-        out.append(f"| {label} | " + " | ".join(_f(v.get(f)) for f in factors) + " |")
+def gap_tables(entries: Sequence[Mapping]) -> list[str]:
+    """Per protocol: rows = evaluation steps, columns = its configurations' paired gaps to exact."""
+    out = []
+    protocols = [e["protocol"] for e in entries if e["gap_curve"]]
+    for p in dict.fromkeys(protocols):  # in table order
+        cols = [e for e in entries if e["protocol"] == p and e["gap_curve"]]
+        base = next(e["label"] for e in entries if e["protocol"] == p and e["setting"].is_baseline)
+        steps = sorted(set().union(*(e["gap_curve"] for e in cols)))
+        out += ["", f"### Gap to {base} ({_describe(p)})", "",
+                "| step | " + " | ".join(e["label"] for e in cols) + " |", "|---|" + "---|" * len(cols)]
+        for step in steps:
+            out.append(f"| {step:,} | " + " | ".join(_gap_cell(e["gap_curve"].get(step), 3) for e in cols) + " |")
     return out
 
 
-def pareto_points(summary: Sequence[Mapping], key: str) -> list[Mapping]:
-    """The configurations pareto.png shows: those with a `key` figure, learning-rate check left out
-    (it has its own table; its points would sit on their configuration's)."""
-    return [s for s in summary if s.get(key) is not None and _lr_factor(s.get("variant") or "") in (None, 1.0)]
+def _describe(p: Protocol) -> str:
+    lr = f"lr {p.lr * p.lr_factor:.3g}" + (f" = {p.lr_factor:g} x {p.lr:g}" if p.lr_factor != 1 else "")
+    return f"{p.optimizer}, {lr}, {p.steps:,} steps, {p.data_order} order"
 
 
-def plot_pareto(summary: Sequence[Mapping], path: Path) -> None:
-    """One point per configuration: step peak (or activation bytes off CUDA) vs final val loss."""
-    have_peak = all(s.get("step_peak_bytes_mean") for s in summary)
-    key, xlabel = (("step_peak_bytes_mean", "CUDA step peak memory (GiB)") if have_peak
-                   else ("act_bytes_mean", "activation bytes saved for backward (GiB; no CUDA step peak)"))
-    fig = Figure(figsize=(8, 5.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for s in pareto_points(summary, key):
-        x, y = s[key] / GIB, s["val_mean"]
-        err = None
-        if s["n"] > 1 and s["val_ci_high"] is not None and not math.isnan(s["val_ci_high"]):
-            err = [[y - s["val_ci_low"]], [s["val_ci_high"] - y]]
-        ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3)
-        tok = s.get("tokens_per_s_mean")
-        ax.annotate(f"{s['label']}\n{tok:,.0f} tok/s" if tok else s["label"], (x, y),
-                    textcoords="offset points", xytext=(5, 5), fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("final validation loss (mean over seeds, 95% CI)")
-    ax.set_title("Memory vs loss per configuration")
-    ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+def lr_tables(entries: Sequence[Mapping]) -> list[str]:
+    """Seed 0's final loss over the effective lr (lr x lr factor), one table per optimiser and length
+    that was run at more than one lr; a BASIS cell adds its gap to exact at the same lr."""
+    out = []
+    families: dict[tuple, list[Mapping]] = {}
+    for e in entries:
+        if 0 in e["final"]:
+            p = e["protocol"]
+            families.setdefault((p.optimizer, p.steps, p.data_order), []).append(e)
+    for (opt, steps, order), fam in sorted(families.items()):
+        lrs = sorted({e["protocol"].lr * e["protocol"].lr_factor for e in fam})
+        if len(lrs) < 2:
+            continue
+        cells: dict[tuple, dict[float, str]] = {}
+        exact = {e["protocol"].lr * e["protocol"].lr_factor: e["final"][0] for e in fam if e["setting"].is_baseline}
+        for e in fam:
+            s, lr = e["setting"], e["protocol"].lr * e["protocol"].lr_factor
+            if s.method == "exact" and not s.is_baseline:
+                continue  # checkpointing and the like: their own rows in the main table
+            v = e["final"][0]
+            text = _f(v) + (f" ({_f(v - exact[lr], '.3f', True)})" if not s.is_baseline and lr in exact else "")
+            cells.setdefault((s.method != "exact", -(s.rank or 0), s.tags, _row_name(s)), {})[lr] = text
+        best = min(exact, key=exact.get) if exact else None
+        out += ["", f"### {opt}, {steps:,} steps, {order} order: final validation loss of seed 0 by lr", "",
+                "| configuration | " + " | ".join(f"lr {lr:.3g}" + (" (exact's best)" if lr == best else "")
+                                                 for lr in lrs) + " |",
+                "|---|" + "---|" * len(lrs)]
+        for key in sorted(cells):
+            out.append(f"| {key[3]} | " + " | ".join(cells[key].get(lr, "–") for lr in lrs) + " |")
+        out.append("")
+        out.append("BASIS cells: (gap to exact at the same lr, seed 0).")
+    return out
+
+
+def _row_name(s) -> str:
+    return config_label(s.method, s.rank, s.tags)
+
+
+def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str) -> str:
+    ref = reference_protocol(runs)
+    lines = [f"# {title}", "", f"Reference protocol (labels name departures from it): {_describe(ref)}.", "",
+             *main_table(entries), "",
+             "Δ = configuration − exact of the same protocol (optimiser, lr, lr factor, steps, data order) on the "
+             "same seeds (same initial weights and batches); negative means lower validation loss. CIs: Student's "
+             "t over seeds (paired). Activation: bytes saved for backward by one training step; step peak: CUDA "
+             "memory peak of one step above the allocations before it; tokens/s and MFU: means over the runs that "
+             "had their GPU to themselves (results.csv: runs_per_gpu = 1).", "",
+             "## Paired gap to exact at every evaluation (95% CI over seeds)", *gap_tables(entries)]
+    lr = lr_tables(entries)
+    if lr:
+        lines += ["", "## Learning-rate sensitivity", *lr]
+    summaries = [r.summary for r in runs]
+    epochs = sorted({s["epoch"] for s in summaries if s.get("epoch") is not None})
+    orders = sorted({r.setting.protocol.data_order for r in runs})
+    frac = [s["stream_fraction"] for s in summaries if s.get("stream_fraction") is not None]
+    lines += ["", f"Data order: {', '.join(orders)}. Epoch at the end of every run: {epochs or '(not recorded)'}"
+              + (f"; fraction of the training stream seen per run: {min(frac):.3f}–{max(frac):.3f}." if frac else ".")]
+    if any(e != 0 for e in epochs):
+        lines.append("**Some runs saw training tokens twice (epoch > 0): not a single-pass grid.**")
+    return "\n".join(lines) + "\n"
 
 
 def _n(x) -> str:
@@ -175,15 +190,16 @@ def _n(x) -> str:
 
 
 def corpus_md(summaries: Sequence[Mapping], command: str) -> str:
+    keys = ("n_train_tokens", "n_val_tokens", "source")
     data = summaries[0].get("data") or {}
     for s in summaries[1:]:  # every run must have trained and validated on the same split
-        other = s.get("data") or {}
-        if {k: other.get(k) for k in ("n_train_tokens", "n_val_tokens", "source")} != \
-                {k: data.get(k) for k in ("n_train_tokens", "n_val_tokens", "source")}:
+        if {k: (s.get("data") or {}).get(k) for k in keys} != {k: data.get(k) for k in keys}:
             raise ValueError("runs of this grid used different data splits: not comparable")
     c = data.get("corpus") or {}
     lines = ["# Corpus of the scale grid", "", f"Source: {data.get('source', '–')}", "",
              "| quantity | value |", "|---|---|"]
+    orders = sorted({s.get("data_order") or "not recorded" for s in summaries})
+    frac = [s["stream_fraction"] for s in summaries if s.get("stream_fraction") is not None]
     table = [("files matched", c.get("n_files_matched")), ("files used (distinct, UTF-8, non-empty)",
              c.get("n_files_used")), ("bytes used", c.get("bytes_used")),
              ("duplicates dropped (identical bytes)", c.get("n_duplicates")),
@@ -195,7 +211,11 @@ def corpus_md(summaries: Sequence[Mapping], command: str) -> str:
              ("validation", f"every {data.get('heldout_every')}-th document held out, evaluated in full"
               if data.get("protocol") == "heldout" else data.get("protocol")),
              ("train documents / tokens", f"{_n(data.get('n_train_docs'))} / {_n(data.get('n_train_tokens'))}"),
-             ("validation documents / tokens", f"{_n(data.get('n_val_docs'))} / {_n(data.get('n_val_tokens'))}")]
+             ("train chunks (block_size + 1 tokens each)", data.get("n_train_chunks")),
+             ("validation documents / tokens", f"{_n(data.get('n_val_docs'))} / {_n(data.get('n_val_tokens'))}"),
+             ("order of the training chunks", ", ".join(orders)),
+             ("fraction of the training stream a run saw",
+              f"{min(frac):.3f}–{max(frac):.3f}" if frac else None)]
     for name, value in table:
         if value is not None:
             lines.append(f"| {name} | {value:,} |" if isinstance(value, int) else f"| {name} | {value} |")
@@ -206,32 +226,41 @@ def corpus_md(summaries: Sequence[Mapping], command: str) -> str:
 
 
 def write_report(grid: Path, results: Path, command: str = "") -> list[dict]:
-    rows, summaries = load_rows(grid)
+    from basis_train.reporting.report import plot_memory
+    from basis_train.reporting.scale_plots import plot_gap_vs_step, plot_pareto, plot_val_loss
+
+    runs = read_runs(run_dirs(grid))
+    ref = reference_protocol(runs)
+    results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, results / "results.csv")
-    summary = summarize(timed_rows(rows))
-    title = f"BASIS at GPT-2 small ({len(rows)} runs)"
-    (results / "summary.md").write_text(summary_md(summary, rows, title), encoding="utf-8")
-    by_label: dict[str, list[Path]] = {}
-    for r in rows:
-        by_label.setdefault(r["label"], []).append(Path(r["run_dir"]))
-    plot_val_curves(by_label, results / "val_loss.png")
-    plot_pareto(summary, results / "pareto.png")
-    (results / "corpus.md").write_text(corpus_md(summaries, command), encoding="utf-8")
-    return summary
+    write_csv(csv_rows(runs, ref), results / "results.csv")
+    entries = summarize_settings(runs)
+    title = f"BASIS at GPT-2 small ({len(runs)} runs)"
+    (results / "summary.md").write_text(summary_md(entries, runs, title), encoding="utf-8")
+    plot_val_loss(entries, ref, results / "val_loss.png")
+    plot_gap_vs_step(entries, ref, results / "gap_vs_step.png")
+    main = [e for e in entries if e["protocol"] == ref]
+    plot_pareto(main, results / "pareto.png")
+    plot_memory(main, results / "memory.png")
+    (results / "corpus.md").write_text(corpus_md([r.summary for r in runs], command), encoding="utf-8")
+    return entries
 
 
-def main(grid: Path = typer.Argument(..., help="grid directory holding runs/*/summary.json"),
-         results: Path = typer.Option(Path("runs/scale-report"), help="where the report files go"),
-         command: str = typer.Option("", help="the command that produced the grid, quoted in corpus.md")):
-    """Write results.csv, summary.md, val_loss.png, pareto.png and corpus.md for a scale grid."""
+def main(argv: list[str] | None = None) -> int:
+    # argparse, not typer: the GPU machine's Python writes this report too and has no typer.
+    ap = argparse.ArgumentParser(prog="python -m basis_train.reporting.scale", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid", type=Path, help="directory of run directories (or holding runs/)")
+    ap.add_argument("--results", type=Path, default=Path("runs/scale-report"), help="where the report files go")
+    ap.add_argument("--command", default="", help="the command that produced the grid, quoted in corpus.md")
+    args = ap.parse_args(argv)
     try:
-        write_report(grid, results, command)
+        write_report(args.grid, args.results, args.command)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    print(f"wrote {results}/summary.md")
+        return 2
+    print(f"wrote {args.results}/summary.md")
+    return 0
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    sys.exit(main())

@@ -95,7 +95,7 @@ def test_scale_grid_end_to_end_on_cpu(tmp_path, code_corpus):
     corpus = runs["exact-s0"]["data"]["corpus"]
     assert corpus["n_files_used"] >= 20 and corpus["documents"] == "one per file"
     md = (tmp_path / "results" / "summary.md").read_text()
-    assert "Learning-rate sensitivity" in md and "epoch at the end of every run [0]" in md
+    assert "Learning-rate sensitivity" in md and "Epoch at the end of every run: [0]" in md
     assert "| files used" in (tmp_path / "results" / "corpus.md").read_text()
 
 

@@ -1,6 +1,9 @@
-"""The scale report from fake run directories: paired gaps, memory names old and new, LR table."""
+"""The scale report from synthetic run directories: configurations paired only within a protocol,
+gaps at the final step and at every evaluation, lr tables, old field names, and the figures'
+legibility (distinct series, labels that overlap nothing; memory.png: tests/reporting/test_plotstyle.py)."""
 
 import csv
+import itertools
 import json
 
 import pytest
@@ -12,98 +15,180 @@ CORPUS = {"n_files_matched": 30, "n_files_used": 25, "n_duplicates": 3, "n_unrea
           "n_binary": 1, "n_empty": 0, "bytes_used": 215_000, "documents": "one per file", "n_docs": 25,
           "n_tokens": 100_000}
 DATA = {"protocol": "heldout", "n_docs": 25, "source": "files x", "heldout_every": 5, "n_train_docs": 20,
-        "n_val_docs": 5, "n_train_tokens": 80_000, "n_val_tokens": 20_000, "corpus": CORPUS}
+        "n_val_docs": 5, "n_train_tokens": 80_000, "n_val_tokens": 20_000, "n_train_chunks": 78, "corpus": CORPUS}
+BREAKDOWN = {"attention": 2**28, "mlp_hidden": 2**29, "width_d": 2**28}
 
 
-def fake_run(grid, name, method, rank, variant, seed, val, step_peak, new_names=True, epoch=0, **extra):
-    d = grid / "runs" / name
+def fake_run(root, name, method, rank, variant, seed, val, step_peak=8 * 2**30, *, steps=20, optimizer="adamw",
+             lr=6e-4, lr_factor=1.0, new_names=True, epoch=0, curve=None, **extra):
+    """A run directory as train.py writes it; `curve`: {step: val loss} (default two evaluations)."""
+    d = root / name
     d.mkdir(parents=True)
     mem = ({"activation_bytes": 2**30, "step_peak_bytes": step_peak} if new_names
            else {"peak_activation_bytes": 2**30, "cuda_peak_step_bytes": step_peak})
-    (d / "summary.json").write_text(json.dumps({
-        "method": method, "rank": rank, "variant": variant, "seed": seed, "steps": 20, "final_val_loss": val,
-        "final_train_loss": val + 0.1, "tokens_per_s": 1000.0 * (seed + 1), "wall_s": 3.0,
-        "val_protocol": "heldout", "tokens_seen": 20 * 8 * 1024, "epoch": epoch, "data": DATA, **mem, **extra}))
-    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": val + 1 / s}) + "\n"
-                                             for s in (10, 20)))
+    summary = {"method": method, "rank": rank, "variant": variant, "seed": seed, "steps": steps,
+               "final_val_loss": val, "final_train_loss": val + 0.1, "tokens_per_s": 1000.0 * (seed + 1),
+               "wall_s": 3.0, "val_protocol": "heldout", "tokens_seen": steps * 8 * 1024, "epoch": epoch,
+               "optimizer": optimizer, "lr": lr, "lr_factor": lr_factor, "data_order": "shuffled",
+               "stream_fraction": steps / 100, "activation_breakdown": BREAKDOWN, "data": DATA, **mem, **extra}
+    (d / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if v is not None}))
+    curve = curve or {steps // 2: val + 0.5, steps: val}
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in curve.items()))
+    return d
+
+
+EXACT = [4.00, 4.10, 3.95]
+BASIS = [4.05, 4.12, 4.04]
+HALF = [4.60, 4.58, 4.70]  # BASIS R=256 at step 10
 
 
 @pytest.fixture
 def grid(tmp_path):
-    g = tmp_path / "grid"
-    exact = [4.00, 4.10, 3.95]
-    basis = [4.05, 4.12, 4.04]
+    g = tmp_path / "grid" / "runs"
     for s in range(3):
-        fake_run(g, f"exact-s{s}", "exact", None, "", s, exact[s], 8 * 2**30, new_names=s != 1)
-        fake_run(g, f"basis_R256-s{s}", "basis", 256, "", s, basis[s], 7 * 2**30)
-    fake_run(g, "exact_lr2x-s0", "exact", None, "lr2x", 0, 3.90, 8 * 2**30)
-    fake_run(g, "basis_R256_lr2x-s0", "basis", 256, "lr2x", 0, 3.99, 7 * 2**30)
-    fake_run(g, "exact_ckpt-s0", "exact", None, "ckpt", 0, 4.00, 3 * 2**30)
-    return g, exact, basis
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, EXACT[s], new_names=s != 1)
+        fake_run(g, f"exact_ckpt-s{s}", "exact", None, "ckpt", s, EXACT[s] + 0.001, 3 * 2**30)
+        fake_run(g, f"basis_R256-s{s}", "basis", 256, "", s, BASIS[s], 7 * 2**30,
+                 curve={10: HALF[s], 20: BASIS[s]}, mfu=0.30)
+        fake_run(g, f"basis_R1024_all-s{s}", "basis", 1024, "layers=all", s, BASIS[s] + 0.1, 6 * 2**30)
+    fake_run(g, "exact_lr0.5x-s0", "exact", None, "lr0.5x", 0, 3.90, lr_factor=0.5)
+    fake_run(g, "basis_R256_lr0.5x-s0", "basis", 256, "lr0.5x", 0, 3.99, 7 * 2**30, lr_factor=0.5)
+    for lr, v in ((0.1, 5.0), (0.3, 4.8)):
+        fake_run(g, f"exact_sgd{lr}-s0", "exact", None, "", 0, v, optimizer="sgd", lr=lr)
+    fake_run(g, "basis_R256_sgd0.3-s0", "basis", 256, "", 0, 4.9, 7 * 2**30, optimizer="sgd", lr=0.3)
+    fake_run(g, "exact_80-s0", "exact", None, "", 0, 3.5, steps=80)
+    fake_run(g, "basis_R256_80-s0", "basis", 256, "", 0, 3.62, 7 * 2**30, steps=80)
+    return g.parent
 
 
-def test_scale_report_from_run_dirs(grid, tmp_path):
-    g, exact, basis = grid
+def _line(md, start):
+    return next(ln for ln in md.splitlines() if ln.startswith(start))
+
+
+def test_report_files_and_rows(grid, tmp_path):
     res = tmp_path / "results"
-    write_report(g, res, command="bash scripts/scale_grid.sh")
-    for name in ("results.csv", "summary.md", "val_loss.png", "pareto.png", "corpus.md"):
+    write_report(grid, res, command="python scripts/scale_grid.py")
+    for name in ("results.csv", "summary.md", "val_loss.png", "gap_vs_step.png", "pareto.png", "memory.png",
+                 "corpus.md"):
         assert (res / name).stat().st_size > 0, name
     rows = list(csv.DictReader((res / "results.csv").open()))
-    assert len(rows) == 9
+    assert len(rows) == 19
     assert {r["step_peak_bytes"] for r in rows if r["label"] == "exact"} == {str(8 * 2**30)}  # old name read too
-    md = (res / "summary.md").read_text()
-    d = paired_diff(basis, exact)
-    line = next(ln for ln in md.splitlines() if ln.startswith("| basis R=256 |"))
-    assert f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" in line
-    assert "| 1024.0 | 7.00 | 2,000 |" in line  # activation MiB, step peak GiB, mean tokens/s
-    assert "exact [ckpt] | 1 |" in md and "(1 seed, no CI)" in md
-    lr = md[md.index("Learning-rate sensitivity"):]
-    assert "| exact | 4.0000 | 3.9000 |" in lr and "| basis R=256 | 4.0500 | 3.9900 |" in lr
-    assert "[ckpt]" not in lr
-    assert "epoch at the end of every run [0]" in md and "not a single-pass" not in md
+    assert {r["label"] for r in rows} >= {"exact [sgd,lr=0.3]", "basis R=256 [sgd,lr=0.3]", "exact [80 steps]",
+                                          "basis R=256 [lr0.5x]", "basis R=1024 [layers=all]"}
     corpus = (res / "corpus.md").read_text()
     assert "| duplicates dropped (identical bytes) | 3 |" in corpus and "| bytes per token | 2.15 |" in corpus
-    assert "every 5-th document held out" in corpus and "bash scripts/scale_grid.sh" in corpus
+    assert "| order of the training chunks | shuffled |" in corpus and "0.200–0.800" in corpus
 
 
-def test_scale_report_flags_a_second_epoch(grid, tmp_path):
-    g, _, _ = grid
-    fake_run(g, "basis_R64-s0", "basis", 64, "", 0, 4.2, 7 * 2**30, epoch=1)
+def test_gaps_are_paired_within_a_protocol(grid, tmp_path):
+    write_report(grid, tmp_path / "r")
+    md = (tmp_path / "r" / "summary.md").read_text()
+    d = paired_diff(BASIS, EXACT)
+    line = _line(md, "| basis R=256 |")
+    assert f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] (0/3 better) | {d['p_value']:.4f}" in line
+    assert "| 1024.0 | 7.00 | 2,000 | 30.0% |" in line  # activation MiB, step peak GiB, tokens/s, MFU
+    # Each against exact of its own protocol, not the main grid's exact:
+    assert "+0.1000 (1 seed, no CI)" in _line(md, "| basis R=256 [sgd,lr=0.3] |")
+    assert "+0.1200 (1 seed, no CI)" in _line(md, "| basis R=256 [80 steps] |")
+    assert "+0.0900 (1 seed, no CI)" in _line(md, "| basis R=256 [lr0.5x] |")
+    assert "(baseline)" in _line(md, "| exact [sgd,lr=0.1] |")
+    at10 = paired_diff(HALF, [v + 0.5 for v in EXACT])
+    table = md[md.index("### Gap to exact (adamw, lr 0.0006, 20 steps"):]
+    assert table.splitlines()[2] == "| step | exact [ckpt] | basis R=256 | basis R=1024 [layers=all] |"
+    assert f"| 10 | +0.001 [+0.001, +0.001] | {at10['mean']:+.3f} [{at10['ci_low']:+.3f}, {at10['ci_high']:+.3f}] |" \
+        in table
+
+
+def test_lr_tables(grid, tmp_path):
+    write_report(grid, tmp_path / "r")
+    md = (tmp_path / "r" / "summary.md").read_text()
+    adam = md[md.index("### adamw, 20 steps"):]
+    assert "| exact | 3.9000 | 4.0000 |" in adam and "| basis R=256 | 3.9900 (+0.090) | 4.0500 (+0.050) |" in adam
+    assert "[ckpt]" not in adam.split("###")[1]
+    sgd = md[md.index("### sgd, 20 steps"):]
+    assert "| lr 0.1 | lr 0.3 (exact's best) |" in sgd and "| basis R=256 | – | 4.9000 (+0.100) |" in sgd
+
+
+def test_a_missing_baseline_is_said(tmp_path):
+    g = tmp_path / "g"
+    fake_run(g, "basis-s0", "basis", 64, "", 0, 4.0, optimizer="sgd", lr=0.01)
+    fake_run(g, "exact-s0", "exact", None, "", 0, 3.0)
+    fake_run(g, "exact-s1", "exact", None, "", 1, 3.1)
+    write_report(g, tmp_path / "r")  # run directories directly under the grid directory
+    assert "no baseline (exact [sgd,lr=0.01] not run)" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_old_runs_without_the_new_fields(tmp_path):
+    """Runs written before lr_factor and data_order: the variant tag and config.yaml say them."""
+    g = tmp_path / "g"
+    for s in range(2):
+        d = fake_run(g, f"exact_lr2x-s{s}", "exact", None, "lr2x", s, 4.0 + s, lr_factor=None, data_order=None)
+        (d / "config.yaml").write_text("data:\n  shuffle: false\n")
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.1 + s)
     write_report(g, tmp_path / "r")
+    rows = list(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert {(r["label"], r["lr_factor"], r["data_order"]) for r in rows} == {
+        ("exact [lr2x,stream]", "2.0", "stream"), ("exact", "1.0", "shuffled")}
+
+
+def test_flags_a_second_epoch_and_refuses_mixed_splits(grid, tmp_path):
+    fake_run(grid / "runs", "basis_R64-s0", "basis", 64, "", 0, 4.2, epoch=1)
+    write_report(grid, tmp_path / "r")
     assert "not a single-pass grid" in (tmp_path / "r" / "summary.md").read_text()
-
-
-def test_scale_report_refuses_mixed_splits(grid, tmp_path):
-    g, _, _ = grid
-    path = g / "runs" / "exact-s0" / "summary.json"
+    path = grid / "runs" / "exact-s0" / "summary.json"
     s = json.loads(path.read_text())
-    s["data"] = {**DATA, "n_val_tokens": 1}
-    path.write_text(json.dumps(s))
+    path.write_text(json.dumps({**s, "data": {**DATA, "n_val_tokens": 1}}))
     with pytest.raises(ValueError, match="different data splits"):
-        write_report(g, tmp_path / "r")
-
-
-def test_pareto_leaves_the_learning_rate_check_out():
-    from basis_train.reporting.scale import pareto_points
-
-    rows = [{"label": lab, "variant": var, "step_peak_bytes_mean": 1.0}
-            for lab, var in (("exact", ""), ("exact [ckpt]", "ckpt"), ("exact [lr2x]", "lr2x"),
-                             ("basis R=256 [lr0.5x]", "lr0.5x"), ("basis R=256", ""))]
-    rows.append({"label": "no peak", "variant": "", "step_peak_bytes_mean": None})
-    got = [s["label"] for s in pareto_points(rows, "step_peak_bytes_mean")]
-    assert got == ["exact", "exact [ckpt]", "basis R=256"]
+        write_report(grid, tmp_path / "r2")
 
 
 def test_speed_of_runs_that_shared_a_gpu_is_left_out(tmp_path):
-    """tokens/s in summary.md averages only runs alone on their GPU; results.csv keeps every run's."""
     g = tmp_path / "grid"
     for s in range(3):
-        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.0 + s / 10, 8 * 2**30,
-                 **({"runs_per_gpu": 2} if s else {}))  # seed 0: written before the field existed
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.0 + s / 10, **({"runs_per_gpu": 2} if s else {}))
     write_report(g, tmp_path / "res")
-    md = (tmp_path / "res" / "summary.md").read_text()
-    line = next(ln for ln in md.splitlines() if ln.startswith("| exact |"))
-    assert line.endswith("| 1,000 |"), line  # seed 0's 1000 tok/s, not the mean 2000 of all three
+    line = _line((tmp_path / "res" / "summary.md").read_text(), "| exact |")
+    assert line.endswith("| 1,000 | – |"), line  # seed 0's 1000 tok/s, not the mean 2000 of all three
     rows = list(csv.DictReader((tmp_path / "res" / "results.csv").open()))
     assert sorted((r["runs_per_gpu"], r["tokens_per_s"]) for r in rows) == [
         ("1", "1000.0"), ("2", "2000.0"), ("2", "3000.0")]
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _entries(grid):
+    from basis_train.reporting.grid_stats import read_runs, reference_protocol, summarize_settings
+    from basis_train.reporting.scale import run_dirs
+
+    runs = read_runs(run_dirs(grid))
+    return summarize_settings(runs), reference_protocol(runs)
+
+
+def test_every_series_of_a_panel_has_its_own_colour_and_style(tmp_path):
+    from basis_train.reporting.scale_plots import plot_val_loss
+
+    g = tmp_path / "g"
+    for r in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384):  # 12 series: colours repeat
+        fake_run(g, f"basis_R{r}-s0", "basis", r, "", 0, 4.0 + r / 1e5)
+    fake_run(g, "exact-s0", "exact", None, "", 0, 4.0)
+    entries, ref = _entries(g)
+    (styles,) = plot_val_loss(entries, ref, tmp_path / "v.png")
+    assert len(styles) == 12 and len(set(styles)) == 12
+
+
+def test_pareto_labels_do_not_overlap(tmp_path):
+    from basis_train.reporting.scale_plots import plot_pareto
+
+    g = tmp_path / "g"
+    for i, r in enumerate((64, 256, 1024, 4096)):  # memory and loss close together: labels collide unmoved
+        fake_run(g, f"basis_R{r}-s0", "basis", r, "", 0, 4.0 + 0.001 * i, (3 + 0.01 * i) * 2**30)
+    fake_run(g, "basis_all-s0", "basis", 1024, "layers=all", 0, 4.002, 3.005 * 2**30)
+    fake_run(g, "exact-s0", "exact", None, "", 0, 4.001, 3.02 * 2**30)
+    fake_run(g, "exact_ckpt-s0", "exact", None, "ckpt", 0, 4.001, 1 * 2**30)
+    entries, _ = _entries(g)
+    boxes = plot_pareto(entries, tmp_path / "p.png")
+    assert len(boxes) == 7
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b), (a, b)
