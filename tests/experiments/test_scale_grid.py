@@ -1,5 +1,6 @@
-"""The issue-12 grid end to end on CPU: tiny GPT on a temp corpus of .py files, both basis-compare
-calls of scripts/scale_grid.sh, then the scale report; plus the grid's planning and lr schedule."""
+"""The issue-12 grid end to end on CPU: tiny GPT on a temp corpus of .py files, the two basis-compare
+calls that grid made (scripts/scale_grid.sh now runs issue 25's: test_scale_grid25.py), then the scale report; plus
+the planning and the lr schedule."""
 
 import json
 import math

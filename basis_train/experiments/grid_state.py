@@ -1,0 +1,98 @@
+"""What a grid directory holds: finished, stale and interrupted runs, how long runs took, and the
+copy to and from another machine (experiments/scale_grid.py schedules the runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tarfile
+from pathlib import Path
+
+from basis_train.training.config import config_hash
+
+
+def finished(run: Path, cfg) -> bool:
+    try:
+        return json.loads((run / "summary.json").read_text()).get("config_hash") == config_hash(cfg)
+    except (OSError, ValueError):
+        return False
+
+
+def stale(run: Path, cfg) -> bool:
+    """A finished run of another config with no checkpoint to extend: never started over silently."""
+    return (run / "summary.json").is_file() and not (run / "checkpoint.pt").is_file() and not finished(run, cfg)
+
+
+def steps_done(run: Path, cfg) -> int:
+    """Steps a resumed run skips: the last checkpoint at or before its last logged evaluation."""
+    if not (run / "checkpoint.pt").is_file():
+        return 0
+    try:
+        last = max(json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip())
+    except (OSError, ValueError, KeyError):
+        return 0
+    return (last // cfg.train.checkpoint_every) * cfg.train.checkpoint_every
+
+
+class Timings:
+    """Seconds per step of each finished child process (wall clock: start-up and evaluations in),
+    by kind of run, to tell how long the next one will take."""
+
+    def __init__(self, path: Path, default_s_per_step: float, startup_s: float):
+        self.path, self.default, self.startup = path, default_s_per_step, startup_s
+        self.rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    @staticmethod
+    def kind(cfg) -> str:
+        if cfg.train.method == "exact":
+            return "exact-ckpt" if cfg.model.checkpoint_blocks else "exact"
+        return f"basis-{cfg.sketch.layers}-{cfg.sketch.rank}"
+
+    def rate(self, cfg) -> float:
+        same = [r["s_per_step"] for r in self.rows if r["kind"] == self.kind(cfg)]
+        return statistics.median(same or [r["s_per_step"] for r in self.rows] or [self.default])
+
+    def estimate(self, cfg, steps: int) -> float:
+        return self.startup + self.rate(cfg) * steps
+
+    def add(self, cfg, steps: int, wall_s: float) -> None:
+        if steps < 50:  # too short to say anything but the start-up
+            return
+        row = {"kind": self.kind(cfg), "s_per_step": max(0.0, wall_s - self.startup) / steps, "steps": steps}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------ the trip between machines
+
+
+def seed_from(src: Path, grid: Path) -> int:
+    """Copy finished runs (summary.json) that grid lacks from src (a runs/ folder or its parent)."""
+    src = src / "runs" if (src / "runs").is_dir() else src
+    n = 0
+    for summary in sorted(src.glob("*/summary.json")):
+        dest = grid / "runs" / summary.parent.name
+        if not (dest / "summary.json").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(summary.parent, dest, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            n += 1
+    if (src.parent / "timings.jsonl").is_file() and not (grid / "timings.jsonl").exists():
+        shutil.copy(src.parent / "timings.jsonl", grid / "timings.jsonl")
+    return n
+
+
+def pack(grid: Path, dest: Path) -> None:
+    """Finished runs, the log and the timings, without checkpoints, as a .tgz."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dest, "w:gz") as tar:
+        for p in sorted((grid / "runs").glob("*/summary.json")):
+            for f in sorted(p.parent.iterdir()):
+                if f.name != "checkpoint.pt":
+                    tar.add(f, arcname=f"runs/{p.parent.name}/{f.name}")
+        for name in ("grid.log", "timings.jsonl"):
+            if (grid / name).is_file():
+                tar.add(grid / name, arcname=name)
+
+

@@ -1,0 +1,321 @@
+"""Issue 25's GPT-2-small grid, run in chunks of one device call under a wall-clock budget.
+
+    TIME_BUDGET=540 python -m basis_train.experiments.scale_grid --grid /tmp/scale25 [--gpus 0,1]
+
+Each call starts the unfinished runs that its budget can finish, in priority order (the main grid's
+seed-0 pairs first), one per GPU; finished runs (summary.json of the same config) are skipped, runs
+with a checkpoint resume. Near the deadline the running ones get SIGTERM, checkpoint and stop; the next
+call resumes them on the same (warm) machine. `--seed-from DIR` first copies in the finished runs of a
+previous machine, `--pack FILE` tars the finished ones (no checkpoints) for the trip back.
+
+Only the standard library and basis_train's config and training code are imported (the GPU
+machine's Python has no typer): each run is a child process of this module (`--child`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from basis_train.experiments.grid_state import Timings, finished, pack, seed_from, stale, steps_done
+from basis_train.training.config import apply_overrides, dump_config, load_config
+
+MAIN_SEEDS = (0, 1, 2)
+MAIN = [("exact", "exact", {}), ("exact_ckpt", "exact", {"model.checkpoint_blocks": True}),
+        *((f"basis_R{r}", "basis", {"sketch.rank": r}) for r in (64, 256, 1024, 4096)),
+        ("basis_R1024_all", "basis", {"sketch.rank": 1024, "sketch.layers": "all"})]
+LR_FACTORS = (0.25, 0.5, 2.0)
+# SGD with momentum 0.9, the paper's optimiser, a factor of about 3 apart. No weight decay: PyTorch's
+# SGD couples it to the gradient, so the AdamW runs' 0.1 would mean a different thing.
+SGD_LRS = (0.03, 0.1, 0.3, 1.0)
+SGD = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.weight_decay": 0.0}
+SGD_EXTEND = 2  # at most this many extra exact lrs when the best sits at an end of the sweep
+LONG_STEPS = 8000
+MARGIN_S = 45  # left at the end of the budget to stop runs, write the report and pack
+
+
+@dataclass
+class Job:
+    name: str  # run directory name under grid/runs
+    group: str  # main-s0, lr, sgd-exact, sgd-basis, long-s0, ...
+    overrides: dict
+
+
+def _sgd_name(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def sgd_sweep(grid: Path, lrs=SGD_LRS) -> tuple[list[float], dict[float, float]]:
+    """(the exact SGD lrs to run, final losses of those finished). An end of the sweep that is the
+    best so far gets a neighbour 3.16x further out, up to SGD_EXTEND of them, so the best is inside."""
+    lrs, n0 = sorted(lrs), len(lrs)
+    while True:
+        done = {lr: v for lr in lrs if (v := final_loss(grid / "runs" / f"exact_sgd{_sgd_name(lr)}-s0")) is not None}
+        if len(done) < len(lrs):
+            return lrs, done
+        best = min(done, key=done.get)
+        if len(lrs) - n0 >= SGD_EXTEND or best not in (lrs[0], lrs[-1]):
+            return lrs, done
+        lrs = sorted([*lrs, ladder_step(best, up=best == lrs[-1])])
+
+
+def ladder_step(lr: float, up: bool) -> float:
+    """The next value of the 1-3-10 ladder (0.3 -> 1 -> 3 -> 10) above or below `lr`."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10 ** exp, 6)
+    if up:
+        step = 3.0 if mantissa < 3 else 10 / 3
+    else:
+        step = 1 / 3 if mantissa > 1 else 0.3
+    return float(f"{lr * step:.2g}")
+
+
+def sgd_basis_lrs(grid: Path) -> list[float]:
+    """Exact's best SGD lr and its two neighbours in the sweep, once the sweep is finished."""
+    lrs, done = sgd_sweep(grid)
+    if len(done) < len(lrs):
+        return []
+    best = lrs.index(min(done, key=done.get))
+    return lrs[max(0, best - 1): best + 2]
+
+
+def final_loss(run: Path) -> float | None:
+    try:
+        return float(json.loads((run / "summary.json").read_text())["final_val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan(grid: Path, base) -> list[Job]:
+    """Every run of the grid in priority order; the SGD BASIS runs appear once exact's sweep is done."""
+    jobs = []
+    for seed in MAIN_SEEDS:
+        jobs += [Job(f"{name}-s{seed}", f"main-s{seed}", {"train.method": m, **ov, "train.seed": seed})
+                 for name, m, ov in MAIN]
+    for f in LR_FACTORS:
+        for name, m, ov in (MAIN[0], MAIN[4]):  # exact and BASIS mlp+head R = 1024
+            jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
+                                                            "train.seed": 0}))
+    lrs, _ = sgd_sweep(grid)
+    jobs += [Job(f"exact_sgd{_sgd_name(lr)}-s0", "sgd-exact", {"train.method": "exact", **SGD, "optim.lr": lr,
+                                                               "train.seed": 0}) for lr in lrs]
+    jobs += [Job(f"basis_R1024_sgd{_sgd_name(lr)}-s0", "sgd-basis",
+                 {"train.method": "basis", "sketch.rank": 1024, **SGD, "optim.lr": lr, "train.seed": 0})
+             for lr in sgd_basis_lrs(grid)]
+    stretch = LONG_STEPS / base.train.steps  # the whole schedule stretched: warmup too
+    long = {"train.steps": LONG_STEPS, "optim.warmup_steps": round(base.optim.warmup_steps * stretch)}
+    for seed in (0, 1):
+        for name, m, ov in (MAIN[0], MAIN[4]):
+            jobs.append(Job(f"{name}_{LONG_STEPS}-s{seed}", f"long-s{seed}",
+                            {"train.method": m, **ov, **long, "train.seed": seed}))
+    return jobs
+
+
+# ------------------------------------------------------------------ the scheduler
+
+
+class Grid:
+    def __init__(self, args):
+        self.args, self.grid = args, Path(args.grid)
+        (self.grid / "runs").mkdir(parents=True, exist_ok=True)
+        self.base = apply_overrides(load_config(args.config), args.overrides)
+        self.deadline = time.monotonic() + args.budget - MARGIN_S
+        self.timings = Timings(self.grid / "timings.jsonl", args.default_s_per_step, args.startup_s)
+        self.usable = args.budget - MARGIN_S
+        self.lock, self.taken, self.procs, self.warned = threading.Lock(), set(), {}, set()
+        self.stopping = False
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with (self.grid / "grid.log").open("a") as f:
+            f.write(line + "\n")
+
+    def cfg(self, job: Job):
+        return apply_overrides(self.base, {**job.overrides, "log.out": str(self.grid / "runs" / job.name)})
+
+    def fits(self, cfg, todo: int, left: float) -> bool:
+        """Whether to start a run with `left` seconds to the deadline: if it finishes by then; or,
+        for a run longer than any one call (the 8,000-step ones, on a slow trainer), if it reaches
+        its next checkpoint, from which the next call on the same warm machine resumes it."""
+        est = self.timings.estimate(cfg, todo)
+        if est <= left:
+            return True
+        return est > self.usable and left >= self.timings.estimate(cfg, cfg.train.checkpoint_every) * 1.2
+
+    def next_job(self):
+        """The first unfinished, untaken job that fits before the deadline."""
+        with self.lock:
+            if self.stopping:
+                return None
+            left = self.deadline - time.monotonic()
+            for job in plan(self.grid, self.base):
+                if job.name in self.taken or (self.args.only and job.group not in self.args.only):
+                    continue
+                cfg, run = self.cfg(job), self.grid / "runs" / job.name
+                if finished(run, cfg):
+                    continue
+                if stale(run, cfg):
+                    if job.name not in self.warned:
+                        self.warned.add(job.name)
+                        self.say(f"skip {job.name}: {run} holds a finished run of another config; move it away")
+                    continue
+                todo = cfg.train.steps - steps_done(run, cfg)
+                if not self.fits(cfg, todo, left):
+                    continue
+                self.taken.add(job.name)
+                return job, cfg, todo
+            return None
+
+    def run_one(self, job: Job, cfg, todo: int, gpu: str | None) -> int:
+        run = self.grid / "runs" / job.name
+        run.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run / "requested.yaml")
+        resume = (run / "checkpoint.pt").is_file()
+        cmd = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--child", str(run / "requested.yaml"),
+               str(run)] + (["--resume"] if resume else [])
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        self.say(f"start {job.name} ({job.group}, {'resume, ' if resume else ''}{todo} steps"
+                 f"{f', GPU {gpu}' if gpu is not None else ''}; estimate {self.timings.estimate(cfg, todo):.0f}s)")
+        t = time.monotonic()
+        with (run / "train.log").open("a") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            with self.lock:
+                self.procs[job.name] = proc
+            rc = proc.wait()
+        with self.lock:
+            self.procs.pop(job.name, None)
+        wall = time.monotonic() - t
+        if rc == 0:
+            self.timings.add(cfg, todo, wall)
+            if not self.args.keep_checkpoints:
+                (run / "checkpoint.pt").unlink(missing_ok=True)
+        self.say(f"{'done' if rc == 0 else f'stopped rc={rc}'}: {job.name} ({wall:.0f}s)")
+        return rc
+
+    def worker(self, gpu: str | None) -> None:
+        while (picked := self.next_job()) is not None:
+            self.run_one(*picked, gpu)
+
+    def watchdog(self, workers: list[threading.Thread]) -> None:
+        """At the deadline, stop the running children (SIGTERM: they checkpoint, exit 130)."""
+        while any(w.is_alive() for w in workers):
+            if time.monotonic() > self.deadline:
+                with self.lock:
+                    self.stopping = True
+                    procs = list(self.procs.items())
+                for name, proc in procs:
+                    self.say(f"deadline: stopping {name} (it checkpoints; the next call resumes it)")
+                    os.killpg(proc.pid, signal.SIGTERM)
+                for w in workers:
+                    w.join(timeout=60)
+                return
+            time.sleep(1)
+
+    def run(self) -> None:
+        gpus = self.args.gpus.split(",") if self.args.gpus else [None]
+        workers = [threading.Thread(target=self.worker, args=(g,), daemon=True) for g in gpus]
+        for w in workers:
+            w.start()
+        self.watchdog(workers)
+        cfgs = [(j, self.cfg(j)) for j in plan(self.grid, self.base)
+                if not self.args.only or j.group in self.args.only]
+        left = [j.name for j, c in cfgs if not finished(self.grid / "runs" / j.name, c)]
+        self.say(f"finished {len(cfgs) - len(left)} of {len(cfgs)} planned runs"
+                 + (f"; still to run: {', '.join(left)}" if left else ""))
+
+
+def child(config: Path, out: Path, resume: bool) -> int:
+    from basis_train.training.train import Interrupted, train
+
+    try:
+        train(load_config(config), out, resume=resume, overwrite=not resume, progress=False)
+    except Interrupted as e:
+        print(e, flush=True)
+        return 130
+    return 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set section.key=value: the value read as YAML (true, 1.0e-3, [0.9, 0.95])."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants section.key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m basis_train.experiments.scale_grid", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", type=Path, default=Path("/tmp/scale25"), help="working grid directory (runs/ inside)")
+    ap.add_argument("--config", default="configs/gpt2-small-code.yaml")
+    ap.add_argument("--data-files", help="corpus glob [default: every **/*.py of this Python's site-packages]")
+    ap.add_argument("--dataset", help="fineweb-edu instead of files")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run, e.g. train.compile=false (repeatable)")
+    ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
+    ap.add_argument("--only", default="", help="comma list of groups: main-s0,main-s1,main-s2,lr,sgd-exact,"
+                                               "sgd-basis,long-s0,long-s1 [default: all, in that order]")
+    ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
+    ap.add_argument("--pack", type=Path, help="write the finished runs (no checkpoints) to this .tgz at the end")
+    ap.add_argument("--report", type=Path, help="write the scale report of the finished runs here at the end")
+    ap.add_argument("--default-s-per-step", type=float, default=0.08, help="estimate before any run finished")
+    ap.add_argument("--startup-s", type=float, default=60.0, help="start-up of a run (data, compile) in estimates")
+    ap.add_argument("--keep-checkpoints", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(Path(args.child[0]), Path(args.child[1]), args.resume)
+    args.budget = float(os.environ.get("TIME_BUDGET", "540"))
+    args.only = {g for g in args.only.split(",") if g}
+    data = {"data.dataset": args.dataset} if args.dataset else {"data.data_files": args.data_files or site_glob()}
+    args.overrides = {**data, **_overrides(args.sets)}
+    grid = Grid(args)
+    if args.seed_from:
+        grid.say(f"copied {seed_from(args.seed_from, grid.grid)} finished runs from {args.seed_from}")
+    _tokenize(grid)
+    grid.run()
+    if args.report:
+        try:  # needs matplotlib and scipy; the runs matter more than a report written here
+            from basis_train.reporting.scale import write_report
+
+            write_report(grid.grid, args.report, command=" ".join(["python -m basis_train.experiments.scale_grid",
+                                                                    *sys.argv[1:]]))
+        except (ImportError, OSError, ValueError) as e:
+            grid.say(f"report not written: {type(e).__name__}: {e}")
+    if args.pack:
+        pack(grid.grid, args.pack)
+    return 0
+
+
+def site_glob() -> str:
+    import site
+
+    return f"{site.getsitepackages()[0]}/**/*.py"
+
+
+def _tokenize(grid: Grid) -> None:
+    """Once, on all cores, before the runs start (they then read the token cache)."""
+    from basis_train.training.setup import load_data
+
+    t = time.monotonic()
+    splits, source = load_data(grid.base)
+    grid.say(f"corpus ready in {time.monotonic() - t:.0f}s: {source}; {splits.info['n_train_chunks']:,} train chunks")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Issue 25's grid driver: its plan and priorities, the SGD sweep's second phase, the time budget,
+resuming and skipping across calls, the pack for the trip back; a tiny end to end run on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from basis_train.experiments import scale_grid as sg
+from basis_train.training.config import load_config
+
+TINY = """
+model: {block_size: 16, n_embd: 32, n_head: 2, n_layer: 1}
+optim: {name: adamw, lr: 1.0e-3, schedule: cosine, warmup_steps: 2, weight_decay: 0.1}
+train: {steps: 4, batch_size: 2, eval_every: 2, checkpoint_every: 2, device: cpu}
+data: {heldout_min_tokens: 1000, eval_batch_size: 16}
+"""
+
+
+def _finish(grid, name, loss):
+    d = grid / "runs" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "summary.json").write_text(json.dumps({"final_val_loss": loss}))
+
+
+def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
+    base = load_config("gpt2-small-code")
+    jobs = sg.plan(tmp_path, base)
+    groups = list(dict.fromkeys(j.group for j in jobs))
+    assert groups == ["main-s0", "main-s1", "main-s2", "lr", "sgd-exact", "long-s0", "long-s1"]
+    assert [j.name for j in jobs[:7]] == ["exact-s0", "exact_ckpt-s0", "basis_R64-s0", "basis_R256-s0",
+                                          "basis_R1024-s0", "basis_R4096-s0", "basis_R1024_all-s0"]
+    assert len(jobs) == 21 + 6 + 4 + 4 and len({j.name for j in jobs}) == len(jobs)
+    lr = {j.name: j.overrides["optim.lr_factor"] for j in jobs if j.group == "lr"}
+    assert lr == {"exact_lr0.25x-s0": 0.25, "basis_R1024_lr0.25x-s0": 0.25, "exact_lr0.5x-s0": 0.5,
+                  "basis_R1024_lr0.5x-s0": 0.5, "exact_lr2x-s0": 2.0, "basis_R1024_lr2x-s0": 2.0}
+    long = next(j for j in jobs if j.name == "basis_R1024_8000-s0").overrides
+    assert long["train.steps"] == 8000 and long["optim.warmup_steps"] == 4 * base.optim.warmup_steps
+    assert long["sketch.rank"] == 1024 and long["train.method"] == "basis"
+    sgd = [j.overrides for j in jobs if j.group == "sgd-exact"]
+    assert [o["optim.lr"] for o in sgd] == [0.03, 0.1, 0.3, 1.0]
+    assert all(o["optim.name"] == "sgd" and o["optim.momentum"] == 0.9 for o in sgd)
+
+
+def test_sgd_basis_waits_for_the_sweep_then_takes_the_best_and_its_neighbours(tmp_path):
+    for lr, loss in ((0.03, 5.0), (0.1, 4.5), (0.3, 4.7)):
+        _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
+    assert sg.sgd_basis_lrs(tmp_path) == []  # lr 1 not finished
+    _finish(tmp_path, "exact_sgd1-s0", 6.0)
+    assert sg.sgd_basis_lrs(tmp_path) == [0.03, 0.1, 0.3]
+    names = [j.name for j in sg.plan(tmp_path, load_config("gpt2-small-code")) if j.group == "sgd-basis"]
+    assert names == ["basis_R1024_sgd0.03-s0", "basis_R1024_sgd0.1-s0", "basis_R1024_sgd0.3-s0"]
+
+
+def test_a_best_lr_at_the_end_of_the_sweep_extends_it(tmp_path):
+    for lr, loss in ((0.03, 5.0), (0.1, 4.8), (0.3, 4.6), (1.0, 4.4)):
+        _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
+    lrs, _ = sg.sgd_sweep(tmp_path)
+    assert lrs == [0.03, 0.1, 0.3, 1.0, 3.0] and sg.sgd_basis_lrs(tmp_path) == []
+    _finish(tmp_path, "exact_sgd3-s0", 4.5)
+    assert sg.sgd_basis_lrs(tmp_path) == [0.3, 1.0, 3.0]
+
+
+def test_the_lr_ladder():
+    assert [sg.ladder_step(x, up=True) for x in (0.03, 0.1, 0.3, 1.0, 3.0)] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert [sg.ladder_step(x, up=False) for x in (0.03, 0.1, 0.3, 1.0)] == [0.01, 0.03, 0.1, 0.3]
+
+
+def test_the_extension_stops_after_two(tmp_path):
+    for lr, loss in ((0.03, 5.0), (0.1, 4.8), (0.3, 4.6), (1.0, 4.4), (3.0, 4.3), (10.0, 4.2)):
+        _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
+    assert sg.sgd_sweep(tmp_path)[0] == [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+    assert sg.sgd_basis_lrs(tmp_path) == [3.0, 10.0]
+
+
+def _driver(tmp_path, corpus, *args, budget=600, env=None):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    cmd = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--grid", str(tmp_path / "grid"),
+           "--config", str(config), "--data-files", str(corpus), "--startup-s", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TIME_BUDGET": str(budget), **(env or {})})
+
+
+def test_nothing_starts_that_the_budget_cannot_finish(tmp_path, small_corpus):
+    proc = _driver(tmp_path, small_corpus, "--only", "main-s0", "--default-s-per-step", "1000")
+    assert proc.returncode == 0, proc.stderr
+    assert "start " not in proc.stdout and "finished 0 of 7 planned runs" in proc.stdout
+
+
+def test_end_to_end_resumes_skips_and_packs(tmp_path, small_corpus):
+    grid = tmp_path / "grid"
+    # An interrupted run: killed after its step-2 checkpoint.
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    base = sg.apply_overrides(load_config(config), {"data.data_files": str(small_corpus)})
+    job = sg.plan(grid, base)[0]
+    run = grid / "runs" / job.name
+    cfg = sg.apply_overrides(base, {**job.overrides, "log.out": str(run)})
+    run.mkdir(parents=True)
+    sg.dump_config(cfg, run / "requested.yaml")
+    subprocess.run([sys.executable, "-m", "basis_train.experiments.scale_grid", "--child",
+                    str(run / "requested.yaml"), str(run)], env={**os.environ, "BASIS_TRAIN_DIE_AT_STEP": "3"},
+                   capture_output=True, timeout=300)
+    assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists()
+
+    proc = _driver(tmp_path, small_corpus, "--only", "main-s0", "--pack", str(tmp_path / "p.tgz"),
+                   "--report", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    assert "start exact-s0 (main-s0, resume, 2 steps" in proc.stdout
+    assert "finished 7 of 7 planned runs" in proc.stdout
+    summaries = [json.loads(p.read_text()) for p in grid.glob("runs/*/summary.json")]
+    assert len(summaries) == 7 and {s["data_order"] for s in summaries} == {"shuffled"}
+    assert not list(grid.glob("runs/*/checkpoint.pt"))
+    assert (tmp_path / "report" / "summary.md").is_file()
+    with tarfile.open(tmp_path / "p.tgz") as tar:
+        names = tar.getnames()
+    assert "runs/basis_R4096-s0/summary.json" in names and not [n for n in names if n.endswith(".pt")]
+
+    again = _driver(tmp_path, small_corpus, "--only", "main-s0")
+    assert "start " not in again.stdout and "finished 7 of 7" in again.stdout
+    # A fresh machine: the packed runs seed an empty grid, and nothing is run twice.
+    (tmp_path / "unpacked").mkdir()
+    with tarfile.open(tmp_path / "p.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    fresh = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--grid", str(tmp_path / "fresh"),
+             "--config", str(config), "--data-files", str(small_corpus), "--only", "main-s0",
+             "--seed-from", str(tmp_path / "unpacked")]
+    out = subprocess.run(fresh, capture_output=True, text=True, timeout=300).stdout
+    assert "copied 7 finished runs" in out and "start " not in out
+
+
+@pytest.mark.parametrize("value", ["1.0e-3", "true", "[0.9, 0.99]"])
+def test_set_reads_yaml_values(value):
+    import yaml
+
+    assert sg._overrides([f"optim.lr={value}"]) == {"optim.lr": yaml.safe_load(value)}
