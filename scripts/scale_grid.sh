@@ -30,8 +30,5 @@ if command -v nvidia-smi >/dev/null; then
   GPUS=${GPUS:-$(seq -s, 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}
 fi
 SEED=(); [ -d runs/scale25 ] && SEED=(--seed-from runs/scale25)
-python3 -m basis_train.experiments.scale_grid --grid "$GRID" --gpus "${GPUS:-}" "${SEED[@]}" \
+python3 -m basis_train.experiments.scale_grid --grid "$GRID" --gpus "${GPUS:-}" ${SEED[@]+"${SEED[@]}"} \
   --pack "$DEST/scale25.tgz" --report "$DEST/report" "$@"
-rc=$?
-tail -3 "$GRID/grid.log" 2>/dev/null
-exit $rc

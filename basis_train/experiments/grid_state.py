@@ -11,12 +11,26 @@ from pathlib import Path
 
 from basis_train.training.config import config_hash
 
+DIVERGED = "diverged.json"  # written by a run that stopped on a non-finite loss
 
-def finished(run: Path, cfg) -> bool:
+
+def _same_config(path: Path, cfg) -> bool:
     try:
-        return json.loads((run / "summary.json").read_text()).get("config_hash") == config_hash(cfg)
+        return json.loads(path.read_text()).get("config_hash") == config_hash(cfg)
     except (OSError, ValueError):
         return False
+
+
+def finished(run: Path, cfg) -> bool:
+    return _same_config(run / "summary.json", cfg)
+
+
+def diverged(run: Path, cfg) -> bool:
+    """The run stopped on a non-finite loss (diverged.json, written by the child): a result of an
+    lr sweep, not a run to retry."""
+    return _same_config(run / DIVERGED, cfg)
+
+
 
 
 def stale(run: Path, cfg) -> bool:
@@ -68,15 +82,21 @@ class Timings:
 # ------------------------------------------------------------------ the trip between machines
 
 
+def settled_dirs(runs: Path) -> list[Path]:
+    """Run directories that finished or diverged: nothing more to run there."""
+    return sorted(d for d in runs.glob("*") if (d / "summary.json").is_file() or (d / DIVERGED).is_file())
+
+
 def seed_from(src: Path, grid: Path) -> int:
-    """Copy finished runs (summary.json) that grid lacks from src (a runs/ folder or its parent)."""
+    """Copy the finished and diverged runs that grid lacks from src (a runs/ folder or its parent)."""
     src = src / "runs" if (src / "runs").is_dir() else src
     n = 0
-    for summary in sorted(src.glob("*/summary.json")):
-        dest = grid / "runs" / summary.parent.name
-        if not (dest / "summary.json").exists():
+    have = {d.name for d in settled_dirs(grid / "runs")}
+    for run in settled_dirs(src):
+        if run.name not in have:
+            dest = grid / "runs" / run.name
             shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(summary.parent, dest, ignore=shutil.ignore_patterns("checkpoint.pt"))
+            shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoint.pt"))
             n += 1
     if (src.parent / "timings.jsonl").is_file() and not (grid / "timings.jsonl").exists():
         shutil.copy(src.parent / "timings.jsonl", grid / "timings.jsonl")
@@ -84,13 +104,13 @@ def seed_from(src: Path, grid: Path) -> int:
 
 
 def pack(grid: Path, dest: Path) -> None:
-    """Finished runs, the log and the timings, without checkpoints, as a .tgz."""
+    """Finished and diverged runs, the log and the timings, without checkpoints, as a .tgz."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest, "w:gz") as tar:
-        for p in sorted((grid / "runs").glob("*/summary.json")):
-            for f in sorted(p.parent.iterdir()):
+        for run in settled_dirs(grid / "runs"):
+            for f in sorted(run.iterdir()):
                 if f.name != "checkpoint.pt":
-                    tar.add(f, arcname=f"runs/{p.parent.name}/{f.name}")
+                    tar.add(f, arcname=f"runs/{run.name}/{f.name}")
         for name in ("grid.log", "timings.jsonl"):
             if (grid / name).is_file():
                 tar.add(grid / name, arcname=name)

@@ -26,7 +26,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from basis_train.experiments.grid_state import Timings, finished, pack, seed_from, stale, steps_done
+from basis_train.experiments.grid_state import (
+    DIVERGED,
+    Timings,
+    diverged,
+    finished,
+    pack,
+    seed_from,
+    stale,
+    steps_done,
+)
 from basis_train.training.config import apply_overrides, dump_config, load_config
 
 MAIN_SEEDS = (0, 1, 2)
@@ -89,6 +98,9 @@ def sgd_basis_lrs(grid: Path) -> list[float]:
 
 
 def final_loss(run: Path) -> float | None:
+    """A finished run's final validation loss; inf for one that diverged; None while unfinished."""
+    if (run / DIVERGED).is_file():
+        return math.inf
     try:
         return float(json.loads((run / "summary.json").read_text())["final_val_loss"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -162,7 +174,7 @@ class Grid:
                 if job.name in self.taken or (self.args.only and job.group not in self.args.only):
                     continue
                 cfg, run = self.cfg(job), self.grid / "runs" / job.name
-                if finished(run, cfg):
+                if finished(run, cfg) or diverged(run, cfg):
                     continue
                 if stale(run, cfg):
                     if job.name not in self.warned:
@@ -197,8 +209,8 @@ class Grid:
         wall = time.monotonic() - t
         if rc == 0:
             self.timings.add(cfg, todo, wall)
-            if not self.args.keep_checkpoints:
-                (run / "checkpoint.pt").unlink(missing_ok=True)
+        if rc in (0, 3) and not self.args.keep_checkpoints:  # 3: diverged, nothing to resume
+            (run / "checkpoint.pt").unlink(missing_ok=True)
         self.say(f"{'done' if rc == 0 else f'stopped rc={rc}'}: {job.name} ({wall:.0f}s)")
         return rc
 
@@ -230,18 +242,26 @@ class Grid:
         cfgs = [(j, self.cfg(j)) for j in plan(self.grid, self.base)
                 if not self.args.only or j.group in self.args.only]
         left = [j.name for j, c in cfgs if not finished(self.grid / "runs" / j.name, c)]
+        gone = [j.name for j, c in cfgs if diverged(self.grid / "runs" / j.name, c)]
         self.say(f"finished {len(cfgs) - len(left)} of {len(cfgs)} planned runs"
-                 + (f"; still to run: {', '.join(left)}" if left else ""))
+                 + (f"; diverged (non-finite loss): {', '.join(gone)}" if gone else "")
+                 + (f"; still to run: {', '.join(n for n in left if n not in gone)}" if set(left) - set(gone) else ""))
 
 
 def child(config: Path, out: Path, resume: bool) -> int:
-    from basis_train.training.train import Interrupted, train
+    from basis_train.training.config import config_hash
+    from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
+    cfg = load_config(config)
     try:
-        train(load_config(config), out, resume=resume, overwrite=not resume, progress=False)
+        train(cfg, out, resume=resume, overwrite=not resume, progress=False)
     except Interrupted as e:
         print(e, flush=True)
         return 130
+    except NonFiniteLoss as e:
+        print(e, flush=True)
+        (out / DIVERGED).write_text(json.dumps({"message": str(e), "config_hash": config_hash(cfg)}) + "\n")
+        return 3
     return 0
 
 

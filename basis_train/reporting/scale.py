@@ -161,7 +161,7 @@ def _row_name(s) -> str:
     return config_label(s.method, s.rank, s.tags)
 
 
-def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str) -> str:
+def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str, diverged: Sequence[str] = ()) -> str:
     ref = reference_protocol(runs)
     lines = [f"# {title}", "", f"Reference protocol (labels name departures from it): {_describe(ref)}.", "",
              *main_table(entries), "",
@@ -182,6 +182,8 @@ def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str
               + (f"; fraction of the training stream seen per run: {min(frac):.3f}–{max(frac):.3f}." if frac else ".")]
     if any(e != 0 for e in epochs):
         lines.append("**Some runs saw training tokens twice (epoch > 0): not a single-pass grid.**")
+    if diverged:
+        lines += ["", f"Diverged (non-finite training loss, no final loss, left out above): {', '.join(diverged)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +238,9 @@ def write_report(grid: Path, results: Path, command: str = "") -> list[dict]:
     write_csv(csv_rows(runs, ref), results / "results.csv")
     entries = summarize_settings(runs)
     title = f"BASIS at GPT-2 small ({len(runs)} runs)"
-    (results / "summary.md").write_text(summary_md(entries, runs, title), encoding="utf-8")
+    # written by the grid driver for a run stopped by a non-finite loss (experiments/grid_state.py)
+    diverged = sorted(p.parent.name for p in [*Path(grid).glob("*/diverged.json"), *Path(grid).glob("runs/*/diverged.json")])
+    (results / "summary.md").write_text(summary_md(entries, runs, title, diverged), encoding="utf-8")
     plot_val_loss(entries, ref, results / "val_loss.png")
     plot_gap_vs_step(entries, ref, results / "gap_vs_step.png")
     main = [e for e in entries if e["protocol"] == ref]

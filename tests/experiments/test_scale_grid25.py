@@ -138,3 +138,28 @@ def test_set_reads_yaml_values(value):
     import yaml
 
     assert sg._overrides([f"optim.lr={value}"]) == {"optim.lr": yaml.safe_load(value)}
+
+
+def test_a_diverged_run_is_a_result_not_a_run_to_retry(tmp_path, small_corpus):
+    """Exact SGD at too high an lr stops on a non-finite loss: diverged.json, the worst loss of the
+    sweep, skipped by later calls, packed and named in the report."""
+    from basis_train.experiments.grid_state import diverged, pack, settled_dirs
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    grid = tmp_path / "grid"
+    base = sg.apply_overrides(load_config(config), {"data.data_files": str(small_corpus)})
+    job = next(j for j in sg.plan(grid, base) if j.name == "exact_sgd1-s0")
+    run = grid / "runs" / job.name
+    cfg = sg.apply_overrides(base, {**job.overrides, "optim.lr": 1e6, "log.out": str(run)})
+    run.mkdir(parents=True)
+    sg.dump_config(cfg, run / "requested.yaml")
+    assert sg.child(run / "requested.yaml", run, resume=False) == 3
+    assert diverged(run, cfg) and not diverged(run, base) and sg.final_loss(run) == float("inf")
+    for lr, loss in ((0.03, 5.0), (0.1, 4.5), (0.3, 4.7)):
+        _finish(grid, f"exact_sgd{lr:g}-s0", loss)
+    assert sg.sgd_basis_lrs(grid) == [0.03, 0.1, 0.3]
+    assert run in settled_dirs(grid / "runs")
+    pack(grid, tmp_path / "p.tgz")
+    with tarfile.open(tmp_path / "p.tgz") as tar:
+        assert "runs/exact_sgd1-s0/diverged.json" in tar.getnames()

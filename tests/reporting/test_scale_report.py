@@ -119,6 +119,14 @@ def test_a_missing_baseline_is_said(tmp_path):
     assert "no baseline (exact [sgd,lr=0.01] not run)" in (tmp_path / "r" / "summary.md").read_text()
 
 
+def test_diverged_runs_are_named(grid, tmp_path):
+    (grid / "runs" / "exact_sgd1-s0").mkdir()
+    (grid / "runs" / "exact_sgd1-s0" / "diverged.json").write_text("{}")
+    write_report(grid, tmp_path / "r")
+    assert "Diverged (non-finite training loss, no final loss, left out above): exact_sgd1-s0." in \
+        (tmp_path / "r" / "summary.md").read_text()
+
+
 def test_old_runs_without_the_new_fields(tmp_path):
     """Runs written before lr_factor and data_order: the variant tag and config.yaml say them."""
     g = tmp_path / "g"
