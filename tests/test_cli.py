@@ -201,7 +201,8 @@ def test_shipped_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     for name in ("tiny", "tiny.yaml", "configs/tiny.yaml"):
         assert load_config(name).model.n_embd == 32, name
-    assert load_config("configs/paper.yaml") == Config()
+    # the shipped file (it pins data.shuffle false, which the defaults leave unset: test_config.py)
+    assert load_config("configs/paper.yaml") == load_config(config_mod.SHIPPED_CONFIGS / "paper.yaml")
     assert {"gpt2-small", "paper", "tiny"} <= set(config_mod.shipped_configs())
 
 
