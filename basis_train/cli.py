@@ -70,7 +70,7 @@ def _opt(key: str, help: str, *names: str):
 def resolve_config(config: str | None, flags: dict):
     """The config file (default: the paper's), then every flag the user actually gave."""
     from basis_train.data.corpus import DataError
-    from basis_train.training.runio import RunError
+    from basis_train.training.errors import RunError
 
     try:
         cfg = load_config(config)
@@ -137,7 +137,7 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or start/end messages [default: off]"),
 ):
     """Train one run; writes config.yaml, metrics.jsonl, summary.json and checkpoint.pt to --out."""
-    from basis_train.training.runio import RunError
+    from basis_train.training.errors import RunError
     from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
     flags = {k: v for k, v in locals().items() if k in CLI_FLAGS}

@@ -44,6 +44,22 @@ def _run_dir(tmp: Path, cfg_path: Path, checkpoint: bytes | None, finished: bool
     return out
 
 
+_HELD = []  # locks the table's builders take, held until the test process ends
+
+
+def _held_by_another_writer(tmp: Path, cfg_path: Path) -> Path:
+    from basis_train.training.rundir import RunLock
+
+    out = _run_dir(tmp, cfg_path, b"ckpt")
+    _HELD.append(RunLock(out))
+    return out
+
+
+def _empty_dir(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
 def _truncated_checkpoint(tmp: Path) -> bytes:
     torch.save({"step": 3, "model": {"w": torch.randn(4096)}}, tmp / "real.pt")
     data = (tmp / "real.pt").read_bytes()
@@ -82,12 +98,21 @@ BAD_INPUTS = {
         *_train(t, c, "--resume", "--out", _run_dir(t, c, b"")), "not a readable checkpoint"),
     "train: --resume, no such directory": lambda t, c, m: (
         *_train(t, c, "--resume", "--out", t / "nothing"), "does not exist"),
+    "train: --resume, empty directory": lambda t, c, m: (
+        *_train(t, c, "--resume", "--out", _empty_dir(t)), "holds no checkpoint.pt"),
+    # A run that failed before its first checkpoint: both ways name --overwrite (each used to point at the other).
     "train: --resume, no checkpoint": lambda t, c, m: (
-        *_train(t, c, "--resume", "--out", _run_dir(t, c, None)), "holds no checkpoint.pt"),
+        *_train(t, c, "--resume", "--out", _run_dir(t, c, None)), "start it again with --overwrite"),
+    "train: rerun of a run that stopped before its first checkpoint": lambda t, c, m: (
+        *_train(t, c, "--out", _run_dir(t, c, None)), "start it again with --overwrite"),
     "train: rerun of an unfinished run": lambda t, c, m: (
         *_train(t, c, "--out", _run_dir(t, c, b"ckpt")), "--resume or replace it with --overwrite"),
     "train: rerun of a finished run": lambda t, c, m: (
         *_train(t, c, "--out", _run_dir(t, c, None, finished=True)), "already holds a finished run"),
+    "train: --resume while another writer holds --out": lambda t, c, m: (
+        *_train(t, c, "--resume", "--out", _held_by_another_writer(t, c)), "is being written by basis-train (pid"),
+    "train: --overwrite while another writer holds --out": lambda t, c, m: (
+        *_train(t, c, "--overwrite", "--out", _held_by_another_writer(t, c)), "is being written by basis-train (pid"),
     "train: --resume and --overwrite": lambda t, c, m: (
         *_train(t, c, "--resume", "--overwrite", "--out", t / "x"), "exclude each other"),
     "train: unknown option": lambda t, c, m: ("train", ["--stpes", "3"], "No such option"),

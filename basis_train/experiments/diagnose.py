@@ -211,7 +211,7 @@ def load_weights(model: GPT, path: Path) -> dict:
 
 def _trained_checkpoint(cfg: Config, steps: int, seed: int, device: str, out: Path, progress: bool) -> Path:
     try:
-        from basis_train.training.runio import RunError
+        from basis_train.training.errors import RunError
         from basis_train.training.train import train
     except ImportError:
         raise DiagnoseError("--after-steps needs basis_train.training.train, which is not available; use --checkpoint") from None

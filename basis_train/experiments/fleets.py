@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from basis_train.training.checkpoint import CHECKPOINT, load_checkpoint
 from basis_train.training.config import Config
+from basis_train.training.errors import RunError
 from basis_train.training.fleet import fleet_key, fleet_refusal, train_fleet
-from basis_train.training.runio import CHECKPOINT, RunError, load_checkpoint
 from basis_train.training.stopping import Interrupted
 
 

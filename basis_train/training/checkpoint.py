@@ -10,10 +10,55 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from basis_train.fsutil import atomic_write_bytes
 from basis_train.training.config import Config, config_hash
-from basis_train.training.runio import RunError, load_checkpoint, save_checkpoint
+from basis_train.training.errors import RunError, first_line
 
 VERSION = 1
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    """Replace out/checkpoint.pt atomically: a kill or a full disk mid-write leaves the previous one."""
+    try:
+        atomic_write_bytes(out / CHECKPOINT, lambda f: torch.save(state, f))
+    except OSError as exc:
+        raise RunError(f"cannot write the step-{state['step']} checkpoint to {out}: {exc.strerror or exc}; "
+                       f"{checkpoint_note(out)}") from None
+
+
+def _saved_step(path: Path) -> int | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+    except Exception:  # unreadable: the note then names no step
+        return None
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The checkpoint in `out`, None if there is none; a file that is not one is a RunError."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, random bytes, an empty file: torch raises all sorts
+        raise RunError(f"{path} is not a readable checkpoint ({first_line(exc)}); "
+                       "delete it to restart from scratch, or start over with --overwrite") from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise RunError(f"{path} is not a basis-train checkpoint; start over with --overwrite")
+    return ckpt
+
+
+def checkpoint_note(out: Path) -> str:
+    """What a stopped run left to resume from, for its error message."""
+    path = out / CHECKPOINT
+    if path.is_file():
+        step = _saved_step(path)
+        at = f" (step {step})" if step is not None else ""
+        return f"the last good checkpoint{at} in {out} is intact (continue with --resume)"
+    return f"no checkpoint had been written to {out} yet, so nothing was kept"
 
 
 class Checkpoints:

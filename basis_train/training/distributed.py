@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from basis_train.training.runio import RunError
+from basis_train.training.errors import RunError
 
 
 class PeerFailed(RunError):

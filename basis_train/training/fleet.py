@@ -26,7 +26,6 @@ Per-member figures inside a fleet:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -37,11 +36,14 @@ from basis_train.core.fleet import FleetGPT
 from basis_train.core.head import FusedHead
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
+from basis_train.fsutil import atomic_write_json
+from basis_train.training import faults
+from basis_train.training.checkpoint import checkpoint_note
 from basis_train.training.config import Config, config_hash
 from basis_train.training.distributed import Dist
+from basis_train.training.errors import RunError
 from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.metrics import Throughput
-from basis_train.training.runio import RunError, atomic_write_json, checkpoint_note
 from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device
 from basis_train.training.step import DTYPES, CapturedStep, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopRequests
@@ -210,7 +212,7 @@ class Fleet:
     def run(self) -> list[dict | None]:
         """Train to the end; each member's summary (None for a member that failed: see `failed`)."""
         t = self.cfg0.train
-        die_at = int(os.environ.get("BASIS_TRAIN_DIE_AT_STEP", "0"))  # test hook: simulate kill -9
+        on_step = faults.from_env()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
@@ -223,8 +225,8 @@ class Fleet:
                     self.train_step(idx)
                     self.step += 1
                     bar.update(1)
-                    if self.step == die_at:
-                        os._exit(137)
+                    if on_step is not None:
+                        on_step(self.step)
                     if self.step % t.eval_every == 0 or self.step == t.steps:
                         self.log_evaluation()
                     if self.step % t.checkpoint_every == 0 or self.step == t.steps:
@@ -236,7 +238,11 @@ class Fleet:
                         break
         finally:
             bar.close()
-        return self.finish()
+        try:
+            return self.finish()
+        finally:
+            for r in self.runs:
+                r.close()
 
     def _sync_losses(self) -> None:
         """Hand the fleet's unlogged loss sums to the members' TrainSteps, which log and save them."""

@@ -8,7 +8,8 @@ import time
 import torch
 
 from basis_train.training.config import Config, config_to_dict
-from basis_train.training.runio import MetricsLog, Tracker, UnwrittenMetrics
+from basis_train.training.metrics_log import MetricsLog, UnwrittenMetrics
+from basis_train.training.tracker import Tracker
 
 
 class Throughput:
@@ -44,10 +45,9 @@ class MetricsSink:
     """Process 0 writes metrics.jsonl and mirrors it to wandb; other processes write nothing."""
 
     def __init__(self, cfg: Config, out, dist, resumed_step: int | None, wandb_id: str | None,
-                 progress: bool) -> None:
-        # On resume the log is cut back to the checkpoint's step, so a resumed run writes
-        # exactly the lines an uninterrupted one would.
-        self.log_file = (MetricsLog(out / "metrics.jsonl", keep_until_step=-1 if resumed_step is None else resumed_step)
+                 progress: bool, saved_records: list[dict] | None = None) -> None:
+        # On resume the log is cut back to the checkpoint's step (metrics_log.py).
+        self.log_file = (MetricsLog(out / "metrics.jsonl", resumed_step, saved_records)
                          if dist.is_main else UnwrittenMetrics())
         self.tracker = Tracker(cfg.log.wandb if dist.is_main else "off", cfg.log.wandb_project,
                                cfg.log.run_name or out.name, config_to_dict(cfg), out, wandb_id)

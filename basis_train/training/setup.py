@@ -11,7 +11,7 @@ from basis_train.core.model import GPTConfig
 from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import make_splits
 from basis_train.training.config import Config
-from basis_train.training.runio import RunError
+from basis_train.training.errors import RunError
 
 _SKETCH_SEED_SALT = 0x5EED5
 

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from basis_train.core import graphs, memory
-from basis_train.training.runio import RunError
+from basis_train.training.errors import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EAGER_BEFORE_CAPTURE = 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,19 +23,15 @@ from basis_train.core import flops, graphs
 from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
 from basis_train.data.loaders import TrainLoader
-from basis_train.training.checkpoint import Checkpoints
+from basis_train.fsutil import atomic_write_json
+from basis_train.training import faults
+from basis_train.training.checkpoint import Checkpoints, checkpoint_note
 from basis_train.training.config import Config, config_hash
 from basis_train.training.distributed import Dist, init_from_env
+from basis_train.training.errors import RunError
 from basis_train.training.evaluate import Evaluator
 from basis_train.training.metrics import MetricsSink, Throughput
-from basis_train.training.runio import (
-    RunError,
-    atomic_write_json,
-    check_out_dir,
-    checkpoint_note,
-    default_out_dir,
-    prepare_out_dir,
-)
+from basis_train.training.rundir import claim_out_dir, default_out_dir, prepare_out_dir
 from basis_train.training.setup import (
     build_optimizer,
     check_head_kernel,
@@ -54,7 +51,24 @@ __all__ = ["MEMORY_FIELDS", "Interrupted", "NonFiniteLoss", "Run", "train"]
 
 class Run:
     def __init__(self, cfg: Config, out: Path | str | None = None, *, resume: bool = False, overwrite: bool = False,
-                 variant: str | None = None, splits=None, progress: bool = True, dist: Dist | None = None) -> None:
+                 variant: str | None = None, splits=None, progress: bool = True, dist: Dist | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        """`on_step`: called with the step number after every training step (the tests' faults)."""
+        self.lock, self.on_step = None, on_step
+        try:
+            self._build(cfg, out, resume, overwrite, variant, splits, progress, dist)
+        except BaseException:
+            self.close()  # a refused or failed start leaves --out to the next writer
+            raise
+
+    def close(self) -> None:
+        """Let go of --out (its lock); the process's end does the same."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, cfg: Config, out, resume: bool, overwrite: bool, variant, splits, progress: bool,
+               dist: Dist | None) -> None:
         self.cfg, t = cfg, cfg.train
         self.dist = dist = dist or Dist()
         self.variant = variant_of(cfg) if variant is None else variant
@@ -62,8 +76,8 @@ class Run:
         self.device = dist.local_device(resolve_device(t.device))
         check_head_kernel(cfg, self.device)
         # Refuse a bad --out before the (slow) data load, but create it only after: a failed
-        # load leaves no directory behind.
-        dist.main_first(lambda: check_out_dir(cfg, self.out, resume, overwrite), others=False)
+        # load leaves no directory behind. An existing one is locked from here on.
+        self.lock = dist.main_first(lambda: claim_out_dir(cfg, self.out, resume, overwrite), others=False)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # the paper ran on a T4: true fp32
             torch.backends.cudnn.allow_tf32 = False
@@ -83,7 +97,7 @@ class Run:
                 f"{self.loader.steps_per_epoch} ({self.data_info['n_train_tokens']:,} tokens); "
                 f"use at most {self.loader.steps_per_epoch - 1} steps, more data, or data.single_pass false")
         # Only process 0 writes to the out dir; the others wait so they never read it half-prepared.
-        dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume, overwrite, checked=True), others=False)
+        self.lock = dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume, overwrite, self.lock), others=False)
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
@@ -115,7 +129,10 @@ class Run:
             self.loader.load_state_dict(ckpt["loader"])
             self.evaluate.load_state_dict(ckpt["val_stream"])
             self.clock.load_state_dict(ckpt)
+        # The record whose evaluation was still to come when the checkpoint was written (see `run`).
+        self.pending = ckpt.get("pending") if ckpt else None
         self.metrics = MetricsSink(cfg, self.out, dist, resumed_step=self.step if ckpt else None,
+                                   saved_records=ckpt.get("metrics") if ckpt else None,
                                    wandb_id=ckpt.get("wandb_id") if ckpt else None, progress=progress)
 
     def _describe(self) -> list[str]:
@@ -131,12 +148,20 @@ class Run:
                 f"output: {self.out}/"]
 
     def run(self) -> dict:
+        """Train to train.steps (or a stop request) and write summary.json; --out is let go after."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         t = self.cfg.train
-        die_at = int(os.environ.get("BASIS_TRAIN_DIE_AT_STEP", "0"))  # test hook: simulate kill -9
         self.metrics.say(*self._describe())
         self.metrics.open_bar(t.steps, self.step)
         try:
             with StopRequests(self.dist) as stop:
+                if self.pending is not None:  # killed while evaluating: that evaluation first
+                    self.log_evaluation(self.pending)
                 self.clock.start(self.step)
                 while self.step < t.steps:
                     if self.cfg.optim.schedule != "constant":
@@ -144,14 +169,17 @@ class Run:
                     self.train_step(self.loader.next_indices())
                     self.step += 1
                     self.metrics.stepped()
-                    if self.step == die_at:
-                        os._exit(137)
+                    if self.on_step is not None:
+                        self.on_step(self.step)
                     evaluate = self.step % t.eval_every == 0 or self.step == t.steps
-                    if evaluate:
-                        self.log_evaluation()
                     checkpoint = self.step % t.checkpoint_every == 0 or self.step == t.steps
+                    # The checkpoint comes before the evaluation, holding the record's training half,
+                    # so a kill while evaluating loses no step: a resume evaluates first.
+                    rec = self.train_record() if evaluate else None
                     if checkpoint:
-                        self.save()
+                        self.save(pending=rec)
+                    if evaluate:
+                        self.log_evaluation(rec)
                     if stop.agreed(self.step, synced=evaluate or checkpoint):
                         self.save()
                         raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out} "
@@ -160,12 +188,17 @@ class Run:
             self.metrics.close_bar()
         return self.finish()
 
-    def log_evaluation(self) -> None:
+    def train_record(self) -> dict:
+        """The training half of this step's metrics record: speed since the last one, mean loss."""
         rec = {"step": self.step, **self.clock.lap(self.step)}
         try:
             rec["train_loss"] = self.train_step.take_mean_loss(self.dist, self.step)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e}; stopped, {checkpoint_note(self.out)}") from None
+        return rec
+
+    def log_evaluation(self, rec: dict) -> None:
+        rec = dict(rec)
         e0 = time.perf_counter()
         self.metrics.evaluating(self.step)
         rec["val_loss"] = self.evaluate()
@@ -175,12 +208,13 @@ class Run:
         self.metrics.log(rec)
         self.clock.start(self.step)
 
-    def save(self) -> None:
+    def save(self, pending: dict | None = None) -> None:
+        """Checkpoint this step; `pending`: its metrics record, whose evaluation is still to come."""
         if not self.dist.all(self.train_step.finite()):
             raise NonFiniteLoss(f"non-finite training loss before step {self.step}; {checkpoint_note(self.out)}")
         shared = {"step": self.step, **self.train_step.shared_state(), "loader": self.loader.state_dict(),
                   "val_stream": self.evaluate.state_dict(), **self.clock.state_dict(),
-                  "wandb_id": self.metrics.wandb_id}
+                  "wandb_id": self.metrics.wandb_id, "metrics": list(self.metrics.records), "pending": pending}
         self.checkpoints.save(shared, self.train_step.own_state())
 
     def finish(self) -> dict:
@@ -245,12 +279,13 @@ def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, o
     dist = init_from_env(resolve_device(cfg.train.device))
     run = None
     try:
-        run = Run(cfg, out, resume=resume, overwrite=overwrite, progress=progress, dist=dist)
+        run = Run(cfg, out, resume=resume, overwrite=overwrite, progress=progress, dist=dist, on_step=faults.from_env())
         return run.run()
     except (DataError, graphs.GraphSupportError) as e:
         raise RunError(str(e)) from e
     finally:
         if run is not None:
+            run.close()
             # DDP's reducer must not hold the last reference to the process group: freed
             # there (GIL held, e.g. with an exception's traceback) the group's teardown can
             # deadlock against its own worker threads, as seen with gloo after an interrupt.

@@ -20,7 +20,7 @@ from basis_train.core import head_cce
 from basis_train.core.head import FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.training.config import apply_overrides, load_config
-from basis_train.training.runio import RunError
+from basis_train.training.errors import RunError
 from basis_train.training.setup import check_head_kernel
 
 ROWS, N, V = 21, 8, 31

@@ -207,7 +207,7 @@ def test_grid_grouping_by_shape_and_start_step(tmp_path):
     from types import SimpleNamespace
 
     from basis_train.experiments.fleets import group
-    from basis_train.training.runio import save_checkpoint
+    from basis_train.training.checkpoint import save_checkpoint
 
     a, b, wide, adamw = configs([{}, {"train.seed": 1}, {"model.n_embd": 64}, {"optim.name": "adamw"}])
     jobs = [SimpleNamespace(out=tmp_path / name) for name in ("a", "b", "wide", "adamw", "resumed")]

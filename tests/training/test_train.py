@@ -270,6 +270,7 @@ def test_float16_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, tiny
     assert not torch.equal(params[0], before[0])
     run.step = 3
     run.save()  # the lowered scale survives a resume
+    run.close()  # a Run holds its --out until it ends
     from basis_train.training.train import Run
 
     resumed = Run(run.cfg, run.out, resume=True, progress=False)
