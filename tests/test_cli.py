@@ -75,6 +75,19 @@ def _cache_at(m, path: Path) -> Path:
     return path
 
 
+def _full_disk(m, cache: Path) -> str:
+    """The token cache's disk fills: numpy's short write says only "N requested and M written"."""
+    import numpy as np
+
+    def short_write(file, arr, *args, **kwargs):
+        Path(file).write_bytes(b"\0" * (arr.nbytes // 2))
+        raise OSError(f"{arr.nbytes} requested and {arr.nbytes // 2} written")
+
+    _cache_at(m, cache)
+    m.setattr(np, "save", short_write)
+    return f"cannot write the token cache {cache}/tokens/files-"
+
+
 # (command, argv builder, substring of the one error line); the builder gets (tmp_path, tiny config, monkeypatch).
 BAD_INPUTS = {
     "train: non-UTF-8 --config": lambda t, c, m: ("train", ["--config", str(_file(t, "c.yaml", b"\xff\xfe\x00t"))],
@@ -90,6 +103,8 @@ BAD_INPUTS = {
     "train: read-only BASIS_TRAIN_CACHE": pytest.param(lambda t, c, m: (
         *_train(t, c, "--out", t / "run"), _cache_at(m, _read_only_dir(t, "cache")) and "BASIS_TRAIN_CACHE"),
         marks=root_skip),
+    "train: token cache on a full disk": lambda t, c, m: (
+        *_train(t, c, "--out", t / "run"), _full_disk(m, t / "cache")),
     "train: --resume, truncated checkpoint": lambda t, c, m: (
         *_train(t, c, "--resume", "--out", _run_dir(t, c, _truncated_checkpoint(t))), "not a readable checkpoint"),
     "train: --resume, random-bytes checkpoint": lambda t, c, m: (

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -297,9 +298,13 @@ def _write_cache(path: Path, tokens, offsets, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     try:
-        np.save(tmp / "tokens.npy", tokens)
-        np.save(tmp / "offsets.npy", offsets)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            np.save(tmp / "tokens.npy", tokens)
+            np.save(tmp / "offsets.npy", offsets)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except OSError as e:
+            raise DataError(f"cannot write the token cache {path}: {_write_failure(e, tmp, tokens.nbytes + offsets.nbytes)}; "
+                            "free space there or point BASIS_TRAIN_CACHE at another disk") from None
         try:
             os.replace(tmp, path)
         except OSError:
@@ -307,3 +312,17 @@ def _write_cache(path: Path, tokens, offsets, meta: dict) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_failure(e: OSError, where: Path, needed: int) -> str:
+    """The cause of a failed cache write, in words. numpy reports a short write to a full disk
+    as "N requested and M written" with no errno, which names neither the disk nor the cause."""
+    if e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(e)):
+        cause = f"the disk is full or over quota (a short write: {str(e).replace('requested and', 'bytes requested,')})"
+    else:
+        cause = e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return cause
+    return f"{cause}; {free / 2**20:,.1f} MiB free there, the cache needs {needed / 2**20:,.1f} MiB"
