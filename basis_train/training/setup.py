@@ -11,7 +11,7 @@ from basis_train.core.model import GPTConfig
 from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import make_splits
 from basis_train.training.config import Config
-from basis_train.training.errors import RunError
+from basis_train.training.errors import RunError, warn
 
 _SKETCH_SEED_SALT = 0x5EED5
 
@@ -67,6 +67,22 @@ def variant_of(cfg: Config) -> str:
     if cfg.optim.lr_scale_sketched != 1.0:
         tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
     return ",".join(tags)
+
+
+def rank_that_runs(cfg: Config) -> int | None:
+    """The sketch rank as applied: min(R, the rows of a step); None when nothing is sketched.
+
+    Every sketched layer (the head too) sees batch_size x block_size rows a step per process, and
+    its sketch cannot have more bins than rows. At R >= rows the sketch is the whole (rescaled,
+    sign-flipped) input, so a BASIS run keeps at least as much as exact backprop: say so."""
+    if cfg.train.method != "basis" or cfg.sketch.layers == "none":
+        return None
+    rows = cfg.train.batch_size * cfg.model.block_size
+    if cfg.sketch.rank >= rows:
+        warn(f"sketch.rank {cfg.sketch.rank} >= the {rows} rows of a step (batch_size {cfg.train.batch_size} x "
+             f"block_size {cfg.model.block_size}): R={rows} runs (summary.json records it) and BASIS saves "
+             f"nothing over exact backprop here; use a rank below {rows}")
+    return min(cfg.sketch.rank, rows)
 
 
 def gpt_config(cfg: Config) -> GPTConfig:

@@ -38,6 +38,7 @@ from basis_train.training.setup import (
     gpt_config,
     load_data,
     lr_multiplier,
+    rank_that_runs,
     resolve_device,
     set_lr,
     sketch_seed,
@@ -74,6 +75,7 @@ class Run:
         self.variant = variant_of(cfg) if variant is None else variant
         self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
         self.device = dist.local_device(resolve_device(t.device))
+        self.rank = rank_that_runs(cfg)
         check_head_kernel(cfg, self.device)
         # Refuse a bad --out before the (slow) data load, but create it only after: a failed
         # load leaves no directory behind. An existing one is locked from here on.
@@ -139,7 +141,7 @@ class Run:
         """What is about to happen, in three lines: model and device, data, output."""
         c, d = self.cfg, self.data_info
         n_params = sum(p.numel() for p in self.model.parameters())
-        what = "exact backprop" if c.train.method == "exact" else f"BASIS R={c.sketch.rank} on {c.sketch.layers}"
+        what = "exact backprop" if c.train.method == "exact" else f"BASIS R={self.rank or c.sketch.rank} on {c.sketch.layers}"
         start = f"from the step-{self.step} checkpoint" if self.step else "from scratch"
         return [f"{what}: {n_params / 1e6:.2f}M parameters, {self.device} {c.train.dtype}, "
                 f"{c.train.steps} steps of {c.train.batch_size} x {c.model.block_size} tokens, {start}",
@@ -228,7 +230,9 @@ class Run:
             return self.dist.broadcast(None)
         cfg, last, world = self.cfg, self.metrics.records[-1], self.dist.world_size
         summary = {
-            "method": cfg.train.method, "rank": cfg.sketch.rank if cfg.train.method == "basis" else None,
+            # the R that ran (min(R, rows of a step)) and the one asked for
+            "method": cfg.train.method, "rank": (self.rank or cfg.sketch.rank) if cfg.train.method == "basis" else None,
+            "rank_requested": cfg.sketch.rank if cfg.train.method == "basis" else None,
             "variant": self.variant, "seed": cfg.train.seed, "steps": self.step,
             "final_val_loss": last["val_loss"], "final_train_loss": last["train_loss"],
             **{k: measured.get(k) for k in MEMORY_FIELDS}, "head": cfg.model.head,

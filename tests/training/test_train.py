@@ -275,3 +275,15 @@ def test_float16_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, tiny
 
     resumed = Run(run.cfg, run.out, resume=True, progress=False)
     assert resumed.train_step.scaler.get_scale() == scale / 2
+
+
+def test_rank_above_the_rows_of_a_step_warns_and_records_the_rank_that_ran(tmp_path, tiny_config, capsys):
+    from basis_train.training.config import apply_overrides, load_config
+    from basis_train.training.train import train as train_run
+
+    cfg = apply_overrides(load_config(str(tiny_config)), {"sketch.rank": 100, "train.steps": 1, "train.eval_every": 1})
+    summary = train_run(cfg, tmp_path / "r", progress=False)
+    err = capsys.readouterr().err
+    # batch_size 1 x block_size 16 rows: the sketch cannot have more bins than that
+    assert summary["rank"] == 16 and summary["rank_requested"] == 100
+    assert "warning: sketch.rank 100 >= the 16 rows of a step" in err and "BASIS saves nothing" in err, err
