@@ -97,7 +97,7 @@ def _train_cli(cfg_path, out, die_at=None, resume=False):
 
 
 def _read(out):
-    timing = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "by_rank"}
+    timing = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "train_s", "by_rank"}
     summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k not in timing}
     metrics = [{k: v for k, v in json.loads(x).items() if k not in timing}
                for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ Per-member figures inside a fleet:
   of the member's single run: measured by one probe of three single-run steps (TrainStep's
   own measurement) on a throwaway copy of the member's model, never on the fleet step,
   whose padded batched tensors are not any one member's memory;
-- wall_s, ms_per_step and tokens_per_s are the fleet's: every member advanced one step per
+- train_s, wall_s, ms_per_step and tokens_per_s are the fleet's: every member advanced one step per
   fleet step, so a member's tokens_per_s is one member's share (the fleet's total is
   `fleet_size` times it); summary.json adds `fleet_size`.
 """

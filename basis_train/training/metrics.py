@@ -13,11 +13,11 @@ from basis_train.training.tracker import Tracker
 
 
 class Throughput:
-    """Training wall time and tokens/s between evaluations; the clock stops while evaluating."""
+    """Training time and tokens/s between evaluations; the clock stops while evaluating."""
 
     def __init__(self, tokens_per_step: int, device: torch.device) -> None:
         self.tokens_per_step, self.device = tokens_per_step, device
-        self.wall_s = 0.0
+        self.train_s = 0.0
         self.tokens_per_s: list[float] = []
         self._t0, self._step0 = 0.0, 0
 
@@ -29,16 +29,17 @@ class Throughput:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self._t0
-        self.wall_s += dt
+        self.train_s += dt
         tok_s = (step - self._step0) * self.tokens_per_step / dt if dt > 0 else float("nan")
         self.tokens_per_s.append(tok_s)
         return {"tokens_per_s": tok_s, "ms_per_step": 1000 * dt / max(step - self._step0, 1)}
 
     def state_dict(self) -> dict:
-        return {"wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s}
+        return {"train_s": self.train_s, "tokens_per_s": self.tokens_per_s}
 
     def load_state_dict(self, state: dict) -> None:
-        self.wall_s, self.tokens_per_s = state["wall_s"], state["tokens_per_s"]
+        # "wall_s": the name in checkpoints written before total wall time was kept apart
+        self.train_s, self.tokens_per_s = state.get("train_s", state.get("wall_s")), state["tokens_per_s"]
 
 
 class MetricsSink:
@@ -62,11 +63,11 @@ class MetricsSink:
     def wandb_id(self) -> str | None:
         return self.tracker.run_id
 
-    def open_bar(self, total: int, initial: int) -> None:
-        from tqdm.auto import tqdm
+    def open_bar(self, total: int, initial: int, eval_every: int, running_loss) -> None:
+        """`running_loss()`: the mean training loss since the last record, None if there is none."""
+        from basis_train.training.progress import ProgressBar
 
-        self.bar = tqdm(total=total, initial=initial, disable=not self.progress, unit="step",
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = ProgressBar(total, initial, eval_every, running_loss, disable=not self.progress)
 
     def say(self, *lines: str) -> None:
         """Tell the user what is happening (stderr, above the bar; nothing under --quiet)."""
@@ -93,8 +94,8 @@ class MetricsSink:
         self.log_file.append(rec)
         self.tracker.log(rec, step=rec["step"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{rec['val_loss']:.3f}",
-                                 tok_s=f"{rec['tokens_per_s']:,.0f}")
+            self.bar.evaluated(rec["eval_s"], f"val {rec['val_loss']:.3f} at {rec['step']}, "
+                                              f"{rec['tokens_per_s']:,.0f} tok/s")
 
     def finish(self, summary: dict) -> None:
         self.tracker.finish(summary)

@@ -169,6 +169,10 @@ class TrainStep(CapturedStep):
         self.loss_n = 0
         return loss
 
+    def running_loss(self) -> float | None:
+        """This process's mean training loss since the last logged one (a host sync); None before a step."""
+        return self.loss_sum.item() / self.loss_n if self.loss_n else None
+
     def finite(self) -> bool:
         norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
         return math.isfinite(self.loss_sum.item()) and bool(torch.isfinite(torch.stack(norms)).all())

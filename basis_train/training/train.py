@@ -56,6 +56,7 @@ class Run:
                  on_step: Callable[[int], None] | None = None) -> None:
         """`on_step`: called with the step number after every training step (the tests' faults)."""
         self.lock, self.on_step = None, on_step
+        self.started, self.wall_before = time.perf_counter(), 0.0  # summary.json's wall_s (see `wall_s`)
         try:
             self._build(cfg, out, resume, overwrite, variant, splits, progress, dist)
         except BaseException:
@@ -131,6 +132,7 @@ class Run:
             self.loader.load_state_dict(ckpt["loader"])
             self.evaluate.load_state_dict(ckpt["val_stream"])
             self.clock.load_state_dict(ckpt)
+            self.wall_before = ckpt.get("run_wall_s", 0.0)
         # The record whose evaluation was still to come when the checkpoint was written (see `run`).
         self.pending = ckpt.get("pending") if ckpt else None
         self.metrics = MetricsSink(cfg, self.out, dist, resumed_step=self.step if ckpt else None,
@@ -159,7 +161,7 @@ class Run:
     def _run(self) -> dict:
         t = self.cfg.train
         self.metrics.say(*self._describe())
-        self.metrics.open_bar(t.steps, self.step)
+        self.metrics.open_bar(t.steps, self.step, t.eval_every, self.train_step.running_loss)
         try:
             with StopRequests(self.dist) as stop:
                 if self.pending is not None:  # killed while evaluating: that evaluation first
@@ -210,12 +212,17 @@ class Run:
         self.metrics.log(rec)
         self.clock.start(self.step)
 
+    def wall_s(self) -> float:
+        """Wall time of this run so far, over all its processes' lives: set-up (data, model),
+        training, evaluations and checkpoints; not the interpreter's start nor time spent stopped."""
+        return self.wall_before + time.perf_counter() - self.started
+
     def save(self, pending: dict | None = None) -> None:
         """Checkpoint this step; `pending`: its metrics record, whose evaluation is still to come."""
         if not self.dist.all(self.train_step.finite()):
             raise NonFiniteLoss(f"non-finite training loss before step {self.step}; {checkpoint_note(self.out)}")
         shared = {"step": self.step, **self.train_step.shared_state(), "loader": self.loader.state_dict(),
-                  "val_stream": self.evaluate.state_dict(), **self.clock.state_dict(),
+                  "val_stream": self.evaluate.state_dict(), **self.clock.state_dict(), "run_wall_s": self.wall_s(),
                   "wandb_id": self.metrics.wandb_id, "metrics": list(self.metrics.records), "pending": pending}
         self.checkpoints.save(shared, self.train_step.own_state())
 
@@ -238,9 +245,10 @@ class Run:
             **{k: measured.get(k) for k in MEMORY_FIELDS}, "head": cfg.model.head,
             # which exact-head kernel ran ("cce" | "native"; the sketched head is always "native"), null for plain
             "head_kernel": self.model.head_kernel_ran(),
-            "wall_s": self.clock.wall_s,
+            # train_s: the training steps alone; wall_s: everything, evaluations and checkpoints too
+            "train_s": self.clock.train_s, "wall_s": self.wall_s(),
             "tokens_per_s": sum(self.clock.tokens_per_s) / len(self.clock.tokens_per_s),
-            "ms_per_step": 1000 * self.clock.wall_s / max(self.step, 1),
+            "ms_per_step": 1000 * self.clock.train_s / max(self.step, 1),
             "val_protocol": cfg.data.val_protocol, "data": self.data_info,
             # single pass means epoch 0 here: no training chunk was seen twice
             "tokens_seen": self.step * self.loader.global_batch * cfg.model.block_size,

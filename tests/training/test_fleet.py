@@ -28,7 +28,7 @@ BASE = {"model.vocab_size": VOCAB, "model.block_size": 32, "model.n_embd": 32, "
 TRIO = [{"train.method": "exact", "train.seed": 0},
         {"sketch.rank": 8, "train.seed": 1},
         {"sketch.rank": 32, "sketch.hashing": "uniform", "train.seed": 2}]
-TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "fleet_size", "by_rank", "cuda_graphs"}
+TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "train_s", "fleet_size", "by_rank", "cuda_graphs"}
 
 
 @pytest.fixture(autouse=True)

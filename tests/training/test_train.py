@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from basis_train.cli import train_app
 
 runner = CliRunner()
-TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s"}
+TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "train_s"}
 
 
 def train(*args):
