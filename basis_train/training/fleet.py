@@ -46,7 +46,7 @@ from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.metrics import Throughput
 from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device
 from basis_train.training.step import DTYPES, CapturedStep, NonFiniteLoss, TrainStep
-from basis_train.training.stopping import Interrupted, StopRequests
+from basis_train.training.stopping import Interrupted, StopNow, StopRequests
 from basis_train.training.train import Run
 
 FLEET_VARIES = ("log", "train.seed", "train.method", "sketch.rank", "sketch.layers", "sketch.hashing",
@@ -236,6 +236,8 @@ class Fleet:
                         raise Interrupted(f"interrupted at step {self.step}; the members' checkpoints are saved")
                     if not self.live:
                         break
+        except StopNow:
+            raise Interrupted(f"stopped at once during step {self.step}; the members' last checkpoints are intact") from None
         finally:
             bar.close()
         try:

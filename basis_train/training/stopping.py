@@ -1,7 +1,9 @@
-"""SIGINT/SIGTERM as a request to checkpoint and stop, agreed on by all DDP processes."""
+"""SIGINT/SIGTERM as a request to checkpoint and stop, agreed on by all DDP processes; a second
+one stops at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 # With several processes a request is acted on only once all processes agree, which costs a host
@@ -13,6 +15,15 @@ _CHECK_EVERY = 20
 
 class Interrupted(Exception):
     pass
+
+
+class StopNow(BaseException):
+    """A second stop request: raised from the signal handler wherever the loop is. A BaseException,
+    so that no `except Exception` on the way (data, evaluation, logging) swallows it."""
+
+
+_FIRST = ("\nstop requested: checkpointing and stopping after the step under way (and the evaluation, if one "
+          "is running); Ctrl-C again stops at once, keeping the last checkpoint\n")
 
 
 class StopRequests:
@@ -38,7 +49,12 @@ class StopRequests:
         self._old = {}
 
     def _on_signal(self, signum, frame) -> None:
+        if self.flag:
+            raise StopNow
         self.flag = True
+        if os.environ.get("RANK", "0") == "0":
+            # os.write: a print here could land inside the interrupted code's own write to stderr
+            os.write(2, _FIRST.encode())
 
     def agreed(self, step: int, synced: bool) -> bool:
         """True on every process or on none. `synced`: the processes just met anyway (eval/checkpoint)."""

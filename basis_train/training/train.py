@@ -45,7 +45,7 @@ from basis_train.training.setup import (
     variant_of,
 )
 from basis_train.training.step import DTYPES, MEMORY_FIELDS, NonFiniteLoss, TrainStep
-from basis_train.training.stopping import Interrupted, StopRequests
+from basis_train.training.stopping import Interrupted, StopNow, StopRequests
 
 __all__ = ["MEMORY_FIELDS", "Interrupted", "NonFiniteLoss", "Run", "train"]
 
@@ -188,6 +188,8 @@ class Run:
                         self.save()
                         raise Interrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out} "
                                           f"(continue with --resume)")
+        except StopNow:
+            raise Interrupted(f"stopped at once during step {self.step}; {checkpoint_note(self.out)}") from None
         finally:
             self.metrics.close_bar()
         return self.finish()

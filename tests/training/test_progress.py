@@ -56,3 +56,4 @@ def test_summary_keeps_training_and_total_time_apart(tmp_path, tiny_config, caps
     # wall_s spans the training intervals (train_s) and the evaluations between them, and more
     assert summary["wall_s"] >= summary["train_s"] + sum(r["eval_s"] for r in records)
     assert summary["ms_per_step"] == pytest.approx(1000 * summary["train_s"] / 8)
+
