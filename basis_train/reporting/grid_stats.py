@@ -99,8 +99,14 @@ def read_run(run_dir: Path) -> RunRecord:
                          (cfg.get("optim") or {}).get("lr_factor", 1.0))
     protocol = Protocol(s.get("optimizer") or "?", float(s.get("lr") or 0.0), float(lr_factor), int(s["steps"]),
                         _data_order(s, cfg))
-    rank = s.get("rank") if s["method"] != "exact" else None
-    setting = Setting(protocol, s["method"], rank, ",".join(t for t in tags if not _lr_tag(t)))
+    rank = None
+    tags = [t for t in tags if not _lr_tag(t)]
+    if s["method"] != "exact":
+        # A configuration is what was asked for; an R clamped to the rows of a step is said beside it.
+        ran, rank = s.get("rank"), s.get("rank_requested") or s.get("rank")
+        if ran is not None and rank != ran:
+            tags.append(f"ran R={ran}")
+    setting = Setting(protocol, s["method"], rank, ",".join(tags))
     curve = {}
     if (run_dir / "metrics.jsonl").is_file():
         for rec in load_metrics(run_dir):

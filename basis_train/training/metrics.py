@@ -46,10 +46,12 @@ class MetricsSink:
     """Process 0 writes metrics.jsonl and mirrors it to wandb; other processes write nothing."""
 
     def __init__(self, cfg: Config, out, dist, resumed_step: int | None, wandb_id: str | None,
-                 progress: bool, saved_records: list[dict] | None = None) -> None:
+                 progress: bool, saved_records: list[dict] | None = None, pending: dict | None = None) -> None:
         # On resume the log is cut back to the checkpoint's step (metrics_log.py).
-        self.log_file = (MetricsLog(out / "metrics.jsonl", resumed_step, saved_records)
+        self.log_file = (MetricsLog(out / "metrics.jsonl", resumed_step, saved_records, pending)
                          if dist.is_main else UnwrittenMetrics())
+        # Whether the evaluation the checkpoint left pending is already in the log: process 0 read it.
+        self.pending_logged = dist.broadcast(self.log_file.pending_logged if dist.is_main else None)
         self.tracker = Tracker(cfg.log.wandb if dist.is_main else "off", cfg.log.wandb_project,
                                cfg.log.run_name or out.name, config_to_dict(cfg), out, wandb_id)
         self.progress = progress and dist.is_main

@@ -42,16 +42,31 @@ def read_records(path: Path, until_step: int, saved: bool) -> tuple[list[dict], 
     return records, notes
 
 
+def _completes(records: list[dict], saved: list[dict], pending: dict) -> bool:
+    """`records` is `saved` and then `pending` with its evaluation added."""
+    if len(records) != len(saved) + 1 or "val_loss" not in records[-1]:
+        return False
+    last = records[-1]
+    return ([_line(r) for r in records[:-1]] == [_line(r) for r in saved]
+            and all(k in last and _line({"v": last[k]}) == _line({"v": v}) for k, v in pending.items()))
+
+
 class MetricsLog:
     """Process 0's metrics.jsonl. `resumed_step`: None starts an empty log; else the log is cut back
     to that step and `saved` (the checkpoint's copy of the records, None in older checkpoints)
     wins over the file wherever they differ."""
 
-    def __init__(self, path: Path, resumed_step: int | None = None, saved: list[dict] | None = None) -> None:
+    def __init__(self, path: Path, resumed_step: int | None = None, saved: list[dict] | None = None,
+                 pending: dict | None = None) -> None:
         self.path = path
+        self.pending_logged = False
         records: list[dict] = []
         if resumed_step is not None:
             records, notes = read_records(path, resumed_step, saved is not None)
+            if saved is not None and pending is not None and _completes(records, saved, pending):
+                # The evaluation the checkpoint left pending finished and was logged (every run's
+                # last step does this): the file is the checkpoint's copy plus that record.
+                self.pending_logged, saved = True, records
             if saved is not None:
                 if [_line(r) for r in records] != [_line(r) for r in saved]:
                     notes.append(f"its records up to step {resumed_step} differ from the checkpoint's copy")
@@ -74,6 +89,7 @@ class UnwrittenMetrics:
 
     def __init__(self) -> None:
         self.records: list = []
+        self.pending_logged = False
 
     def append(self, rec: dict) -> None:
         pass

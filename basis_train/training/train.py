@@ -137,7 +137,10 @@ class Run:
         self.pending = ckpt.get("pending") if ckpt else None
         self.metrics = MetricsSink(cfg, self.out, dist, resumed_step=self.step if ckpt else None,
                                    saved_records=ckpt.get("metrics") if ckpt else None,
-                                   wandb_id=ckpt.get("wandb_id") if ckpt else None, progress=progress)
+                                   wandb_id=ckpt.get("wandb_id") if ckpt else None, progress=progress,
+                                   pending=self.pending)
+        if self.metrics.pending_logged:
+            self.pending = None
 
     def _describe(self) -> list[str]:
         """What is about to happen, in three lines: model and device, data, output."""

@@ -119,6 +119,19 @@ def test_a_missing_baseline_is_said(tmp_path):
     assert "no baseline (exact [sgd,lr=0.01] not run)" in (tmp_path / "r" / "summary.md").read_text()
 
 
+def test_a_rank_clamped_to_the_rows_is_the_rank_asked_for(tmp_path):
+    """Two ranks above the rows of a step both run R = rows (train.py records rank and
+    rank_requested): they stay two configurations, each saying the R that ran."""
+    g = tmp_path / "g"
+    for s in range(2):
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.0 + s)
+        for r in (1024, 4096):
+            fake_run(g, f"basis_R{r}-s{s}", "basis", 32, "", s, 4.1 + s, rank_requested=r)
+    write_report(g, tmp_path / "r")
+    rows = list(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert {r["label"] for r in rows} == {"exact", "basis R=1024 [ran R=32]", "basis R=4096 [ran R=32]"}
+
+
 def test_diverged_runs_are_named(grid, tmp_path):
     (grid / "runs" / "exact_sgd1-s0").mkdir()
     (grid / "runs" / "exact_sgd1-s0" / "diverged.json").write_text("{}")

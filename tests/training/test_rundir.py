@@ -64,6 +64,31 @@ def test_a_kill_while_evaluating_loses_no_step_and_resume_evaluates_first(cfg, r
     assert losses(out) == reference
 
 
+def test_extending_a_finished_run_neither_warns_nor_evaluates_its_last_step_again(cfg, reference, tmp_path, capsys):
+    """The last step's checkpoint precedes its evaluation; a later --resume with more steps must
+    find that evaluation in the log rather than call the log damaged and evaluate again."""
+    out = tmp_path / "short"
+    Run(apply_overrides(cfg, {"train.steps": 8}), out, progress=False).run()
+    capsys.readouterr()
+    run = Run(cfg, out, resume=True, progress=False)
+    evaluated = []
+    evaluate = run.evaluate
+
+    class Counting:
+        def __call__(self):
+            evaluated.append(run.step)
+            return evaluate()
+
+        def __getattr__(self, name):
+            return getattr(evaluate, name)
+
+    run.evaluate = Counting()
+    run.run()
+    assert "warning" not in capsys.readouterr().err
+    assert evaluated == [12]
+    assert losses(out) == reference
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "binary"])
 def test_damaged_metrics_log_is_restored_from_the_checkpoint_with_a_warning(cfg, reference, tmp_path, capsys, damage):
     out = tmp_path / "killed"
