@@ -94,6 +94,12 @@ BAD_INPUTS = {
                                                    "not a UTF-8 text file"),
     "train: duplicate YAML key": lambda t, c, m: ("train", ["--config", str(_file(
         t, "d.yaml", b"train:\n  steps: 3\n  steps: 4\n"))], "duplicate key 'steps'"),
+    "train: --steps beyond a billion": lambda t, c, m: (
+        *_train(t, c, "--steps", "99999999999999999999999", "--out", t / "run"), "train.steps must be <= 1,000,000,000"),
+    "train: empty --data-files": lambda t, c, m: (
+        *_train(t, c, "--data-files", "", "--out", t / "run"), "data.data_files is empty"),
+    "train: empty config file": lambda t, c, m: (
+        "train", ["--config", str(_file(t, "e.yaml", b"# nothing yet\n")), "--out", str(t / "run")], "sets nothing"),
     "train: --out under a regular file": lambda t, c, m: (*_train(t, c, "--out", _file(t) / "run"), "is a file"),
     "train: --out is an existing file": lambda t, c, m: (*_train(t, c, "--out", _file(t)), "is an existing file"),
     "train: read-only --out": pytest.param(

@@ -166,6 +166,11 @@ MIN_VALUES: dict[str, float] = {
     # holding out every 1st document would leave nothing to train on
     "data.heldout_every": 2,
 }
+# Inclusive upper bounds. A billion steps is far past any run, and keeps step counts exact
+# in the float64 arithmetic of the lr schedule and the ETA.
+MAX_VALUES: dict[str, float] = {
+    "train.steps": 10**9, "train.eval_every": 10**9, "train.checkpoint_every": 10**9, "optim.warmup_steps": 10**9,
+}
 POSITIVE: tuple[str, ...] = ("optim.lr", "optim.eps", "optim.lr_scale_sketched", "optim.lr_factor")
 UNIT_INTERVAL: tuple[str, ...] = ("sketch.lam", "optim.momentum")  # 0 <= v < 1
 
@@ -275,6 +280,10 @@ def _check_values(cfg: Config) -> None:
         value = _get(cfg, key)
         if not value >= low:
             raise ConfigError(f"{key} must be >= {low:g}, got {value!r}")
+    for key, high in MAX_VALUES.items():
+        value = _get(cfg, key)
+        if not value <= high:
+            raise ConfigError(f"{key} must be <= {high:,}, got {value!r}")
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
@@ -287,6 +296,10 @@ def _check_values(cfg: Config) -> None:
                           f"model.n_head ({m.n_head})")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas must be two values in [0, 1), got {o.betas!r}")
+    if d.data_files is not None and not d.data_files.strip():
+        # An empty --data-files would otherwise fall back to the embedded corpus without a word.
+        raise ConfigError("data.data_files is empty: give a file, directory glob (dir/**) or "
+                          "comma-separated list, or leave it out to train on the embedded corpus")
     if d.dataset == "files" and not d.data_files:
         raise ConfigError("data.dataset 'files' needs data.data_files (a path or glob)")
     if d.data_files and d.dataset != "files":
@@ -355,6 +368,9 @@ def load_config(path: str | Path | None) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file sets nothing (empty or only comments); leave out --config "
+                          "for the paper's defaults")
     try:
         return config_from_dict(data, source=str(path))
     except ConfigError as exc:

@@ -24,6 +24,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_flops_per_s() -> float:
+    """This machine's float32 matmul rate, measured on three 1024^3 products (about 0.1 s)."""
+    import time
+
+    a = torch.randn(1024, 1024)
+    a @ a  # the first call pays for thread start-up
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return 3 * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def warn_slow_cpu_run(model: torch.nn.Module, cfg: Config, min_step_s: float = 5.0) -> None:
+    """A GPU-sized config started on the CPU (gpt2-small: about a minute a step on two cores) is
+    said before it starts, with the time it will take at this machine's measured matmul rate."""
+    from basis_train.core.flops import flops_per_token
+
+    m, t = cfg.model, cfg.train
+    step_flops = flops_per_token(model, m.n_layer, m.n_head, m.n_embd, m.block_size) * t.batch_size * m.block_size
+    if step_flops < 1e11:  # nothing a CPU takes seconds for: no need to time the machine
+        return
+    step_s = step_flops / cpu_flops_per_s()
+    if step_s < min_step_s:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    warn(f"{n_params / 1e6:.0f}M parameters on the CPU: roughly {step_s:.0f} s a step at this machine's matmul "
+         f"rate, {step_s * t.steps / 3600:.1f} h for {t.steps:,} steps (evaluations extra), and checkpoints of "
+         f"about {n_params * 12 / 1e9:.1f} GB; this config is meant for a GPU (--device cuda)")
+
+
 def check_head_kernel(cfg: Config, device: torch.device) -> None:
     """An explicit `model.head_kernel: cce` that cannot run here is refused before anything starts.
 

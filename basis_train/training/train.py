@@ -43,6 +43,7 @@ from basis_train.training.setup import (
     set_lr,
     sketch_seed,
     variant_of,
+    warn_slow_cpu_run,
 )
 from basis_train.training.step import DTYPES, MEMORY_FIELDS, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopNow, StopRequests
@@ -103,6 +104,8 @@ class Run:
         self.lock = dist.main_first(lambda: prepare_out_dir(cfg, self.out, resume, overwrite, self.lock), others=False)
 
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
+        if self.device.type == "cpu" and dist.is_main:
+            warn_slow_cpu_run(self.model, cfg)
         gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
         for m in self.model.sketched_modules():
             m.generator = gen

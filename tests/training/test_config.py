@@ -85,8 +85,9 @@ def test_partial_and_empty_yaml(tmp_path):
     cfg = load_config(write(tmp_path, "sketch:\n  rank: 8\nlog:\n"))
     assert cfg.sketch.rank == 8
     assert dataclasses.replace(cfg, sketch=Config().sketch) == Config()
-    assert load_config(write(tmp_path, "")) == Config()
-    assert load_config(write(tmp_path, "# only a comment\n")) == Config()
+    for empty in ("", "# only a comment\n"):  # refused: a file that sets nothing is a mistake, not the defaults
+        with pytest.raises(ConfigError, match="sets nothing"):
+            load_config(write(tmp_path, empty))
 
 
 def test_numbers_yaml_1_1_would_read_as_strings(tmp_path):
