@@ -67,13 +67,15 @@ def _opt(key: str, help: str, *names: str):
     return typer.Option(None, *names, help=f"{help} {config_default(key)}")
 
 
-def resolve_config(config: str | None, flags: dict):
-    """The config file (default: the paper's), then every flag the user actually gave."""
+def resolve_config(config: str | None, flags: dict, run_dir: str | None = None):
+    """The config file (default: the paper's), then every flag the user actually gave.
+    `run_dir`: a run to resume, whose own config.yaml is the base when no --config is given."""
     from basis_train.data.corpus import DataError
     from basis_train.training.errors import RunError
 
     try:
-        cfg = load_config(config)
+        saved = Path(run_dir) / "config.yaml" if run_dir and config is None else None
+        cfg = load_config(saved if saved and saved.is_file() else config)
         overrides = {CLI_FLAGS[k]: (v.value if isinstance(v, Enum) else v) for k, v in flags.items() if v is not None}
         return apply_overrides(cfg, overrides)
     except (ConfigError, DataError, RunError) as e:
@@ -141,7 +143,7 @@ def train_cmd(
     from basis_train.training.train import Interrupted, NonFiniteLoss, train
 
     flags = {k: v for k, v in locals().items() if k in CLI_FLAGS}
-    cfg = resolve_config(config, flags)
+    cfg = resolve_config(config, flags, run_dir=out if resume else None)
     try:
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except NonFiniteLoss as e:

@@ -129,12 +129,39 @@ def saved_config(out: Path) -> Config:
         raise RunError(f"--resume: {out} holds no usable config.yaml ({exc})") from None
 
 
+# What a resume may change: the steps (extending a run), and what HASH_IGNORE leaves out.
+_RESUME_IGNORE = (*HASH_IGNORE, "train.steps")
+
+
+def find_run_to_resume(cfg: Config, default: Path) -> Path:
+    """`--resume` without --out: the default directory, else the one run under its parent whose
+    config is `cfg` but for the steps (the default name hashes train.steps, so `--steps 3000
+    --resume` names another directory than the run being extended)."""
+    if (default / CHECKPOINT).is_file():
+        return default
+    want = config_hash(cfg, _RESUME_IGNORE)
+    found = []
+    for cfg_file in sorted(default.parent.glob("*/config.yaml")):
+        try:
+            if config_hash(load_config(cfg_file), _RESUME_IGNORE) == want and (cfg_file.parent / CHECKPOINT).is_file():
+                found.append(cfg_file.parent)
+        except ConfigError:
+            continue
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RunError(f"--resume: no run of this config with a checkpoint under {default.parent}/; "
+                       "name its directory with --out")
+    raise RunError(f"--resume: {len(found)} runs of this config under {default.parent}/ "
+                   f"({', '.join(p.name for p in found)}); name one with --out")
+
+
 def _check_same_config(cfg: Config, out: Path) -> None:
     old = saved_config(out)
     if cfg.train.steps < old.train.steps:
         raise RunError(f"--resume: --steps {cfg.train.steps} is below the run's {old.train.steps}; steps may only be raised")
     # Raising steps extends a run (a finished one too); anything else would splice two runs together.
-    ignore = (*HASH_IGNORE, "train.steps")
+    ignore = _RESUME_IGNORE
     if config_hash(cfg, ignore) != config_hash(old, ignore):
         was, now = config_to_dict(old), config_to_dict(cfg)
         diff = [f"{s}.{k} {was[s][k]!r} in the run, {now[s][k]!r} now" for s in was for k in was[s]

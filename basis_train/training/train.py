@@ -31,7 +31,7 @@ from basis_train.training.distributed import Dist, init_from_env
 from basis_train.training.errors import RunError
 from basis_train.training.evaluate import Evaluator
 from basis_train.training.metrics import MetricsSink, Throughput
-from basis_train.training.rundir import claim_out_dir, default_out_dir, prepare_out_dir
+from basis_train.training.rundir import claim_out_dir, default_out_dir, find_run_to_resume, prepare_out_dir
 from basis_train.training.setup import (
     build_optimizer,
     check_head_kernel,
@@ -75,7 +75,10 @@ class Run:
         self.cfg, t = cfg, cfg.train
         self.dist = dist = dist or Dist()
         self.variant = variant_of(cfg) if variant is None else variant
-        self.out = Path(out or cfg.log.out or default_out_dir(cfg, self.variant))
+        named = out or cfg.log.out
+        self.out = Path(named) if named else default_out_dir(cfg, self.variant)
+        if resume and not named:
+            self.out = find_run_to_resume(cfg, self.out)
         self.device = dist.local_device(resolve_device(t.device))
         self.rank = rank_that_runs(cfg)
         check_head_kernel(cfg, self.device)

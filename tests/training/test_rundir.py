@@ -138,3 +138,40 @@ def test_a_users_own_files_are_named_before_a_run_writes_among_them(cfg, tmp_pat
     empty.mkdir()
     claim_out_dir(cfg, empty, resume=False).release()
     assert capsys.readouterr().err == ""
+
+
+def _saved_run(root, name, cfg, checkpoint=True):
+    from basis_train.training.config import dump_config
+
+    d = root / name
+    d.mkdir(parents=True)
+    dump_config(cfg, d / "config.yaml")
+    if checkpoint:
+        (d / "checkpoint.pt").write_bytes(b"x")
+    return d
+
+
+def test_resume_without_out_finds_the_run_whose_steps_were_raised(cfg, tmp_path):
+    from basis_train.training.rundir import default_out_dir, find_run_to_resume
+
+    runs = tmp_path / "runs"
+    run = _saved_run(runs, "basis-r4-s0-aaaaaa", cfg)
+    _saved_run(runs, "other-seed", apply_overrides(cfg, {"train.seed": 1}))
+    _saved_run(runs, "no-checkpoint", apply_overrides(cfg, {"train.steps": 20}), checkpoint=False)
+    longer = apply_overrides(cfg, {"train.steps": 30})
+    default = runs / default_out_dir(longer, "").name  # --steps 30 hashes to a directory that does not exist
+    assert find_run_to_resume(longer, default) == run
+    with pytest.raises(RunError, match="no run of this config"):
+        find_run_to_resume(apply_overrides(cfg, {"train.seed": 2}), default)
+    _saved_run(runs, "a-copy", cfg)
+    with pytest.raises(RunError, match="2 runs of this config .*a-copy, basis-r4-s0-aaaaaa"):
+        find_run_to_resume(longer, default)
+
+
+def test_resume_with_out_and_no_config_takes_the_runs_own_config(cfg, tmp_path):
+    from basis_train import cli
+
+    run = _saved_run(tmp_path, "run", apply_overrides(cfg, {"sketch.rank": 3}))
+    resumed = cli.resolve_config(None, {"steps": 40}, run_dir=str(run))
+    assert resumed == apply_overrides(cfg, {"sketch.rank": 3, "train.steps": 40})
+    assert cli.resolve_config(None, {}, run_dir=None).model.n_layer != cfg.model.n_layer  # paper defaults otherwise
