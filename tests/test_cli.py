@@ -100,6 +100,8 @@ BAD_INPUTS = {
         *_train(t, c, "--data-files", "", "--out", t / "run"), "data.data_files is empty"),
     "train: empty config file": lambda t, c, m: (
         "train", ["--config", str(_file(t, "e.yaml", b"# nothing yet\n")), "--out", str(t / "run")], "sets nothing"),
+    "train: --data-files a directory": lambda t, c, m: (
+        *_train(t, c, "--data-files", _empty_dir(t), "--out", t / "run"), "/**' takes every file under it"),
     "train: --out under a regular file": lambda t, c, m: (*_train(t, c, "--out", _file(t) / "run"), "is a file"),
     "train: --out is an existing file": lambda t, c, m: (*_train(t, c, "--out", _file(t)), "is an existing file"),
     "train: read-only --out": pytest.param(
@@ -262,3 +264,18 @@ def test_configs_dir_is_the_packaged_one():
     assert (root / "configs").resolve() == config_mod.SHIPPED_CONFIGS
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     assert "configs/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["basis_train"]
+
+
+def test_a_choice_error_lists_the_choices_once(tmp_path, tiny_config, capsys):
+    with pytest.raises(SystemExit):
+        cli.train_main(["--quiet", "--config", str(tiny_config), "--head", "foo", "--out", str(tmp_path / "r")])
+    line = capsys.readouterr().err.strip()
+    assert line.count("fused") == 1 and line.count("plain") == 1, line
+
+
+def test_compare_says_a_ctrl_c_is_not_a_failure():
+    from basis_train.experiments.compare import VARIANT_HELP, run_outcome
+
+    assert run_outcome(0) == "done" and run_outcome(1) == "FAILED rc=1"
+    assert run_outcome(130).startswith("interrupted") and "FAILED" not in run_outcome(130)
+    assert VARIANT_HELP.startswith("comma list of all,")  # no stray comma before the first

@@ -126,7 +126,9 @@ def _resolve_files(pattern: str) -> list[Path]:
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     files = [Path(p).resolve() for p in matches if Path(p).is_file()]
     if not files:
-        raise DataError(f"no files match --data-files '{pattern}'")
+        hint = (f" ({pattern} is a directory: '{pattern.rstrip('/')}/**' takes every file under it)"
+                if os.path.isdir(os.path.expanduser(pattern)) else "")
+        raise DataError(f"no files match --data-files '{pattern}'{hint}")
     records = {p.suffix.lower() for p in files} & set(_RECORD_BUILDERS)
     if records and (len(records) > 1 or any(p.suffix.lower() not in records for p in files)):
         exts = sorted({p.suffix.lower() or "(none)" for p in files})

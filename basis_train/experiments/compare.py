@@ -54,8 +54,13 @@ EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
 FLEET_HELP = ("train the runs that share a model shape together in this process, as one batched model "
               "(each still writes its own run directory); --jobs and --gpus then apply only to runs that "
               "cannot join a fleet (AdamW, a schedule, bf16, compile) [default: off]")
-VARIANT_HELP = ("comma list of " + ",".join(sorted(set(VARIANTS) | set(EXACT_VARIANTS) - {""}))
+VARIANT_HELP = ("comma list of " + ",".join(sorted((set(VARIANTS) | set(EXACT_VARIANTS)) - {""}))
                 + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
+
+
+def run_outcome(rc: int) -> str:
+    """A run's exit code in words: 130 is a Ctrl-C (basis-train kept its checkpoint), not a failure."""
+    return {0: "done", 130: "interrupted (Ctrl-C; its checkpoint is kept)"}.get(rc, f"FAILED rc={rc}")
 
 
 def check_counts(**counts: int) -> None:
@@ -230,7 +235,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
             (job.out / "checkpoint.pt").unlink(missing_ok=True)
         where = f" on GPU {gpu}" if gpu is not None else ""
         with lock:
-            say(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {job.label} seed {job.seed}{where} "
+            say(f"{run_outcome(rc)}: {job.label} seed {job.seed}{where} "
                 f"({time.perf_counter() - t:.0f}s)")
             bar.update(1)
         return rc

@@ -274,8 +274,9 @@ def _check_values(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
+            close = difflib.get_close_matches(value, list(allowed), n=1) if isinstance(value, str) else []
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}"
-                              + (_suggest(value, allowed) if isinstance(value, str) else ""))
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
     for key, low in MIN_VALUES.items():
         value = _get(cfg, key)
         if not value >= low:
