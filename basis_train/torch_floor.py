@@ -10,22 +10,32 @@ somewhere inside a run.
 from __future__ import annotations
 
 import re
-
-import torch
+from importlib import metadata
 
 MIN_TORCH = "2.11"
+
+
+def installed_torch() -> str | None:
+    """torch's version from its package metadata: importing torch (1-2 s) just to check it
+    would slow every command's start, --help included."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def torch_release(version: str | None = None) -> tuple[int, int]:
     """(major, minor) of a torch version; the local part (+cu130) and a pre-release
     (2.14.0a0) count as that release."""
-    major, minor = re.match(r"(\d+)\.(\d+)", version or torch.__version__).groups()
+    major, minor = re.match(r"(\d+)\.(\d+)", version or installed_torch() or "0.0").groups()
     return int(major), int(minor)
 
 
 def torch_problem(version: str | None = None) -> str | None:
     """One line saying why this torch cannot be used, or None."""
-    version = version or torch.__version__
+    version = version or installed_torch()
+    if version is None:
+        return f"basis-train needs torch >= {MIN_TORCH}, and none is installed (pip install torch)"
     if torch_release(version) < torch_release(MIN_TORCH):
         return f"basis-train needs torch >= {MIN_TORCH}; this is torch {version} (pip install -U torch)"
     return None

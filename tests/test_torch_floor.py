@@ -11,7 +11,7 @@ from basis_train.core import graphs
 
 @pytest.mark.parametrize("main", [cli.train_main, cli.bench_main])
 def test_old_torch_is_one_line_and_exit_2(monkeypatch, capsys, main):
-    monkeypatch.setattr(torch, "__version__", "2.10.1+cu126")
+    monkeypatch.setattr("basis_train.torch_floor.installed_torch", lambda: "2.10.1+cu126")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -20,8 +20,25 @@ def test_old_torch_is_one_line_and_exit_2(monkeypatch, capsys, main):
     assert err == ["error: basis-train needs torch >= 2.11; this is torch 2.10.1+cu126 (pip install -U torch)"]
 
 
+def test_no_torch_is_one_line(monkeypatch):
+    from basis_train.torch_floor import torch_problem
+
+    monkeypatch.setattr("basis_train.torch_floor.installed_torch", lambda: None)
+    assert torch_problem() == "basis-train needs torch >= 2.11, and none is installed (pip install torch)"
+
+
+def test_help_starts_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from basis_train.cli import train_main\ntry: train_main(['--help'])\n"
+            "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_supported_torch_passes(monkeypatch, capsys):
-    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr("basis_train.torch_floor.installed_torch", lambda: "2.11.0+cu130")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
     with pytest.raises(SystemExit) as exc:
         cli.train_main()

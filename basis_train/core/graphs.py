@@ -26,7 +26,7 @@ class GraphSupportError(RuntimeError):
 def registers_generators_itself(version: str | None = None) -> bool:
     """torch >= 2.14 registers every generator a capture draws from on first use, and its
     register_generator_state is a deprecated no-op that warns on every call."""
-    return torch_release(version) >= (2, 14)
+    return torch_release(version or torch.__version__) >= (2, 14)  # the torch running, not the one installed
 
 
 def check_graph_support() -> None:
