@@ -129,3 +129,28 @@ def test_gradients_under_the_meter_equal_unmetered():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _SavesTransposedCast(torch.autograd.Function):
+    """Saves W^T cast to bf16 (as a kernel that wants dX = dY W in row-major might), plus an
+    activation with as many elements as W: only the first is a weight cast."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w.t().contiguous().to(torch.bfloat16), x.reshape(-1).clone())
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        wt, _ = ctx.saved_tensors
+        return dy @ wt.t().float(), None
+
+
+def test_a_transposed_cast_of_a_weight_is_a_weight_cast():
+    w = nn.Parameter(torch.randn(3, 5))  # not square: the layouts differ
+    x = torch.randn(3, 5, requires_grad=True)  # 15 elements, as many as w
+    meter = SavedTensorMeter(params=[w])
+    with meter.measure():
+        _SavesTransposedCast.apply(x, w).sum().backward()
+    assert meter.weight_cast_bytes == 15 * 2
+    assert meter.activation_bytes == 15 * 4
