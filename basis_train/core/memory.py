@@ -44,40 +44,22 @@ def mark(t: torch.Tensor, category: str) -> None:
         _marks[_storage_key(t)] = category
 
 
-def gpt_category(name: str, module: nn.Module | None, t: torch.Tensor, after_head_input: bool) -> str:
-    """Category of a tensor saved while module `name` of the GPT (core/model.py) ran."""
-    from basis_train.core.sketch import BasisLinear
-
-    if isinstance(module, BasisLinear):
-        if t.dim() == 0 and not t.is_floating_point():
-            return "seeds"
-        return "sketches"  # BasisLinear keeps nothing else but the weight
-    leaf = name.rsplit(".", 1)[-1]
-    if name == "lm_head" or (name == "" and after_head_input):
-        return "head"  # the head's input and logits, and cross-entropy's log-softmax
-    if name == "" or leaf in ("ln1", "ln2", "ln_f", "fc", "q", "k", "v", "qkv", "out"):
-        # the root, before the head, saves only checkpointed blocks' inputs (the residual stream)
-        return "width_d"
-    if leaf in ("mlp", "proj"):
-        return "mlp_hidden"
-    if leaf == "attn":
-        return "attention"
-    return "other"
-
-
 def _storage_tensor(t: torch.Tensor) -> torch.Tensor:
     s = t.untyped_storage()
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(s, 0, (s.nbytes() // t.element_size(),))
 
 
 class SavedTensorMeter:
-    """Counts what autograd saves; `model` gives the parameters and the module names."""
+    """Counts what autograd saves; `model` gives the parameters and, through its
+    `memory_categories()` (core/model.py's GPT), the category of what each submodule saves:
+    ({module name: category}, the module after which the root's own saves are the loss's).
+    A model without it, or `params` alone, counts everything as "other"."""
 
-    def __init__(self, model: nn.Module | None = None, params: Iterable[torch.Tensor] = (),
-                 categorize: Callable = gpt_category) -> None:
+    def __init__(self, model: nn.Module | None = None, params: Iterable[torch.Tensor] = ()) -> None:
         self.params = [p.detach() for p in (model.parameters() if model is not None else params)]
         self._param_keys = {_storage_key(p) for p in self.params}
-        self._categorize = categorize if model is not None else None
+        self._categories, self._head_after = (model.memory_categories() if hasattr(model, "memory_categories")
+                                              else ({}, None))
         self._storages: dict[tuple[str, int], tuple[str, int]] = {}  # key -> (category, bytes)
         self._stack: list[tuple[str, nn.Module]] = []
         self._after_head_input = False
@@ -109,13 +91,20 @@ class SavedTensorMeter:
             category = "weight_cast"
         elif key in _marks:
             category = _marks[key]
-        elif self._categorize is None:
-            category = "other"
         else:
-            name, module = self._stack[-1] if self._stack else ("", None)
-            category = self._categorize(name, module, t, self._after_head_input)
+            category = self._category(t)
         self._storages[key] = (category, nbytes)
         return t.detach()
+
+    def _category(self, t: torch.Tensor) -> str:
+        from basis_train.core.sketch import BasisLinear
+
+        name, module = self._stack[-1] if self._stack else ("", None)
+        if isinstance(module, BasisLinear):  # it keeps nothing but its sketch and its seed (and the weight)
+            return "seeds" if t.dim() == 0 and not t.is_floating_point() else "sketches"
+        if name == "" and self._after_head_input:
+            return "head"  # the root after the head's input: the loss's log-softmax
+        return self._categories.get(name, "other")
 
     def _bytes(self, pick) -> int:
         return sum(nb for cat, nb in self._storages.values() if pick(cat))
@@ -149,7 +138,7 @@ class SavedTensorMeter:
             def hook(*_):
                 if self._stack:
                     self._stack.pop()
-                if name == "ln_f":  # what the root saves from here on is the loss's
+                if name == self._head_after:  # what the root saves from here on is the loss's
                     self._after_head_input = True
             return hook
 

@@ -224,6 +224,21 @@ class GPT(nn.Module):
                 names.append(name)
         return names
 
+    def memory_categories(self) -> tuple[dict[str, str], str]:
+        """For the memory meter (core/memory.py): the category of what each submodule saves
+        while it runs, and the module after which the root's own saves belong to the head."""
+        cats = {"": "width_d", "lm_head": "head"}  # the root saves checkpointed blocks' inputs
+        for name, m in self.named_modules():
+            if name in cats:
+                continue
+            if isinstance(m, CausalSelfAttention):
+                cats[name] = "attention"  # the attention kernel's q, k, v, output and statistics
+            elif isinstance(m, MLP):
+                cats[name] = cats[f"{name}.proj"] = "mlp_hidden"  # GELU's input, proj's input
+            elif isinstance(m, (nn.LayerNorm, nn.Linear)):
+                cats[name] = "width_d"  # inputs of width n_embd (the residual stream, attention's output)
+        return cats, "ln_f"
+
     def head_kernel_ran(self) -> str | None:
         """The fused head's kernel in its last loss ("cce" | "native"); None for the plain head
         or before any fused loss was computed."""

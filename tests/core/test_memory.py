@@ -154,3 +154,30 @@ def test_a_transposed_cast_of_a_weight_is_a_weight_cast():
         _SavesTransposedCast.apply(x, w).sum().backward()
     assert meter.weight_cast_bytes == 15 * 2
     assert meter.activation_bytes == 15 * 4
+
+
+def test_the_model_tells_the_meter_its_categories():
+    """The meter knows no module names: a model of other names gets its saves sorted by its own table."""
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.widen, self.squash = nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.squash(torch.tanh(self.widen(x)) * 2)  # tanh keeps its output, squash its input
+
+        def memory_categories(self):
+            return {"widen": "width_d", "squash": "mlp_hidden"}, None
+
+    model, x = Toy(), torch.randn(3, 4)
+    meter = SavedTensorMeter(model)
+    with meter.measure():
+        model(x).sum().backward()
+    b = meter.breakdown
+    assert b["width_d"] == 3 * 4 * 4 and b["mlp_hidden"] == 3 * 8 * 4 and b["other"] == 3 * 8 * 4  # tanh's output
+    del Toy.memory_categories
+    meter = SavedTensorMeter(model)
+    with meter.measure():
+        model(x).sum().backward()
+    assert meter.breakdown["other"] == meter.activation_bytes
