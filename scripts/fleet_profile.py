@@ -16,7 +16,7 @@ import torch
 from fleet_opcount import paper_fleet
 from torch.profiler import ProfilerActivity, profile
 
-from basis_train.training.fleet import FleetStep
+from basis_train.fleet.loop import FleetStep
 
 
 def main(per_config: int = 5, replays: int = 200) -> None:
