@@ -77,7 +77,7 @@ def paper_fleet(per_config: int = 5, device: str = "cpu") -> tuple[FleetGPT, Fle
             members.append(build_gpt(gpt_config(c), seed=seed, method=method))
             gens.append(torch.Generator(device=device).manual_seed(seed) if method == "basis" else None)
     fleet = FleetGPT(members, gens).to(device)
-    rows = {fleet.names.index("wte.weight"): fleet.sparse_embedding_grad()}  # as training/fleet.py
+    rows = {fleet.names.index("wte.weight"): fleet.sparse_embedding_grad()}  # as fleet/loop.py
     opt = FleetSGD([fleet.p(n) for n in fleet.names], [[cfg.optim.lr] * fleet.size for _ in fleet.names],
                    cfg.optim.momentum, cfg.optim.weight_decay, sparse=rows)
     return fleet, opt, cfg
@@ -106,7 +106,7 @@ def main(per_config: int = 5) -> None:
         counter.bytes_by_phase[counter.phase] += moved
 
     class FusedSGD:
-        """core/kernels/fleet_sgd.py's launches: `fleet_sgd_` reads p, grad (if any), buf and lr once and
+        """fleet/kernels/sgd.py's launches: `fleet_sgd_` reads p, grad (if any), buf and lr once and
         writes buf and p once; `fleet_sgd_rows_` reads each gradient row and its index once and reads and
         writes the row of p and buf it updates."""
 

@@ -1,5 +1,5 @@
 """Where a paper-size fleet step's time goes on a GPU: the held-out Table 3 fleet (30 members by
-default, scripts/fleet_opcount.py's `paper_fleet`) timed as training/fleet.py runs it (FleetStep,
+default, scripts/fleet_opcount.py's `paper_fleet`) timed as fleet/loop.py runs it (FleetStep,
 one CUDA-graph replay per step), then a torch.profiler table of eager steps by kernel.
 
     python scripts/fleet_profile.py [MEMBERS_PER_CONFIG] [REPLAYS] > profile.txt

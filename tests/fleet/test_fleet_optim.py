@@ -23,7 +23,7 @@ TOL = dict(rtol=2e-6, atol=1e-6)  # float32 rounding (an FMA or not: 1 ulp of va
 @pytest.fixture()
 def interpreted(monkeypatch, interpreted_kernel):
     """fleet/kernels/sgd.py under Triton's interpreter, routed to for CPU tensors (as
-    tests/core/test_fleet_sketch.py does for the bins kernel)."""
+    tests/fleet/test_fleet_sketch.py does for the bins kernel)."""
     module = interpreted_kernel("basis_train.fleet.kernels.sgd", "the interpreter runs where there is no GPU")
     monkeypatch.setattr(module, "BLOCK", 64)  # several programs per parameter, a ragged last one
     monkeypatch.setattr(fleet_optim.KERNELS, "module", module)
