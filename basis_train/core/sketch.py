@@ -253,13 +253,13 @@ class BasisLinearFunction(torch.autograd.Function):
         # cast of it) and always sums in float32.
         xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
         ctx.save_for_backward(xs, seed, weight)
-        ctx.cfg = (r, spec, x.dtype, bias is not None)
+        ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias = r, spec, x.dtype, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         xs, seed, weight = ctx.saved_tensors
-        r, spec, x_dtype, has_bias = ctx.cfg
+        r, spec, x_dtype, has_bias = ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x_dtype)
