@@ -1,4 +1,4 @@
-"""The batched fleet head's softmax and its gradient in two passes (fleet/head.py `_FleetFusedCE`'s
+"""The batched fleet head's softmax and its gradient in two passes (fleet/head.py `FleetFusedCE`'s
 CUDA path).
 
 The head keeps every member's logits transposed, (M, vocab, rows), so that vocabulary chunks are

@@ -1,8 +1,7 @@
 """A fleet's SGD update in one pass per stacked parameter (fleet/optim.py's CUDA path).
 
-It lives with the other Triton kernels (core/kernels/) rather than under training/: the tests load
-every kernel module from this folder under Triton's interpreter the same way, and importing it needs
-Triton, which training/ never imports directly.
+It lives apart from fleet/optim.py because importing it needs Triton: optim.py loads it through a
+KernelRoute, and the tests load it under Triton's interpreter.
 
 For a stacked parameter p [M, ...] with gradient g, momentum buffer buf (same shape, contiguous)
 and the members' learning rates lr (M,) float32, each element does torch.optim.SGD's update
