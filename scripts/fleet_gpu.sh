@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fleet mode on one GPU (issue 13): the CUDA tests of tests/training/test_fleet.py (graphed fleet =
+# Fleet mode on one GPU (issue 13): the CUDA tests of tests/fleet/test_fleet.py (graphed fleet =
 # eager fleet = graphed single runs), then the 30-run held-out Table 3 grid (exact, R = 64, 32, 16,
 # 8, 1; seeds 0-4) trained as one fleet by basis-reproduce --fleet, timed end to end (data load,
 # memory probes, capture, training, evaluation, checkpoints and the report). Usage on the device:
@@ -11,7 +11,7 @@ DIR=${OUT:-/tmp}/fleet-smoke; STEPS=${STEPS:-2000}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
-  python -m pytest -q -x tests/training/test_fleet.py -k "cuda or three" || exit 1
+  python -m pytest -q -x tests/fleet/test_fleet.py -k "cuda or three" || exit 1
   echo "tests: ${SECONDS}s"
 fi
 SECONDS=0

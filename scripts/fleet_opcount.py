@@ -20,12 +20,13 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from basis_train.core import fleet_head, fleet_sketch
-from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import build_gpt
-from basis_train.training import fleet_optim
+from basis_train.fleet import head as fleet_head
+from basis_train.fleet import optim as fleet_optim
+from basis_train.fleet import sketch as fleet_sketch
+from basis_train.fleet.model import FleetGPT
+from basis_train.fleet.optim import FleetSGD
 from basis_train.training.config import apply_overrides, load_config
-from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.setup import gpt_config
 
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "permute", "select",
@@ -76,7 +77,7 @@ def paper_fleet(per_config: int = 5, device: str = "cpu") -> tuple[FleetGPT, Fle
             members.append(build_gpt(gpt_config(c), seed=seed, method=method))
             gens.append(torch.Generator(device=device).manual_seed(seed) if method == "basis" else None)
     fleet = FleetGPT(members, gens).to(device)
-    rows = {fleet.names.index("wte.weight"): fleet.sparse_embedding_grad()}  # as training/fleet.py
+    rows = {fleet.names.index("wte.weight"): fleet.sparse_embedding_grad()}  # as fleet/loop.py
     opt = FleetSGD([fleet.p(n) for n in fleet.names], [[cfg.optim.lr] * fleet.size for _ in fleet.names],
                    cfg.optim.momentum, cfg.optim.weight_decay, sparse=rows)
     return fleet, opt, cfg
@@ -105,7 +106,7 @@ def main(per_config: int = 5) -> None:
         counter.bytes_by_phase[counter.phase] += moved
 
     class FusedSGD:
-        """core/kernels/fleet_sgd.py's launches: `fleet_sgd_` reads p, grad (if any), buf and lr once and
+        """fleet/kernels/sgd.py's launches: `fleet_sgd_` reads p, grad (if any), buf and lr once and
         writes buf and p once; `fleet_sgd_rows_` reads each gradient row and its index once and reads and
         writes the row of p and buf it updates."""
 
@@ -135,7 +136,7 @@ def main(per_config: int = 5) -> None:
             count("triton:fleet_sgd_rows", (index, rows) + (rows,) * (4 if buf is not None else 2))
 
     class HeadKernels:
-        """core/kernels/fleet_head.py's launches: `row_lse` reads the logits once, `softmax_grad_` reads
+        """fleet/kernels/head.py's launches: `row_lse` reads the logits once, `softmax_grad_` reads
         and writes them once (and reads S)."""
 
         @staticmethod
@@ -159,8 +160,8 @@ def main(per_config: int = 5) -> None:
             count("triton:softmax_grad", (logits_t, logits_t, lse, targets) + (() if smat is None else (smat,)))
             return sumsq, sksq
 
-    fleet_optim._kernels, fleet_optim._KERNEL_DEVICES = FusedSGD, {"cpu", "cuda"}
-    fleet_head._kernels_head, fleet_head._HEAD_KERNEL_DEVICES = HeadKernels, {"cpu", "cuda"}
+    fleet_optim.KERNELS.module, fleet_optim.KERNELS.devices = FusedSGD, {"cpu", "cuda"}
+    fleet_head.KERNELS.module, fleet_head.KERNELS.devices = HeadKernels, {"cpu", "cuda"}
     t = cfg.model.block_size
     idx = torch.randint(0, cfg.model.vocab_size, (fleet.size, cfg.train.batch_size, t + 1))
     for _ in range(2):  # the second step is the steady state (momentum buffers exist)

@@ -1,5 +1,5 @@
 """Where a paper-size fleet step's time goes on a GPU: the held-out Table 3 fleet (30 members by
-default, scripts/fleet_opcount.py's `paper_fleet`) timed as training/fleet.py runs it (FleetStep,
+default, scripts/fleet_opcount.py's `paper_fleet`) timed as fleet/loop.py runs it (FleetStep,
 one CUDA-graph replay per step), then a torch.profiler table of eager steps by kernel.
 
     python scripts/fleet_profile.py [MEMBERS_PER_CONFIG] [REPLAYS] > profile.txt
@@ -16,7 +16,7 @@ import torch
 from fleet_opcount import paper_fleet
 from torch.profiler import ProfilerActivity, profile
 
-from basis_train.training.fleet import FleetStep
+from basis_train.fleet.loop import FleetStep
 
 
 def main(per_config: int = 5, replays: int = 200) -> None:

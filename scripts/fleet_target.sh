@@ -14,7 +14,7 @@ OUT=${OUT:-/tmp/fleet_out}; GRID=/tmp/fleet_grid; mkdir -p "$OUT"; PROTOCOLS=${P
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "$GPU"
 if [ "${TESTS:-1}" = 1 ]; then
 SECONDS=0
-timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/core/test_fleet_sketch.py tests/core/test_fleet_sgd.py tests/core/test_fleet_head.py tests/training/test_fleet.py tests/training/test_step_dispatch.py \
+timeout ${TEST_TIMEOUT:-100} python -m pytest -q tests/fleet/ tests/training/test_step_dispatch.py \
   -k "cuda or gpu or three or kernel or compiled" 2>&1 | tail -4
 echo "tests: ${SECONDS}s"
 fi

@@ -33,7 +33,6 @@ step head_nopad 40 env BASIS_HEAD_PAD=1 python3 -m basis_train.experiments.bench
 step targets_gpt2 80 python3 -m basis_train.experiments.bench_kernels "$OUT/bk" gpt2
 step fleet 100 env OUT=/tmp/fleet STEPS=${FLEET_STEPS:-500} bash scripts/fleet_gpu.sh
 step cce_tests 40 python3 -m pytest -q -p no:cacheprovider -rs tests/core/test_head_cce_gpu.py tests/core/test_head.py
-step kernel_ab 80 python3 scripts/kernel_ab.py --out "$OUT/kernel_ab.json"
 step bench_gpt2 100 python3 -m basis_train.experiments.bench --sizes gpt2-small --variants exact \
   --heads fused,plain --steps 10 --warmup 3 --no-layer --head-bench --out "$OUT/bench"
 step targets_layer 60 python3 -m basis_train.experiments.bench_kernels "$OUT/bk" layer

@@ -55,20 +55,19 @@ def tiny_config(tmp_path, small_corpus) -> Path:
     return path
 
 
-def load_interpreted_kernel(name: str, gpu_note: str = "with a GPU the compiled kernels are tested instead"):
-    """A fresh copy of basis_train/core/kernels/<name>.py built under Triton's interpreter (the kernel
-    tests route CPU tensors to it). Skips where Triton is missing or a GPU runs the compiled kernel."""
+def load_interpreted_kernel(module: str, gpu_note: str = "with a GPU the compiled kernels are tested instead"):
+    """A fresh copy of the kernel module `module` (a dotted name) built under Triton's interpreter (the
+    kernel tests route CPU tensors to it). Skips where Triton is missing or a GPU runs the compiled kernel."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
-
-    from basis_train.core import kernels
 
     if torch.cuda.is_available():
         pytest.skip(gpu_note)
     if os.environ.get("TRITON_INTERPRET") != "1" or isinstance(tl.zeros, triton.runtime.JITFunction):
         pytest.fail("Triton was imported before tests/conftest.py could switch on its interpreter")
-    path = Path(kernels.__file__).parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"basis_train.core.kernels._interpreted_{name}", path)
+    package, _, name = module.rpartition(".")
+    path = Path(importlib.import_module(package).__file__).parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{package}._interpreted_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -76,5 +75,5 @@ def load_interpreted_kernel(name: str, gpu_note: str = "with a GPU the compiled 
 
 @pytest.fixture()
 def interpreted_kernel():
-    """`load_interpreted_kernel` for tests: `interpreted_kernel("fleet_sgd")`."""
+    """`load_interpreted_kernel` for tests: `interpreted_kernel("basis_train.fleet.kernels.sgd")`."""
     return load_interpreted_kernel

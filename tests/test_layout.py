@@ -59,3 +59,34 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "basis_train.training.config" in graph["basis_train.cli"]  # the graph sees imports at all
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+LAYERS = ("cli", "experiments", "fleet", "training", "reporting", "core", "data")  # top to bottom
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_fleet_package_sits_between_experiments_and_training():
+    """Nothing below fleet/ imports it, and fleet/ imports nothing above it."""
+    wrong = []
+    for name, imported in import_graph().items():
+        here = _package(name)
+        for target in imported:
+            there = _package(target)
+            if "fleet" in (here, there) and here != there and here is not None and there is not None:
+                if LAYERS.index(there) < LAYERS.index(here):
+                    wrong.append(f"{name} -> {target}")
+    assert not wrong, wrong
+
+
+def test_fleet_uses_only_public_names_of_core_and_training():
+    private = []
+    for path in (ROOT / "fleet").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    ("basis_train.core", "basis_train.training")):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of a 32-bit seed (a 0-d int64 tensor, so drawing it
 needs no host synchronisation and CUDA graphs replay it from memory). The fused GPU kernels
-(`kernels/sketch_triton.py`) evaluate the same arithmetic row by row; this module is the
+(`kernels/sketch_gather.py`, fleet/kernels/bins.py) evaluate the same arithmetic row by row; this module is the
 PyTorch path (CPU, float64, or CUDA without Triton) and the tests' reference, so CPU and
 GPU put the same rows in the same bins with the same signs for a seed.
 

@@ -38,10 +38,10 @@ from basis_train.core import head_cce, memory
 from basis_train.core.sketch import (
     BasisLinear,
     SketchSpec,
-    _rescale,
     bins_and_signs,
     draw_seed,
     gaussian_projection,
+    rescale,
 )
 
 HEADS = ("fused", "plain")
@@ -106,7 +106,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 picked = logits.gather(1, targets[a:b, None]).squeeze(1)
                 loss += (lse[a:b] - picked).sum()
             saved = [xc, targets, lse, weight]
-            ctx.sketch_cfg = None
+            ctx.rank = ctx.spec = None
             if spec is not None:
                 r = min(spec.rank, rows)
                 # As BasisLinear: the sketch reads x as given, before any autocast cast.
@@ -115,7 +115,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 if not torch.compiler.is_compiling():  # the meter runs eagerly
                     memory.mark(xs, "sketches")
                     memory.mark(seed, "seeds")
-                ctx.sketch_cfg = (r, spec.kind, spec.scalars, spec.lam)
+                ctx.rank, ctx.spec = r, spec
         ctx.save_for_backward(*saved)
         ctx.chunk, ctx.cd, ctx.x_dtype = chunk, cd, x.dtype
         return loss / rows
@@ -131,12 +131,12 @@ class _FusedLinearCE(torch.autograd.Function):
             wp = _padded(weight, cd)
             v, vp = weight.shape[0], wp.shape[0]
             grad_x = torch.empty_like(xc) if need_x else None
-            exact_w = need_w and ctx.sketch_cfg is None
+            exact_w = need_w and ctx.spec is None
             grad_w = torch.zeros(vp, weight.shape[1], dtype=acc, device=xc.device) if exact_w else None
             # dlogits in the compute dtype, padded; its pad columns stay zero across chunks
             dlp = torch.zeros(min(ctx.chunk, rows), vp, dtype=cd, device=xc.device) if vp != v else None
-            if need_w and ctx.sketch_cfg is not None:
-                r, hashing, scalars, lam = ctx.sketch_cfg
+            if need_w and ctx.spec is not None:
+                r, hashing = ctx.rank, ctx.spec.kind
                 xs, seed = sk
                 g_sketch = torch.zeros(r, weight.shape[0], dtype=acc, device=xc.device)
                 g_sq = torch.zeros((), dtype=acc, device=xc.device)
@@ -168,8 +168,9 @@ class _FusedLinearCE(torch.autograd.Function):
                     else:
                         g_sketch.index_add_(0, bins[a:b], dlf * signs[a:b, None])
             if need_w and not exact_w:
-                # _rescale reads only the Frobenius norm of the full matrix: pass it as a 1-vector.
-                g_sketch = _rescale(g_sketch, g_sq.sqrt().view(1), lam, scalars)
+                # The squared norm taken back from its root, as every run so far rounded it.
+                g_sq = torch.linalg.vector_norm(g_sq.sqrt().view(1), dtype=g_sketch.dtype).square()
+                g_sketch = rescale(g_sketch, g_sq, ctx.spec)
                 grad_w = g_sketch.t() @ xs
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None
@@ -177,18 +178,17 @@ class _FusedLinearCE(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = DEFAULT_CHUNK, sketch: tuple | None = None,
-                               seed: torch.Tensor | None = None) -> torch.Tensor:
+                               chunk: int = DEFAULT_CHUNK, spec: SketchSpec | None = None,
+                               seed: torch.Tensor | None = None,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean cross-entropy of (x W^T) over rows of x (rows, N) against targets (rows,).
 
-    `sketch`, for the BASIS dW: (rank, hashing, scalars, lam, generator); `seed`, when given, is
-    the sketch's seed, else one is drawn from `generator` (as BasisLinear draws it)."""
+    `spec`, for the BASIS dW; `seed`, when given, is the sketch's seed, else one is drawn from
+    `generator` (as BasisLinear draws it)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk!r}")
-    spec = None
-    if sketch is not None:
-        spec = SketchSpec(*sketch[:4])
-        seed = draw_seed(x.device, sketch[4]) if seed is None else seed
+    if spec is not None and seed is None:
+        seed = draw_seed(x.device, generator)
     return _FusedLinearCE.apply(x, weight, targets, int(chunk), spec, seed)
 
 
@@ -233,6 +233,4 @@ class FusedBasisHead(BasisLinear):
         # The sketch only serves dW: a frozen weight gets the exact head and draws no seed (as BasisLinear).
         if not self.sketching():
             return fused_linear_cross_entropy(x, self.weight, targets, self.chunk)
-        spec = self.spec
-        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk,
-                                          (spec.rank, spec.kind, spec.scalars, spec.lam, None), self.take_seed(x))
+        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk, self.spec, self.take_seed(x))

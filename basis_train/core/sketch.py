@@ -14,12 +14,13 @@ torch's generator (a 0-d device tensor: no host synchronisation, CUDA-graph safe
 passes expand it with `feistel.py` (a keyed bijection of the rows for balanced bins, keyed
 hashes for signs). Only the R x N sketch and the 8-byte seed are kept for backward.
 
-Implementations sharing that randomness:
+The public sketch API, all sharing that randomness and reading a `SketchSpec`:
 - `count_sketch_reference`: a scatter (index_add) over explicit bins, the readable
   definition the tests compare against;
-- `count_sketch` / `scaled_sketch`: on CUDA the fused Triton kernels (`kernels/sketch_gather.py`:
-  a slot table, then one gather-and-sum pass per matrix; `kernels/sketch_triton.py`, the older
-  v1, by BASIS_SKETCH_KERNEL=v1); elsewhere, or without Triton, a PyTorch gather.
+- `sketch_stats`: the fast sketch with the norms the rescale needs, from one pass: on CUDA the
+  fused Triton kernel (`kernels/sketch_gather.py`: a slot table, then one gather-and-sum pass
+  per matrix); elsewhere, or without Triton, a PyTorch gather;
+- `scaled_sketch` (the fast sketch, rescaled) and `rescale` (the rescale alone).
 
 Vocabulary: a *hashing* assigns rows to the bins of a count-sketch ("balanced", "uniform").
 A *sketch kind* is what summarises a matrix: a count-sketch with one of the hashings, or
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,48 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from basis_train.core import feistel as fe
-from basis_train.core.kernels import optional
+from basis_train.core.kernels import KernelRoute
 
 HASHINGS = ("balanced", "uniform")
 SKETCH_KINDS = (*HASHINGS, "gaussian")
-_EPS = 1e-8
+# Only in the rescale's denominator, as the reference.
+SCALE_EPS = 1e-8
 # Matrices the fused kernels take; float64 (the tests' references) stays in PyTorch.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Device types routed to the Triton kernels. Tests add "cpu" to run them under the Triton
-# interpreter (with `_kernels` replaced by an interpreted copy of the module).
-_KERNEL_DEVICES = {"cuda"}
-# The fused kernels, by version: v2 builds a slot table in parallel and then only gathers;
-# v1 (inverse Feistel inside the summing kernel) stays for A/B timing (bench_kernels --ab).
-# Both give the same bins and signs. BASIS_SKETCH_KERNEL picks one for the process.
-KERNEL_VERSIONS = {"v1": "sketch_triton", "v2": "sketch_gather"}
-_kernels = None  # the kernel module once imported; False where Triton is missing
-
-
-def _check_version(version: str) -> str:
-    if version not in KERNEL_VERSIONS:
-        raise ValueError(f"BASIS_SKETCH_KERNEL must be one of {sorted(KERNEL_VERSIONS)}, got {version!r}")
-    return version
-
-
-_kernel_version = _check_version(os.environ.get("BASIS_SKETCH_KERNEL", "v2"))
-
-
-def set_kernel_version(version: str) -> None:
-    """Switch the fused kernels used from now on (the A/B bench times both in one process)."""
-    global _kernels, _kernel_version
-    _kernel_version = _check_version(version)
-    _kernels = None
-
-
-def kernel_version() -> str:
-    return _kernel_version
-
-
-def _kernel_module():
-    global _kernels
-    if _kernels is None:  # False after one warning where Triton is missing: the PyTorch path from then on
-        _kernels = optional(KERNEL_VERSIONS[_kernel_version], "BASIS uses its slower PyTorch sketch")
-    return _kernels
+KERNELS = KernelRoute("basis_train.core.kernels.sketch_gather", "BASIS uses its slower PyTorch sketch")
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,15 +109,17 @@ def _gather_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int) -> torch.Tens
     return gathered.view(per_bin, rank, cols).sum(0)
 
 
-def _use_kernel(m: torch.Tensor, kind: str) -> bool:
-    return (kind == "balanced" and m.device.type in _KERNEL_DEVICES and m.dtype in _KERNEL_DTYPES
-            and m.dim() == 2 and m.shape[0] > 0 and bool(_kernel_module()))
+def _kernels_for(m: torch.Tensor, kind: str):
+    if kind == "balanced" and m.dtype in _KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0:
+        return KERNELS.on(m.device.type)
+    return None
 
 
-def _sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, colsum: bool = False):
-    """(S m, ||m||_F^2, column sums of m if asked): from one kernel pass where possible."""
-    if _use_kernel(m, kind):
-        return _kernels.sketch_stats(m, seed, rank, colsum)
+def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "balanced", colsum: bool = False):
+    """(S m, ||m||_F^2, column sums of m if asked): the fast sketch, from one kernel pass where
+    possible; S m equals `count_sketch_reference` up to float32 summation order."""
+    if kernels := _kernels_for(m, kind):
+        return kernels.sketch_stats(m, seed, rank, colsum)
     acc = _acc_dtype(m)
     if m.shape[0] == 0:
         sk = m.new_zeros(rank, m.shape[1], dtype=acc)
@@ -162,37 +131,34 @@ def _sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, col
     return sk, sumsq, m.sum(0, dtype=acc) if colsum else None
 
 
-def count_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "balanced") -> torch.Tensor:
-    """Same result as `count_sketch_reference` (up to float32 summation order)."""
-    return _sketch_stats(m, seed, rank, kind)[0]
-
-
-def _scale(sketch: torch.Tensor, full_sumsq: torch.Tensor, lam: float, scalars: bool) -> torch.Tensor:
-    # One scalar for the whole matrix; epsilon only in the denominator, as the reference.
+def _rescaled(sketch: torch.Tensor, full_sumsq: torch.Tensor, lam: float, scalars: bool) -> torch.Tensor:
+    # One scalar for the whole matrix.
     if scalars:
-        sketch = sketch * (full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + _EPS))
+        sketch = sketch * (full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + SCALE_EPS))
     return sketch * (1.0 - lam) if lam else sketch
 
 
-def _rescale(sketch: torch.Tensor, full: torch.Tensor, lam: float, scalars: bool) -> torch.Tensor:
-    """Invariant scalars and lambda for a sketch of the matrix `full`."""
-    return _scale(sketch, torch.linalg.vector_norm(full, dtype=sketch.dtype).square(), lam, scalars)
+def rescale(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchSpec) -> torch.Tensor:
+    """The invariant scalars (if `spec` has them) and lambda, for a sketch of a matrix whose
+    squared Frobenius norm is `full_sumsq`."""
+    return _rescaled(sketch, full_sumsq, spec.lam, spec.scalars)
 
 
 def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
                   colsum: bool = False):
-    """(rescaled sketch of m, column sums of m if asked). Kernels that also fuse the rescale
-    (v2's `scaled_stats`) save the dozen small launches of `_scale` and the partial sums."""
-    fused = getattr(_kernels, "scaled_stats", None) if _use_kernel(m, kind) else None
+    # The kernel's fused rescale saves the dozen small launches of `_rescaled` and the partial sums.
+    kernels = _kernels_for(m, kind)
+    fused = getattr(kernels, "scaled_stats", None)
     if fused is not None:
-        return fused(m, seed, rank, scalars, lam, _EPS, colsum)
-    sk, sumsq, cs = _sketch_stats(m, seed, rank, kind, colsum)
-    return _scale(sk, sumsq, lam, scalars), cs
+        return fused(m, seed, rank, scalars, lam, SCALE_EPS, colsum)
+    sk, sumsq, cs = sketch_stats(m, seed, rank, kind, colsum)
+    return _rescaled(sk, sumsq, lam, scalars), cs
 
 
-def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float) -> torch.Tensor:
-    """The rescaled sketch of one matrix: what each pass of BasisLinear keeps or multiplies."""
-    return _scaled_stats(m, seed, rank, kind, scalars, lam)[0]
+def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, spec: SketchSpec, rank: int | None = None) -> torch.Tensor:
+    """The rescaled sketch of one matrix, what each pass of BasisLinear keeps or multiplies;
+    `rank`: the R that runs where it is clamped below `spec.rank` (min(R, rows))."""
+    return _scaled_stats(m, seed, spec.rank if rank is None else rank, spec.kind, spec.scalars, spec.lam)[0]
 
 
 def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
@@ -287,13 +253,13 @@ class BasisLinearFunction(torch.autograd.Function):
         # cast of it) and always sums in float32.
         xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
         ctx.save_for_backward(xs, seed, weight)
-        ctx.cfg = (r, spec, x.dtype, bias is not None)
+        ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias = r, spec, x.dtype, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         xs, seed, weight = ctx.saved_tensors
-        r, spec, x_dtype, has_bias = ctx.cfg
+        r, spec, x_dtype, has_bias = ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x_dtype)

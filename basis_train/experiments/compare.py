@@ -178,7 +178,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     """Run every unfinished job; returns the jobs that failed (their train.log says why).
 
     fleet: runs that can share a batched model train as fleets in this process
-    (experiments/fleets.py); only the others take the per-process path below."""
+    (fleet/grid.py); only the others take the per-process path below."""
     todo, stale = [], []
     for job in jobs:
         cfg = apply_overrides(load_config(config), {**job.overrides, "log.out": str(job.out)})
@@ -201,7 +201,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     todo = [job for job, _ in todo]
     fleet_failed: list[Job] = []
     if fleet and todo:
-        from basis_train.experiments.fleets import run_fleets  # imports the training code
+        from basis_train.fleet.grid import run_fleets  # imports the training code
 
         fleet_failed, todo, stopped = run_fleets(todo, cfgs, log, keep_checkpoints, progress)
         if stopped:

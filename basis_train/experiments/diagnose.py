@@ -6,7 +6,7 @@ section 3 ablations) to measure relative error, cosine, norm ratio and bias.
 
 Speed: every metric is a Frobenius norm or inner product of dW^ and dW. Writing X = Xc Q^T with
 orthonormal Q (a QR; Xc has at most `rows` columns) changes none of them, nor the sketch norms the
-invariant scalars use (S X = (S Xc) Q^T). So sketch.py's count_sketch and _rescale run on rows x rows
+invariant scalars use (S X = (S Xc) Q^T). So sketch.py's sketch_stats and rescale run on rows x rows
 matrices instead of e.g. the 64 x 50257 lm_head gradient, with the real estimator's metrics to
 float64 rounding (tested against `estimate`, the uncompressed estimator).
 """
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from basis_train.cli import fail, make_app
 from basis_train.core.model import GPT, build_gpt
-from basis_train.core.sketch import _rescale, count_sketch, draw_seed
+from basis_train.core.sketch import draw_seed, rescale, sketch_stats
 from basis_train.data.corpus import DataError, load_tokens
 from basis_train.data.loaders import TrainLoader, make_splits
 from basis_train.reporting.diagnose_report import VARIANTS, Variant, findings, write_outputs  # noqa: F401  (public API)
@@ -93,11 +93,15 @@ def capture(model: nn.Module, batches, names: list[str]) -> list[dict[str, tuple
     return out
 
 
+def _rescaled(sketch: torch.Tensor, full: torch.Tensor, variant: Variant) -> torch.Tensor:
+    return rescale(sketch, torch.linalg.vector_norm(full, dtype=sketch.dtype).square(), variant)
+
+
 def estimate(x: torch.Tensor, dy: torch.Tensor, seed: torch.Tensor, rank: int, variant: Variant) -> torch.Tensor:
     """One BASIS estimate of dW = dY^T X, computed as BasisLinearFunction does."""
     r = min(rank, x.shape[0])
-    xs = _rescale(count_sketch(x, seed, r, variant.hashing), x, variant.lam, variant.scalars)
-    gs = _rescale(count_sketch(dy, seed, r, variant.hashing), dy, variant.lam, variant.scalars)
+    xs = _rescaled(sketch_stats(x, seed, r, variant.hashing)[0], x, variant)
+    gs = _rescaled(sketch_stats(dy, seed, r, variant.hashing)[0], dy, variant)
     return gs.t() @ xs
 
 
@@ -137,11 +141,11 @@ def run_draws(captures, names, ranks, variants, draws, seed=0, progress=False) -
                     xs, gs = [[] for _ in specs], [[] for _ in specs]
                     for s in seeds[lo:lo + chunk]:
                         for h in hashings:
-                            sk = count_sketch(joint, s, r, h)
+                            sk = sketch_stats(joint, s, r, h)[0]
                             for vi, v in enumerate(specs):
                                 if v.hashing == h:
-                                    xs[vi].append(_rescale(sk[:, :n_x], xc, v.lam, v.scalars))
-                                    gs[vi].append(_rescale(sk[:, n_x:], dyc, v.lam, v.scalars))
+                                    xs[vi].append(_rescaled(sk[:, :n_x], xc, v))
+                                    gs[vi].append(_rescaled(sk[:, n_x:], dyc, v))
                     for vi in range(len(specs)):
                         est = torch.bmm(torch.stack(gs[vi]).transpose(1, 2), torch.stack(xs[vi]))
                         at = (li, ri, vi, k, slice(lo, lo + len(est)))

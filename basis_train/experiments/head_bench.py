@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from basis_train.core import head_cce
 from basis_train.core.head import fused_linear_cross_entropy
 from basis_train.core.memory import step_peak_bytes
+from basis_train.core.sketch import SketchSpec
 from basis_train.experiments.timing import time_step
 
 HEAD, HEAD_QUICK = [8192, 768, 50257], [64, 16, 97]
@@ -41,7 +42,8 @@ def _impl(name: str, chunk: int):
     if name == "fused-basis":
         gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
         return lambda x, w, t: fused_linear_cross_entropy(
-            x, w, t, chunk, sketch=(HEAD_RANK, "balanced", True, 0.01, gen if gen.device == x.device else None))
+            x, w, t, chunk, SketchSpec(HEAD_RANK, "balanced", True, 0.01),
+            generator=gen if gen.device == x.device else None)
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

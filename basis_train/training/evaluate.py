@@ -23,10 +23,14 @@ class Evaluator:
             self.stream = None
             self.batches = heldout_batches(val_tokens, block, cfg.data.eval_batch_size, device)
 
+    def next_batches(self) -> list:
+        """The (x, y) batches of the next evaluation (the paper protocol's stream advances)."""
+        return [self.stream.next()] if self.stream else self.batches
+
     @torch.no_grad()
     def __call__(self) -> float:
         self.model.eval()
-        batches = [self.stream.next()] if self.stream else self.batches
+        batches = self.next_batches()
         d = self.dist
         if d.enabled:  # each process scores its share; every process's ValStream still advances it alike
             batches = ([tuple(t.tensor_split(d.world_size)[d.proc_rank] for t in batches[0])] if self.stream

@@ -30,6 +30,7 @@ from basis_train.training.config import Config, config_hash
 from basis_train.training.distributed import Dist, init_from_env
 from basis_train.training.errors import RunError
 from basis_train.training.evaluate import Evaluator
+from basis_train.training.member import FleetMember
 from basis_train.training.metrics import MetricsSink, Throughput
 from basis_train.training.rundir import claim_out_dir, default_out_dir, find_run_to_resume, prepare_out_dir
 from basis_train.training.setup import (
@@ -63,6 +64,10 @@ class Run:
         except BaseException:
             self.close()  # a refused or failed start leaves --out to the next writer
             raise
+
+    def member(self) -> FleetMember:
+        """This run as a fleet member: the one interface through which a fleet trains it."""
+        return FleetMember(self)
 
     def close(self) -> None:
         """Let go of --out (its lock); the process's end does the same."""

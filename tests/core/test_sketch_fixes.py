@@ -55,25 +55,25 @@ class FlakyKernels:
 
 def test_one_failed_kernel_call_raises_and_does_not_switch_the_process_to_the_slow_path(monkeypatch):
     fake = FlakyKernels()
-    monkeypatch.setattr(sketch, "_kernels", fake)
-    monkeypatch.setattr(sketch, "_KERNEL_DEVICES", {"cpu"})
+    monkeypatch.setattr(sketch.KERNELS, "module", fake)
+    monkeypatch.setattr(sketch.KERNELS, "devices", {"cpu"})
     m, seed = torch.randn(16, 4), torch.tensor(3)
     with pytest.raises(RuntimeError, match="out of memory"):
-        sketch.scaled_sketch(m, seed, 4, "balanced", True, 0.01)
-    sketch.scaled_sketch(m, seed, 4, "balanced", True, 0.01)
-    assert fake.calls == 2 and sketch._kernels is fake
+        sketch.scaled_sketch(m, seed, sketch.SketchSpec(4))
+    sketch.scaled_sketch(m, seed, sketch.SketchSpec(4))
+    assert fake.calls == 2 and sketch.KERNELS.module is fake
 
 
 def test_global_dynamo_settings_are_left_alone(monkeypatch):
     import torch._dynamo.config as dynamo_config
 
     monkeypatch.setattr(dynamo_config, "recompile_limit", 3)
-    monkeypatch.setattr(sketch, "_kernels", FlakyKernels())
-    sketch._kernels.calls = 1  # no simulated failure
-    monkeypatch.setattr(sketch, "_KERNEL_DEVICES", {"cpu"})
+    monkeypatch.setattr(sketch.KERNELS, "module", FlakyKernels())
+    sketch.KERNELS.module.calls = 1  # no simulated failure
+    monkeypatch.setattr(sketch.KERNELS, "devices", {"cpu"})
     layer = BasisLinear(6, 5, rank=2)
     layer(torch.randn(8, 6, requires_grad=True)).sum().backward()
-    assert sketch._kernels.calls == 3  # forward X and backward dY went through the kernel dispatch
+    assert sketch.KERNELS.module.calls == 3  # forward X and backward dY went through the kernel dispatch
     assert dynamo_config.recompile_limit == 3
 
 

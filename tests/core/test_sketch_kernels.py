@@ -1,45 +1,33 @@
-"""The fused Triton sketch kernels (v1 and v2) against the PyTorch reference: under the
+"""The fused Triton sketch kernel (kernels/sketch_gather.py) against the PyTorch reference: under the
 Triton interpreter on CPU (small shapes), and compiled on a GPU when there is one."""
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from basis_train.core import sketch
-from basis_train.core.sketch import BasisLinear, count_sketch_reference, sketch_bins, sketch_signs
+from basis_train.core.sketch import BasisLinear, SketchSpec, count_sketch_reference, rescale, sketch_bins, sketch_signs
 
 from tolerance import assert_fp32_sum_close
 
 triton = pytest.importorskip("triton")
-KERNEL_DIR = Path(sketch.__file__).parent / "kernels"
-VERSIONS = sorted(sketch.KERNEL_VERSIONS)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def interpret(version, monkeypatch, load_interpreted_kernel):
-    """A copy of a kernel module built under Triton's interpreter, routed to for CPU tensors."""
-    module = load_interpreted_kernel(sketch.KERNEL_VERSIONS[version],
-                                     "with a GPU the compiled kernels are tested instead (the tests marked cuda)")
-    monkeypatch.setattr(sketch, "_kernels", module)
-    monkeypatch.setattr(sketch, "_KERNEL_DEVICES", {"cpu", "cuda"})
+@pytest.fixture()
+def interpreted(monkeypatch, interpreted_kernel):
+    """A copy of the kernel module built under Triton's interpreter, routed to for CPU tensors."""
+    module = interpreted_kernel(sketch.KERNELS.name,
+                                "with a GPU the compiled kernels are tested instead (the tests marked cuda)")
+    monkeypatch.setattr(sketch.KERNELS, "module", module)
+    monkeypatch.setattr(sketch.KERNELS, "devices", {"cpu", "cuda"})
     return module
 
 
-@pytest.fixture(params=VERSIONS)
-def interpreted(request, monkeypatch, interpreted_kernel):
-    return interpret(request.param, monkeypatch, interpreted_kernel)
-
-
-@pytest.fixture()
-def interpreted_v2(monkeypatch, interpreted_kernel):
-    return interpret("v2", monkeypatch, interpreted_kernel)
-
-
-def compiled(version):
-    return importlib.import_module(f"basis_train.core.kernels.{sketch.KERNEL_VERSIONS[version]}")
+def compiled():
+    return importlib.import_module(sketch.KERNELS.name)
 
 
 def abs_sketch(m64, seed, rank):
@@ -80,7 +68,7 @@ def test_interpreted_kernel_puts_rows_in_the_same_bins_with_the_same_signs(inter
     assert torch.equal(sk, expected)
 
 
-def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpreted_v2):
+def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpreted):
     # The whole layer (forward sketch of X, backward sketch + norm + bias sums of dY) on the kernels.
     torch.manual_seed(0)
     ref = torch.nn.Linear(6, 5)
@@ -98,12 +86,11 @@ def test_basis_linear_through_interpreted_kernel_is_exact_at_full_rank(interpret
 
 
 @cuda
-@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("rows,cols,rank,dtype", [(8192, 3072, 64, torch.bfloat16), (8192, 768, 16, torch.float32),
                                                   (1000, 257, 256, torch.float16), (64, 64, 32, torch.float32),
                                                   (8191, 3000, 64, torch.bfloat16), (3, 8, 2, torch.float32)])
-def test_gpu_kernel_matches_reference(version, rows, cols, rank, dtype):
-    kernels = compiled(version)
+def test_gpu_kernel_matches_reference(rows, cols, rank, dtype):
+    kernels = compiled()
     torch.manual_seed(0)
     m = torch.randn(rows, cols, device="cuda").to(dtype)
     seed = torch.tensor(2**32 - 5, device="cuda")
@@ -114,9 +101,8 @@ def test_gpu_kernel_matches_reference(version, rows, cols, rank, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("version", VERSIONS)
-def test_gpu_kernel_bins_and_signs_match_cpu(version):
-    kernels = compiled(version)
+def test_gpu_kernel_bins_and_signs_match_cpu():
+    kernels = compiled()
     rows, rank, seed = 3000, 64, 77
     sk = kernels.sketch_stats(torch.eye(rows, device="cuda"), torch.tensor(seed, device="cuda"), rank)[0]
     expected = torch.zeros(rank, rows)
@@ -126,31 +112,26 @@ def test_gpu_kernel_bins_and_signs_match_cpu(version):
 
 @cuda
 @pytest.mark.parametrize("rows,cols,rank", [(8192, 3072, 64), (8192, 768, 16), (1000, 257, 256)])
-def test_gpu_v2_fused_rescale_matches_reference_and_is_deterministic(rows, cols, rank):
-    kernels = compiled("v2")
+def test_gpu_fused_rescale_matches_reference_and_is_deterministic(rows, cols, rank):
+    kernels = compiled()
     torch.manual_seed(0)
     m = torch.randn(rows, cols, device="cuda").bfloat16()
     seed = torch.tensor(2**32 - 5, device="cuda")
-    sk, cs = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    sk, cs = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch.SCALE_EPS, colsum=True)
     m64, seed64 = m.double().cpu(), seed.cpu()
-    expected = sketch._scale(count_sketch_reference(m64, seed64, rank), m64.square().sum(), 0.01, True)
+    expected = rescale(count_sketch_reference(m64, seed64, rank), m64.square().sum(), SketchSpec(rank, lam=0.01))
     assert_close(sk.double().cpu(), expected, rtol=1e-5, atol=1e-4)
     assert_fp32_sum_close(cs.cpu(), m64.sum(0), m64.abs().sum(0), rows, "column sums")
-    again = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch._EPS, colsum=True)
+    again = kernels.scaled_stats(m, seed, rank, True, 0.01, sketch.SCALE_EPS, colsum=True)
     assert torch.equal(sk, again[0]) and torch.equal(cs, again[1])
 
 
 @cuda
-@pytest.mark.parametrize("version", VERSIONS)
-def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream(version, monkeypatch):
+def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream():
     # At R < rows every seed gives another dW, so a sketch frozen into the graph would fail.
     from basis_train.core import graphs
 
-    monkeypatch.setattr(sketch, "_kernel_version", sketch.kernel_version())
-    monkeypatch.setattr(sketch, "_kernels", None)
-    sketch.set_kernel_version(version)
-    assert sketch._use_kernel(torch.empty(4, 4, device="cuda"), "balanced")
-    assert sketch._kernels.__name__.endswith(sketch.KERNEL_VERSIONS[version])
+    assert sketch.KERNELS.on("cuda").__name__ == sketch.KERNELS.name
 
     def make():
         torch.manual_seed(0)
@@ -186,13 +167,13 @@ def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream(versi
     assert not torch.equal(got[0], got[1])
 
 
-# --- v2: the slot table and the launch shapes of the gather ---------------------------------
+# --- the slot table and the launch shapes of the gather ---------------------------------
 
 @pytest.mark.parametrize("rows", [5, 64, 67, 1000])
-def test_interpreted_slot_table_is_the_inverse_permutation_with_the_row_signs(interpreted_v2, rows):
+def test_interpreted_slot_table_is_the_inverse_permutation_with_the_row_signs(interpreted, rows):
     for s in (0, 2**32 - 5):
         seed = torch.tensor(s)
-        table = interpreted_v2.slot_table(seed, rows, block=64 if rows < 100 else 512)  # several programs
+        table = interpreted.slot_table(seed, rows, block=64 if rows < 100 else 512)  # several programs
         q = sketch.sketch_permutation(seed, rows)
         assert torch.equal((table >> 1).long(), q), (rows, s)
         assert torch.equal(1 - 2 * (table & 1).float(), sketch_signs(seed, rows)[q]), (rows, s)
@@ -231,11 +212,11 @@ def test_launch_shape_reads_every_slot_exactly_once(rows, cols, rank, programs, 
     ("programs=100000,tile_rows=4", 67, 40, 8),         # one bin per program, steps split over programs
     ("programs=2,tile_rows=8,table_block=16", 50, 9, 3),  # bins masked off in the last bin block
 ])
-def test_interpreted_v2_matches_reference_under_other_launch_shapes(interpreted_v2, monkeypatch, tuning, rows,
+def test_interpreted_matches_reference_under_other_launch_shapes(interpreted, monkeypatch, tuning, rows,
                                                                     cols, rank):
     monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
     torch.manual_seed(rows)
-    check_stats(interpreted_v2, torch.randn(rows, cols), torch.tensor(4242), rank)
+    check_stats(interpreted, torch.randn(rows, cols), torch.tensor(4242), rank)
 
 
 def test_v2_tuning_rejects_unknown_keys(monkeypatch):
@@ -246,31 +227,21 @@ def test_v2_tuning_rejects_unknown_keys(monkeypatch):
         sketch_gather.launch_shape(64, 8, 4)
 
 
-def test_kernel_version_switch(monkeypatch):
-    monkeypatch.setattr(sketch, "_kernels", None)
-    monkeypatch.setattr(sketch, "_kernel_version", sketch.kernel_version())
-    for version, name in sketch.KERNEL_VERSIONS.items():
-        sketch.set_kernel_version(version)
-        assert sketch._kernel_module().__name__.endswith(name)
-    with pytest.raises(ValueError, match="BASIS_SKETCH_KERNEL"):
-        sketch.set_kernel_version("v3")
-
-
 @pytest.mark.parametrize("tuning", ["", "programs=100000,tile_rows=4"])  # unsplit; steps split (reduce kernel)
 @pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0), (False, 0.2)])
-def test_interpreted_v2_fused_rescale_matches_scale_of_the_reference(interpreted_v2, monkeypatch, tuning, scalars,
+def test_interpreted_fused_rescale_matches_scale_of_the_reference(interpreted, monkeypatch, tuning, scalars,
                                                                      lam):
     monkeypatch.setenv("BASIS_SKETCH_V2", tuning)
     # Small finish blocks: several row blocks and several chunks of the fixed-order partial sums.
-    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_R", 4)
-    monkeypatch.setattr(interpreted_v2, "_FINISH_BLOCK_N", 2)
+    monkeypatch.setattr(interpreted, "_FINISH_BLOCK_R", 4)
+    monkeypatch.setattr(interpreted, "_FINISH_BLOCK_N", 2)
     torch.manual_seed(1)
     rows, cols, rank, seed = 67, 150, 8, torch.tensor(99)  # two column blocks in every kernel
     m = torch.randn(rows, cols)
-    sk, cs = interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS, colsum=True)
+    sk, cs = interpreted.scaled_stats(m, seed, rank, scalars, lam, sketch.SCALE_EPS, colsum=True)
     m64 = m.double()
-    expected = sketch._scale(count_sketch_reference(m64, seed, rank), m64.square().sum(), lam, scalars)
+    expected = rescale(count_sketch_reference(m64, seed, rank), m64.square().sum(), SketchSpec(rank, "balanced", scalars, lam))
     assert sk.dtype == torch.float32 and sk.shape == (rank, cols)
     assert_close(sk.double(), expected, rtol=1e-5, atol=1e-5)
     assert_fp32_sum_close(cs, m64.sum(0), m64.abs().sum(0), rows, "column sums")
-    assert interpreted_v2.scaled_stats(m, seed, rank, scalars, lam, sketch._EPS)[1] is None
+    assert interpreted.scaled_stats(m, seed, rank, scalars, lam, sketch.SCALE_EPS)[1] is None

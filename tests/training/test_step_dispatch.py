@@ -5,11 +5,11 @@ capture of the whole step on a static index buffer with the right generators, th
 import torch
 
 from basis_train.core import graphs
-from basis_train.core.fleet import FleetGPT
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.fleet.loop import FleetStep
+from basis_train.fleet.model import FleetGPT
+from basis_train.fleet.optim import FleetSGD
 from basis_train.training import step as step_mod
-from basis_train.training.fleet import FleetStep
-from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.step import TrainStep
 
 CFG = GPTConfig(vocab_size=31, block_size=8, n_embd=16, n_head=2, n_layer=1, rank=4)

@@ -1,9 +1,9 @@
-"""Sketch kernels v2: a slot table built in parallel, then a gather-and-sum that only loads.
+"""The sketch kernels: a slot table built in parallel, then a gather-and-sum that only loads.
 
-v1 (`sketch_triton.py`) evaluated the inverse Feistel network, cycle-walked, inside the
-summing kernel: a chain of dependent integer ops per row ahead of every load, which
-serialised the loads (H200 profile: ~0.11 ms for 8192 x 3072 bf16 against a ~15 us floor).
-Here that work is split into two launches, same bins and signs as `feistel.py`:
+Evaluating the inverse Feistel network, cycle-walked, inside the summing kernel puts a chain
+of dependent integer ops per row ahead of every load, which serialises the loads (an earlier
+kernel did: ~0.11 ms for 8192 x 3072 bf16 on an H200 against a ~15 us floor). Here that work
+is split into two launches, same bins and signs as `feistel.py`:
 
 1. `_slot_table_kernel`: every row i, in parallel, computes its slot pi(i) with the forward
    Feistel network (cycle-walked into range(rows), as `feistel.permutation`) and its sign bit,
@@ -39,8 +39,8 @@ _MUL1 = tl.constexpr(fe.MUL1)
 _MUL2 = tl.constexpr(fe.MUL2)
 _ROUNDS = tl.constexpr(fe.ROUNDS)
 # Stream offsets and round offsets, reduced mod 2**32 here so the kernel adds uint32 values.
-_PERM_OFFSET = tl.constexpr(fe.STREAM_PERM * fe.STREAM_MUL & fe.M32)
-_SIGN_OFFSET = tl.constexpr(fe.STREAM_SIGN * fe.STREAM_MUL & fe.M32)
+PERM_OFFSET = tl.constexpr(fe.STREAM_PERM * fe.STREAM_MUL & fe.M32)
+SIGN_OFFSET = tl.constexpr(fe.STREAM_SIGN * fe.STREAM_MUL & fe.M32)
 _ROUND_MUL = tl.constexpr(fe.ROUND_MUL)
 _M32 = tl.constexpr(fe.M32)
 
@@ -49,7 +49,7 @@ MAX_ROWS = 1 << 30
 
 
 @triton.jit
-def _mix32(x):
+def mix32(x):
     # x is uint32: the multiplies wrap mod 2**32 exactly like feistel.mix32's masked ones.
     x = x ^ (x >> 16)
     x = x * _MUL1
@@ -59,13 +59,13 @@ def _mix32(x):
 
 
 @triton.jit
-def _feistel(x, pkey, BITS: tl.constexpr):
+def feistel_round(x, pkey, BITS: tl.constexpr):
     for r in tl.static_range(_ROUNDS):
         s = (BITS + r % 2) // 2  # BITS // 2 on even rounds, BITS - BITS // 2 on odd
-        rk = _mix32(pkey + ((r * _ROUND_MUL) & _M32))
+        rk = mix32(pkey + ((r * _ROUND_MUL) & _M32))
         lo = x & ((1 << s) - 1)
         hi = x >> s
-        f = _mix32(lo ^ rk) & ((1 << (BITS - s)) - 1)
+        f = mix32(lo ^ rk) & ((1 << (BITS - s)) - 1)
         x = (lo << (BITS - s)) | (hi ^ f)
     return x
 
@@ -76,14 +76,14 @@ def _slot_table_kernel(seed_ptr, table_ptr, rows, BITS: tl.constexpr, BLOCK: tl.
     valid = i < rows
     # Seeds are below 2**32, so the truncation to uint32 keeps them whole.
     seed = tl.load(seed_ptr).to(tl.uint32)
-    pkey = _mix32(seed + _PERM_OFFSET)
-    skey = _mix32(seed + _SIGN_OFFSET)
-    y = _feistel(tl.where(valid, i, 0), pkey, BITS)
+    pkey = mix32(seed + PERM_OFFSET)
+    skey = mix32(seed + SIGN_OFFSET)
+    y = feistel_round(tl.where(valid, i, 0), pkey, BITS)
     walk = valid & (y >= rows)
     while tl.max(walk.to(tl.int32), axis=0) > 0:  # cycle-walking; chains are short (domain < 2 * rows)
-        y = tl.where(walk, _feistel(y, pkey, BITS), y)
+        y = tl.where(walk, feistel_round(y, pkey, BITS), y)
         walk = valid & (y >= rows)
-    sign_bit = _mix32(_mix32(i + skey) ^ skey) & 1
+    sign_bit = mix32(mix32(i + skey) ^ skey) & 1
     tl.store(table_ptr + y.to(tl.int32), ((i << 1) | sign_bit).to(tl.int32), mask=valid)
 
 
@@ -190,7 +190,7 @@ def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_pt
 
 def _tuning() -> dict[str, int]:
     """Launch shape; BASIS_SKETCH_V2="tile_rows=32,block_c=128,warps=4,programs=528" overrides
-    any of them (for the A/B sweep on a GPU: bench_kernels --ab)."""
+    any of them (to time other launch shapes on a GPU)."""
     # programs=264 (2 per SM of an H200): the fastest of the shapes timed on an H200 for dY at every R
     # and for X at R = 64, 256 (results/bench/h200_gpt2/sketch_v2/kernel_ab.json: dY 8192 x 3072
     # at R = 64 37.3 us against 48.4 us with 528)

@@ -1,4 +1,4 @@
-"""The fused fleet SGD kernel (core/kernels/fleet_sgd.py) under Triton's interpreter on CPU: against
+"""The fused fleet SGD kernel (fleet/kernels/sgd.py) under Triton's interpreter on CPU: against
 FleetSGD's PyTorch path and against each member's own torch.optim.SGD, with per-member lrs that
 differ, weight decay 0 and > 0, momentum 0 and > 0."""
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from basis_train.training import fleet_optim
-from basis_train.training.fleet_optim import FleetSGD
+from basis_train.fleet import optim as fleet_optim
+from basis_train.fleet.optim import FleetSGD
 
 M = 4
 # Shapes with per-member sizes that do not divide the block: members straddle program boundaries.
@@ -22,12 +22,12 @@ TOL = dict(rtol=2e-6, atol=1e-6)  # float32 rounding (an FMA or not: 1 ulp of va
 
 @pytest.fixture()
 def interpreted(monkeypatch, interpreted_kernel):
-    """kernels/fleet_sgd.py under Triton's interpreter, routed to for CPU tensors (as
-    tests/core/test_fleet_sketch.py does for the bins kernel)."""
-    module = interpreted_kernel("fleet_sgd", "the interpreter runs where there is no GPU")
+    """fleet/kernels/sgd.py under Triton's interpreter, routed to for CPU tensors (as
+    tests/fleet/test_fleet_sketch.py does for the bins kernel)."""
+    module = interpreted_kernel("basis_train.fleet.kernels.sgd", "the interpreter runs where there is no GPU")
     monkeypatch.setattr(module, "BLOCK", 64)  # several programs per parameter, a ragged last one
-    monkeypatch.setattr(fleet_optim, "_kernels", module)
-    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fleet_optim.KERNELS, "module", module)
+    monkeypatch.setattr(fleet_optim.KERNELS, "devices", {"cpu", "cuda"})
     calls = []
     launch = module.fleet_sgd_
 
@@ -64,7 +64,7 @@ def test_kernel_matches_the_pytorch_path(interpreted, monkeypatch, momentum, wd)
     fused = run_fleet(momentum, wd, 4)
     expected_launches = len(SHAPES) * (3 if momentum else 4)  # the first momentum step is PyTorch's
     assert len(interpreted.calls) == expected_launches
-    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cuda"})  # CPU: the PyTorch path
+    monkeypatch.setattr(fleet_optim.KERNELS, "devices", {"cuda"})  # CPU: the PyTorch path
     plain = run_fleet(momentum, wd, 4)
     assert len(interpreted.calls) == expected_launches
     for i, (a, b) in enumerate(zip(fused[0], plain[0])):
@@ -122,7 +122,7 @@ def test_unsupported_tensors_take_the_pytorch_path(interpreted):
 @pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
 def test_compiled_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, momentum, wd):
     def run(kernel_devices):
-        monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", kernel_devices)
+        monkeypatch.setattr(fleet_optim.KERNELS, "devices", kernel_devices)
         params = [p.cuda() for p in make()]
         opt = FleetSGD(params, LRS, momentum, wd)
         for step in range(4):
@@ -147,7 +147,7 @@ def _rows_problem(step, size=M, vocab=11, width=5, count=6):
 
 
 def run_rows(momentum, wd, device="cpu", steps=3, sparse=True):
-    from basis_train.core.fleet import EmbeddingRows
+    from basis_train.fleet.model import EmbeddingRows
 
     p = torch.randn(M, 11, 5, generator=torch.Generator().manual_seed(1)).to(device)
     holder = EmbeddingRows()
@@ -169,7 +169,7 @@ def run_rows(momentum, wd, device="cpu", steps=3, sparse=True):
 def test_gradient_rows_update_equals_the_dense_update(momentum, wd):
     """FleetSGD from gradient rows (the token embedding's) on the PyTorch path against the dense update
     of the gradient those rows make, repeated tokens included, over three steps."""
-    fleet_optim._kernels = None  # the module state other tests may have routed
+    fleet_optim.KERNELS.module = None  # the module state other tests may have routed
     dense_p, dense_buf = run_rows(momentum, wd, sparse=False)
     rows_p, rows_buf = run_rows(momentum, wd)
     assert_close(rows_p, dense_p, **TOL)
@@ -181,7 +181,7 @@ def test_gradient_rows_update_equals_the_dense_update(momentum, wd):
 def test_interpreted_rows_kernel_equals_the_pytorch_path(interpreted, monkeypatch, momentum, wd):
     kernel = run_rows(momentum, wd)
     assert len(interpreted.calls) == (3 if momentum or wd else 0)  # the dense part, when there is one
-    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", {"cuda"})
+    monkeypatch.setattr(fleet_optim.KERNELS, "devices", {"cuda"})
     torch_path = run_rows(momentum, wd)
     assert_close(kernel[0], torch_path[0], **TOL)
     if momentum:
@@ -192,7 +192,7 @@ def test_interpreted_rows_kernel_equals_the_pytorch_path(interpreted, monkeypatc
 @pytest.mark.parametrize(("momentum", "wd"), SETTINGS, ids=ids)
 def test_compiled_rows_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, momentum, wd):
     kernel = run_rows(momentum, wd, "cuda")
-    monkeypatch.setattr(fleet_optim, "_KERNEL_DEVICES", set())
+    monkeypatch.setattr(fleet_optim.KERNELS, "devices", set())
     torch_path = run_rows(momentum, wd, "cuda")
     assert_close(kernel[0], torch_path[0], **TOL)
 
@@ -200,8 +200,8 @@ def test_compiled_rows_kernel_on_cuda_matches_the_pytorch_path(monkeypatch, mome
 def test_embedding_rows_no_optimiser_takes_are_an_error():
     """A fleet that hands out its embedding's gradient rows must have them taken before the next
     backward: otherwise the table would never train, without a word."""
-    from basis_train.core.fleet import FleetGPT
     from basis_train.core.model import GPTConfig, build_gpt
+    from basis_train.fleet.model import FleetGPT
 
     cfg = GPTConfig(vocab_size=31, block_size=8, n_embd=8, n_head=2, n_layer=1)
     fleet = FleetGPT([build_gpt(cfg, seed=s, method="exact") for s in range(2)], [None] * 2)

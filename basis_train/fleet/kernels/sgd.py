@@ -1,8 +1,7 @@
-"""A fleet's SGD update in one pass per stacked parameter (training/fleet_optim.py's CUDA path).
+"""A fleet's SGD update in one pass per stacked parameter (fleet/optim.py's CUDA path).
 
-It lives with the other Triton kernels (core/kernels/) rather than under training/: the tests load
-every kernel module from this folder under Triton's interpreter the same way, and importing it needs
-Triton, which training/ never imports directly.
+It lives apart from fleet/optim.py because importing it needs Triton: optim.py loads it through a
+KernelRoute, and the tests load it under Triton's interpreter.
 
 For a stacked parameter p [M, ...] with gradient g, momentum buffer buf (same shape, contiguous)
 and the members' learning rates lr (M,) float32, each element does torch.optim.SGD's update
@@ -15,7 +14,7 @@ and the members' learning rates lr (M,) float32, each element does torch.optim.S
 reading p, g, buf and lr once and writing buf and p once (PyTorch's separate ops made about 13
 full passes over a big parameter). The first step (buf = d, as torch) stays on PyTorch.
 
-The token embedding's gradient comes as rows (core/fleet.py `EmbeddingRows`: 64 tokens a member
+The token embedding's gradient comes as rows (fleet/model.py `EmbeddingRows`: 64 tokens a member
 against 50257 table rows): `fleet_sgd_` runs with a zero gradient (no gradient tensor is read), then
 `fleet_sgd_rows_` adds each row, buf[row] += g and p[row] -= lr * g, which is the same update
 (p - lr * (momentum * buf + g)) rounded in two steps.

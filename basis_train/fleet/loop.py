@@ -1,12 +1,13 @@
 """Fleet mode: many runs of one model shape trained in one process as one batched model.
 
-Each member is a real `Run` (train.py): it checks and prepares its own output directory,
-builds its single-run model, sketch generator, optimiser, data loader and evaluator, and
-loads its checkpoint on resume. The fleet then trains all members at once with a
-`FleetGPT` (core/fleet.py) built from those models and generators, draws each member's
-batches from that member's own loader, and before every checkpoint writes the fleet's
-state back into the members' single-run objects, so `Run.save` and `Run.finish` write
-exactly the files a single run writes (a member's checkpoint even resumes as a single run).
+Each member is a real `Run` (training/train.py): it checks and prepares its own output
+directory, builds its single-run model, sketch generator, optimiser, data loader and
+evaluator, and loads its checkpoint on resume. The fleet sees it only through `Run.member()`
+(training/member.py). It trains all members at once with a `FleetGPT` (fleet/model.py) built
+from those models and generators, draws each member's batches from that member's own loader,
+and before every checkpoint writes the fleet's state back into the members' models and
+optimisers, so each member writes exactly the files a single run writes (a member's
+checkpoint even resumes as a single run).
 
 What members may differ in (FLEET_VARIES): seed, method, the sketch settings, lr_factor,
 lr_scale_sketched and block checkpointing (which changes memory, not numbers; the fleet
@@ -25,27 +26,22 @@ Per-member figures inside a fleet:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
 from basis_train.core import graphs
-from basis_train.core.fleet import FleetGPT
-from basis_train.core.head import FusedHead
-from basis_train.core.model import build_gpt
 from basis_train.data.corpus import DataError
-from basis_train.fsutil import atomic_write_json
+from basis_train.fleet.model import FleetGPT
+from basis_train.fleet.optim import FleetSGD
 from basis_train.training import faults
-from basis_train.training.checkpoint import checkpoint_note
 from basis_train.training.config import Config, config_hash
 from basis_train.training.distributed import Dist
 from basis_train.training.errors import RunError
-from basis_train.training.fleet_optim import FleetSGD
 from basis_train.training.metrics import Throughput
-from basis_train.training.setup import build_optimizer, gpt_config, load_data, resolve_device
-from basis_train.training.step import DTYPES, CapturedStep, NonFiniteLoss, TrainStep
+from basis_train.training.setup import load_data, resolve_device
+from basis_train.training.step import CapturedStep, NonFiniteLoss
 from basis_train.training.stopping import Interrupted, StopNow, StopRequests
 from basis_train.training.train import Run
 
@@ -96,25 +92,6 @@ class FleetStep(CapturedStep):
         self.loss_sum += losses.detach()
 
 
-def _measure(run: Run, cache: dict) -> dict:
-    """The member's single-run memory fields, from three single-run steps on a throwaway copy
-    (its own generator and optimiser: the member's stream and weights are not touched)."""
-    cfg = run.cfg
-    key = (cfg.train.method, dataclasses.astuple(cfg.model), dataclasses.astuple(cfg.sketch), cfg.train.dtype)
-    if key not in cache:
-        probe = build_gpt(gpt_config(cfg), seed=cfg.train.seed, method=cfg.train.method).to(run.device)
-        gen = torch.Generator(device=run.device).manual_seed(0)
-        for m in probe.sketched_modules():
-            m.generator = gen
-        opt = build_optimizer(probe, cfg, capturable=False)
-        step = TrainStep(probe, probe, opt, run.loader.chunks, gen, run.device, DTYPES[cfg.train.dtype], False)
-        idx = torch.arange(cfg.train.batch_size, device=run.device)
-        for _ in range(3):  # step 0 counts saved tensors, step 2 takes the allocator peak
-            step(idx)
-        cache[key] = step.measured
-    return dict(cache[key])
-
-
 class Fleet:
     """Train `members` ((config, out dir) pairs of one fleet_key) together; see the module doc.
 
@@ -143,7 +120,8 @@ class Fleet:
         for i, (c, out) in enumerate(members):
             resume = (Path(out) / "checkpoint.pt").is_file()
             try:
-                self.runs.append(Run(c, out, resume=resume, overwrite=not resume, splits=splits, progress=False))
+                run = Run(c, out, resume=resume, overwrite=not resume, splits=splits, progress=False)
+                self.runs.append(run.member())
             except RunError as e:
                 self.rejected[i] = str(e)
                 log(f"member {out} left out: {e}")
@@ -157,47 +135,33 @@ class Fleet:
         self.step = steps.pop()
         self.device = self.runs[0].device
         # Every member reads the same chunks: one device copy serves them all.
-        chunks = self.runs[0].loader.chunks
+        chunks = self.runs[0].chunks
         for r in self.runs:
-            r.loader.chunks = r.train_step.chunks = chunks
+            r.share_chunks(chunks)
         cache: dict = {}
         for r in self.runs:
-            if "activation_bytes" not in r.train_step.measured:
-                r.train_step.measured = _measure(r, cache)
+            r.measure_memory(cache)
 
-        self.model = FleetGPT([r.model for r in self.runs], [r.train_step.gen for r in self.runs])
+        self.model = FleetGPT([r.model for r in self.runs], [r.generator for r in self.runs])
         self.names = self.model.names
         self._member_params = [[dict(r.model.named_parameters())[n] for n in self.names] for r in self.runs]
         # The token embedding's gradient arrives as its 64 rows a member, not a dense table.
         rows = {self.names.index("wte.weight"): self.model.sparse_embedding_grad()}
-        self.opt = FleetSGD([self.model.p(n) for n in self.names], self._lrs(), cfg0.optim.momentum,
+        lrs = [list(lr) for lr in zip(*(r.param_lrs(self.names) for r in self.runs))]  # [parameter][member]
+        self.opt = FleetSGD([self.model.p(n) for n in self.names], lrs, cfg0.optim.momentum,
                             cfg0.optim.weight_decay, sparse=rows)
         for m, r in enumerate(self.runs):
-            self.opt.from_member(m, r.train_step.opt, self._member_params[m])
+            self.opt.from_member(m, r.optimizer, self._member_params[m])
         t = cfg0.train
         use_graphs = t.cuda_graphs and self.device.type == "cuda"
         if use_graphs:
             graphs.check_graph_support()
         self.train_step = FleetStep(self.model, self.opt, chunks, self.device, use_graphs)
         for m, r in enumerate(self.runs):  # a resumed member's unlogged losses
-            self.train_step.loss_sum[m] = r.train_step.loss_sum.item()
-        self.train_step.loss_n = self.runs[0].train_step.loss_n
+            self.train_step.loss_sum[m], self.train_step.loss_n = r.unlogged_loss()
         self.clock = Throughput(t.batch_size * cfg0.model.block_size, self.device)
-        self.clock.load_state_dict(self.runs[0].clock.state_dict())
+        self.clock.load_state_dict(self.runs[0].clock_state())
         self.failed: dict[int, str] = {}
-
-    def _lrs(self) -> list[list[float]]:
-        """Per stacked parameter, each member's lr, as build_optimizer groups them for a single run."""
-        out = []
-        sketchable = [{f"{n}.weight" for n in r.model.sketchable_names()} for r in self.runs]
-        for name in self.names:
-            row = []
-            for m, r in enumerate(self.runs):
-                o = r.cfg.optim
-                lr = o.lr * o.lr_factor
-                row.append(lr * o.lr_scale_sketched if name in sketchable[m] else lr)
-            out.append(row)
-        return out
 
     @property
     def errors(self) -> dict[int, str]:
@@ -221,7 +185,7 @@ class Fleet:
             with StopRequests(Dist()) as stop:
                 self.clock.start(self.step)
                 while self.step < t.steps:
-                    idx = torch.stack([r.loader.next_indices() for r in self.runs])
+                    idx = torch.stack([r.next_indices() for r in self.runs])
                     self.train_step(idx)
                     self.step += 1
                     bar.update(1)
@@ -250,9 +214,7 @@ class Fleet:
         """Hand the fleet's unlogged loss sums to the members' TrainSteps, which log and save them."""
         sums = self.train_step.loss_sum.tolist()
         for m in self.live:
-            ts = self.runs[m].train_step
-            ts.loss_sum.fill_(sums[m])
-            ts.loss_n = self.train_step.loss_n
+            self.runs[m].set_unlogged_loss(sums[m], self.train_step.loss_n)
 
     def _fail(self, m: int, error: Exception) -> None:
         self.failed[m] = str(error)
@@ -265,18 +227,10 @@ class Fleet:
         val = self.evaluate()
         eval_s = time.perf_counter() - e0
         for m in self.live:
-            r = self.runs[m]
-            r.clock.load_state_dict(self.clock.state_dict())
-            rec = {"step": self.step, **lap}
             try:
-                rec["train_loss"] = r.train_step.take_mean_loss(r.dist, self.step)
+                self.runs[m].log(self.step, lap, self.clock.state_dict(), val[m], eval_s)
             except NonFiniteLoss as e:
-                self._fail(m, NonFiniteLoss(f"{e}; stopped, {checkpoint_note(r.out)}"))
-                continue
-            rec.update(val_loss=val[m], eval_s=eval_s, epoch=r.loader.epoch)
-            if r.evaluate.restarts is not None:
-                rec["val_restarts"] = r.evaluate.restarts
-            r.metrics.log(rec)
+                self._fail(m, e)
         self.train_step.loss_sum.zero_()
         self.train_step.loss_n = 0
         self.clock.start(self.step)
@@ -287,7 +241,7 @@ class Fleet:
 
         Members share the data config, so they score the same batches: each member's stream
         (paper protocol) still advances, as it would alone, and the first one's batch is scored."""
-        per_member = [[r.evaluate.stream.next()] if r.evaluate.stream else r.evaluate.batches for r in self.runs]
+        per_member = [r.val_batches() for r in self.runs]
         self.model.eval()
         total = torch.zeros(len(self.runs), dtype=torch.float64, device=self.device)
         count = 0
@@ -301,20 +255,17 @@ class Fleet:
 
     def _scatter(self, m: int) -> None:
         """Write the fleet's state of member m into its single-run model and optimiser."""
-        r = self.runs[m]
         with torch.no_grad():
             for q, n in zip(self._member_params[m], self.names):
                 q.copy_(self.model.p(n)[m])
-        self.opt.to_member(m, r.train_step.opt, self._member_params[m])
-        r.step = self.step
-        r.clock.load_state_dict(self.clock.state_dict())
+        self.opt.to_member(m, self.runs[m].optimizer, self._member_params[m])
 
     def save(self) -> None:
         self._sync_losses()
         for m in self.live:
             self._scatter(m)
             try:
-                self.runs[m].save()
+                self.runs[m].save(self.step, self.clock.state_dict())
             except NonFiniteLoss as e:
                 self._fail(m, e)
 
@@ -322,17 +273,11 @@ class Fleet:
         """Summaries in the order of the members given (None: failed, or left out at the start)."""
         summaries: list[dict | None] = [None] * (len(self.runs) + len(self.rejected))
         for m, r in enumerate(self.runs):
-            if m in self.failed or not r.metrics.records:
+            if m in self.failed or not r.has_records():
                 continue
             self._scatter(m)
-            r.train_step.graph = self.train_step.graph  # summary.json's cuda_graphs says how the fleet ran
-            if isinstance(r.model.lm_head, FusedHead):
-                # The member's own head never ran; the fleet's head is ours (fleets are float32: no CCE).
-                r.model.lm_head.kernel_ran = "native"
-            summary = r.finish()
-            summary["fleet_size"] = len(self.runs)
-            atomic_write_json(r.out / "summary.json", summary)
-            summaries[self.index[m]] = summary
+            summaries[self.index[m]] = r.finish(self.step, self.clock.state_dict(), self.train_step.graph is not None,
+                                                len(self.runs))
         return summaries
 
 

@@ -1,8 +1,8 @@
-"""core/fleet_head.py's batched fused head (`_FleetFusedCE`) against the form it had before it kept its
+"""fleet/head.py's batched fused head (`FleetFusedCE`) against the form it had before it kept its
 dlogits from forward and formed the sketched dW as dl^T (S^T kept): the head that recomputed the
 logits in backward and sketched the scaled dlogits, written out here. They differ by float32
 rounding only (the head now forms its logits transposed and sums dX over vocabulary chunks). Then the one-pass
-softmax-gradient kernel (core/kernels/fleet_head.py) under Triton's interpreter against the
+softmax-gradient kernel (fleet/kernels/head.py) under Triton's interpreter against the
 PyTorch path it replaces on CUDA."""
 
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from basis_train.core import fleet_head
-from basis_train.core.fleet_head import _FleetFusedCE
-from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, _kept
-from basis_train.core.sketch import draw_seed
+from basis_train.core.sketch import SketchSpec, draw_seed
+from basis_train.fleet import head as fleet_head
+from basis_train.fleet.head import FleetFusedCE
+from basis_train.fleet.sketch import FleetSketch, dw_product, dy_side, kept_side
 
 from tolerance import assert_fp32_sum_close, small_integers
 
@@ -28,7 +28,7 @@ class _RecomputingCE(torch.autograd.Function):
         lse = torch.logsumexp(logits, dim=2)
         picked = logits.gather(2, targets.unsqueeze(2)).squeeze(2)
         loss = (lse - picked).sum(1) / rows
-        kept, smat = (x, None) if sketch is None else _kept(x, seeds, sketch)
+        kept, smat = (x, None) if sketch is None else kept_side(x, seeds, sketch)
         ctx.save_for_backward(x, weight, targets, lse, kept, seeds, smat)
         ctx.sketch = sketch
         return loss
@@ -45,15 +45,16 @@ class _RecomputingCE(torch.autograd.Function):
         if ctx.sketch is None:
             grad_w = torch.bmm(dl.transpose(1, 2), x)
         else:
-            gk, _, factor = _dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
-            grad_w = _dw_product(gk, kept, factor)  # the sketched dW product, as core/fleet_sketch.py forms it
+            gk, _, factor = dy_side(dl, kept.shape[1], seeds, smat, ctx.sketch)
+            grad_w = dw_product(gk, kept, factor)  # the sketched dW product, as fleet/sketch.py forms it
         return grad_x, grad_w, None, None, None
 
 
 PLANS = {
     "exact": None,
-    "mixed": (None, (8, "balanced", True, 0.01), (3, "uniform", False, 0.0), (64, "balanced", True, 0.01)),
-    "small-S": ((4, "balanced", True, 0.01), None, None, (2, "uniform", True, 0.0)),
+    "mixed": (None, SketchSpec(8, "balanced", True, 0.01), SketchSpec(3, "uniform", False, 0.0),
+              SketchSpec(64, "balanced", True, 0.01)),
+    "small-S": (SketchSpec(4, "balanced", True, 0.01), None, None, SketchSpec(2, "uniform", True, 0.0)),
 }
 
 
@@ -81,9 +82,9 @@ def _head_grads(fn, plans, x0, w0, targets, seeds, grad_loss):
 def test_head_keeping_dlogits_equals_the_recomputing_head(name, rows, monkeypatch):
     plans = PLANS[name]
     if name == "small-S":  # the per-member loop (`_kept_rows`, `_sketched_rows`), not the dense S
-        monkeypatch.setattr("basis_train.core.fleet_sketch.MAX_DENSE", 0)
+        monkeypatch.setattr("basis_train.fleet.sketch.MAX_DENSE", 0)
     problem = _problem(rows)
-    out = [_head_grads(fn, plans, *problem) for fn in (_FleetFusedCE, _RecomputingCE)]
+    out = [_head_grads(fn, plans, *problem) for fn in (FleetFusedCE, _RecomputingCE)]
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
 
@@ -95,7 +96,7 @@ def test_no_grad_head_loss():
     targets = torch.randint(0, 31, (2, 5), generator=g)
     seeds = torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
-        loss = _FleetFusedCE.apply(x, w, targets, seeds, None, torch.is_grad_enabled())
+        loss = FleetFusedCE.apply(x, w, targets, seeds, None, torch.is_grad_enabled())
     expected = torch.nn.functional.cross_entropy(torch.bmm(x, w.transpose(1, 2)).flatten(0, 1), targets.flatten(),
                                                  reduction="none").view(2, -1).mean(1)
     torch.testing.assert_close(loss, expected)
@@ -103,8 +104,8 @@ def test_no_grad_head_loss():
 
 @pytest.fixture()
 def interpreted(monkeypatch, interpreted_kernel):
-    """kernels/fleet_head.py under Triton's interpreter, routed to for CPU tensors."""
-    module = interpreted_kernel("fleet_head", "the interpreter runs where there is no GPU")
+    """fleet/kernels/head.py under Triton's interpreter, routed to for CPU tensors."""
+    module = interpreted_kernel("basis_train.fleet.kernels.head", "the interpreter runs where there is no GPU")
     calls = []
     launch = module.softmax_grad_
 
@@ -121,11 +122,11 @@ def interpreted(monkeypatch, interpreted_kernel):
 @pytest.mark.parametrize("rows", [10, 33])
 def test_interpreted_head_kernel_matches_the_pytorch_path(interpreted, monkeypatch, name, rows):
     problem = _problem(rows)
-    monkeypatch.setattr(fleet_head, "_kernels_head", interpreted)
+    monkeypatch.setattr(fleet_head.KERNELS, "module", interpreted)
     out = []
     for devices in ({"cuda"}, {"cpu", "cuda"}):  # the PyTorch path, then the interpreted kernel
-        monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", devices)
-        out.append(_head_grads(_FleetFusedCE, PLANS[name], *problem))
+        monkeypatch.setattr(fleet_head.KERNELS, "devices", devices)
+        out.append(_head_grads(FleetFusedCE, PLANS[name], *problem))
     assert len(interpreted.calls) == 1, "the kernel was not the second head's path"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-5, atol=1e-6, msg=what)
@@ -196,13 +197,13 @@ def test_cuda_head_kernel_matches_the_pytorch_path(monkeypatch, name):
     grad_loss = torch.tensor([1.0, 0.5, 2.0, 0.25], device=dev)
     out = []
     for devices in (set(), {"cuda"}):
-        monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", devices)
+        monkeypatch.setattr(fleet_head.KERNELS, "devices", devices)
         x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
         sketch = None if plans is None else FleetSketch(plans)
-        loss = _FleetFusedCE.apply(x, w, targets, seeds, sketch)
+        loss = FleetFusedCE.apply(x, w, targets, seeds, sketch)
         loss.backward(grad_loss)
         out.append((loss.detach(), x.grad, w.grad))
-    assert fleet_head._kernels_head, "the kernel module did not load"
+    assert fleet_head.KERNELS.module, "the kernel module did not load"
     for what, new, old in zip(("loss", "dX", "dW"), *out):
         assert_close(new, old, rtol=1e-4, atol=1e-6, msg=what)
 
@@ -219,16 +220,16 @@ def test_interpreted_row_lse_in_row_blocks(interpreted, rows):
 def test_fleet_evaluation_through_the_interpreted_kernel(interpreted, monkeypatch):
     """FleetGPT.eval_loss_sums with the head kernels (the CUDA path) against F.cross_entropy (the CPU
     path) on a small fleet of three members."""
-    from basis_train.core.fleet import FleetGPT
     from basis_train.core.model import GPTConfig, build_gpt
+    from basis_train.fleet.model import FleetGPT
 
     cfg = GPTConfig(vocab_size=211, block_size=16, n_embd=16, n_head=2, n_layer=1, head="fused", head_chunk=64)
     fleet_model = FleetGPT([build_gpt(cfg, seed=s, method="exact") for s in range(3)], [None] * 3)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 211, (5, 16), generator=g), torch.randint(0, 211, (5, 16), generator=g)
     expected = fleet_model.eval_loss_sums(x, y)
-    monkeypatch.setattr(fleet_head, "_kernels_head", interpreted)
-    monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fleet_head.KERNELS, "module", interpreted)
+    monkeypatch.setattr(fleet_head.KERNELS, "devices", {"cpu", "cuda"})
     got = fleet_model.eval_loss_sums(x, y)
     assert got.dtype == torch.float64 and expected.shape == (3,) and len(set(expected.tolist())) == 3
     assert_close(got, expected, rtol=1e-6, atol=1e-4)
@@ -237,8 +238,8 @@ def test_fleet_evaluation_through_the_interpreted_kernel(interpreted, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fleet_evaluation_kernel_matches_cross_entropy(monkeypatch):
     """On a GPU, at the paper's vocabulary: the evaluation through `row_lse` against F.cross_entropy."""
-    from basis_train.core.fleet import FleetGPT
     from basis_train.core.model import GPTConfig, build_gpt
+    from basis_train.fleet.model import FleetGPT
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cfg = GPTConfig(vocab_size=50257, block_size=64, n_embd=64, n_head=2, n_layer=2, head="fused", head_chunk=256)
@@ -246,7 +247,7 @@ def test_cuda_fleet_evaluation_kernel_matches_cross_entropy(monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(0)
     x, y = (torch.randint(0, 50257, (32, 64), generator=g, device="cuda") for _ in range(2))
     got = fleet_model.eval_loss_sums(x, y)
-    monkeypatch.setattr(fleet_head, "_HEAD_KERNEL_DEVICES", set())
+    monkeypatch.setattr(fleet_head.KERNELS, "devices", set())
     expected = fleet_model.eval_loss_sums(x, y)
-    assert fleet_head._kernels_head, "the kernel module did not load"
+    assert fleet_head.KERNELS.module, "the kernel module did not load"
     assert_close(got, expected, rtol=1e-6, atol=0.0)

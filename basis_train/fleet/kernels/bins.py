@@ -1,9 +1,9 @@
-"""Every fleet member's bins and signs in one launch (core/fleet_sketch.py's CUDA path).
+"""Every fleet member's bins and signs in one launch (fleet/sketch.py's CUDA path).
 
 A fleet step sketches M members per layer; `sketch_gather.slot_table` per member would be M
 launches (plus the torch ops around each). Here the program for (member m, block of rows)
 loads m's seed, mode and rank and evaluates the same arithmetic as feistel.py for its rows,
-through sketch_gather's `_mix32` and `_feistel`:
+through sketch_gather's `mix32` and `feistel_round`:
 
 - balanced: bin = pi(i) mod R, pi the forward Feistel network cycle-walked into range(rows)
   (as `_slot_table_kernel`);
@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from basis_train.core import feistel as fe
-from basis_train.core.kernels.sketch_gather import _PERM_OFFSET, _SIGN_OFFSET, MAX_ROWS, _feistel, _mix32
+from basis_train.core.kernels.sketch_gather import MAX_ROWS, PERM_OFFSET, SIGN_OFFSET, feistel_round, mix32
 
 _BIN_OFFSET = tl.constexpr(fe.STREAM_BIN * fe.STREAM_MUL & fe.M32)
-# Member modes (core/fleet_sketch.py builds the per-member int32 tensor once per fleet).
+# Member modes (fleet/sketch.py builds the per-member int32 tensor once per fleet).
 EXACT, BALANCED, UNIFORM = 0, 1, 2
 
 
@@ -37,16 +37,16 @@ def _fleet_bins_kernel(seed_ptr, mode_ptr, rank_ptr, bins_ptr, signs_ptr, rows, 
     seed = tl.load(seed_ptr + m).to(tl.uint32)  # below 2**32: the truncation keeps it whole
     mode = tl.load(mode_ptr + m)
     rank = tl.load(rank_ptr + m).to(tl.uint32)  # already min(R, rows), at least 1
-    pkey = _mix32(seed + _PERM_OFFSET)
-    y = _feistel(tl.where(valid, i, 0), pkey, BITS)
+    pkey = mix32(seed + PERM_OFFSET)
+    y = feistel_round(tl.where(valid, i, 0), pkey, BITS)
     walk = valid & (mode == 1) & (y >= rows)
     while tl.max(walk.to(tl.int32), axis=0) > 0:  # cycle-walking, balanced members only
-        y = tl.where(walk, _feistel(y, pkey, BITS), y)
+        y = tl.where(walk, feistel_round(y, pkey, BITS), y)
         walk = walk & (y >= rows)
-    bkey = _mix32(seed + _BIN_OFFSET)
-    h = _mix32(_mix32(i + bkey) ^ bkey)
-    skey = _mix32(seed + _SIGN_OFFSET)
-    sign_bit = _mix32(_mix32(i + skey) ^ skey) & 1
+    bkey = mix32(seed + _BIN_OFFSET)
+    h = mix32(mix32(i + bkey) ^ bkey)
+    skey = mix32(seed + SIGN_OFFSET)
+    sign_bit = mix32(mix32(i + skey) ^ skey) & 1
     b = tl.where(mode == 1, y % rank, tl.where(mode == 2, h % rank, i))
     sign = tl.where(mode == 0, 1.0, 1.0 - 2.0 * sign_bit.to(tl.float32))
     offs = m.to(tl.int64) * rows + i.to(tl.int64)

@@ -1,8 +1,8 @@
-"""The batched fleet head's softmax and its gradient in two passes (core/fleet_head.py `_FleetFusedCE`'s
+"""The batched fleet head's softmax and its gradient in two passes (fleet/head.py `FleetFusedCE`'s
 CUDA path).
 
 The head keeps every member's logits transposed, (M, vocab, rows), so that vocabulary chunks are
-contiguous blocks (core/fleet_head.py splits the long dX reduction over them). On that layout:
+contiguous blocks (fleet/head.py splits the long dX reduction over them). On that layout:
 
 - `row_lse`: one program per (member, vocabulary chunk, block of rows) reads its chunk once and
   keeps a running maximum and sum of exponentials per row; the (M, chunks, rows) partials are
@@ -11,7 +11,7 @@ contiguous blocks (core/fleet_head.py splits the long dX reduction over them). O
 - `softmax_grad_`: one program per (member, vocabulary tile) turns its tile in place into
   dlogits = softmax - onehot and, from the same registers, adds up the two squared norms the
   invariant scalars need: ||dlogits||^2 and ||S dlogits||^2, with S (M, W, rows) the member's
-  dense signed count-sketch matrix (core/fleet_sketch.py; the identity for exact members). The
+  dense signed count-sketch matrix (fleet/sketch.py; the identity for exact members). The
   PyTorch ops it replaces made five passes over the (M, rows, vocab) tensor (subtract, exp,
   scale, two norms) and a batched product S dlogits of all of it.
 

@@ -1,8 +1,8 @@
-"""The member-batched fleet sketch (core/fleet_sketch.py) against each member sketched alone.
+"""The member-batched fleet sketch (fleet/sketch.py) against each member sketched alone.
 
 Every member's bins and signs must be the ones core/sketch.py draws for that member by itself
 (PyTorch path, and the Triton kernel under the interpreter), and the batched rescaled sketches
-of x and dY the per-member `scaled_sketch` / `_sketch_stats` + `_scale` results. The last test
+of x and dY the per-member `scaled_sketch` / `sketch_stats` + `rescale` results. The last test
 guards the point of it all: a fleet step's op count does not grow with the fleet.
 """
 
@@ -12,17 +12,18 @@ import torch
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from basis_train.core import fleet_sketch
-from basis_train.core.fleet import FleetGPT, _FleetLinear
-from basis_train.core.fleet_head import _FleetFusedCE
-from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, safe_ranks
 from basis_train.core.model import GPTConfig, build_gpt
-from basis_train.core.sketch import _scale, _sketch_stats, draw_seed, scaled_sketch, sketch_bins, sketch_signs
+from basis_train.core.sketch import SketchSpec, draw_seed, rescale, scaled_sketch, sketch_bins, sketch_signs, sketch_stats
+from basis_train.fleet import sketch as fleet_sketch
+from basis_train.fleet.head import FleetFusedCE
+from basis_train.fleet.model import FleetGPT, FleetLinear
+from basis_train.fleet.sketch import FleetSketch, dw_product, dy_side, safe_ranks
 
 # Exact, balanced and uniform members; R = 1; R above every row count here; scalars on and off; lam 0 and 0.01.
-MIX = (None, (8, "balanced", True, 0.01), (32, "uniform", True, 0.01), (1, "balanced", True, 0.0),
-       (1, "uniform", False, 0.01), (5000, "balanced", False, 0.0), (4096, "uniform", True, 0.0), None,
-       (3, "balanced", False, 0.01), (8, "uniform", False, 0.0))
+S = SketchSpec
+MIX = (None, S(8, "balanced", True, 0.01), S(32, "uniform", True, 0.01), S(1, "balanced", True, 0.0),
+       S(1, "uniform", False, 0.01), S(5000, "balanced", False, 0.0), S(4096, "uniform", True, 0.0), None,
+       S(3, "balanced", False, 0.01), S(8, "uniform", False, 0.0))
 ROWS = (6, 64, 100, 1000)
 
 
@@ -39,7 +40,7 @@ def check_bins_and_signs(bins, signs, seeds, rows, plans):
         if p is None:
             assert torch.equal(bins[m], torch.arange(rows)) and torch.equal(signs[m], torch.ones(rows)), m
         else:
-            assert torch.equal(bins[m], sketch_bins(seeds[m], rows, r, p[1])), (rows, m, p)
+            assert torch.equal(bins[m], sketch_bins(seeds[m], rows, r, p.kind)), (rows, m, p)
             assert torch.equal(signs[m], sketch_signs(seeds[m], rows)), (rows, m, p)
 
 
@@ -59,11 +60,11 @@ def test_torch_bins_and_signs_of_fleets_without_every_mode(plans):
 
 @pytest.fixture()
 def interpreted(monkeypatch, interpreted_kernel):
-    """kernels/fleet_bins.py under Triton's interpreter, routed to for CPU tensors (as
+    """fleet/kernels/bins.py under Triton's interpreter, routed to for CPU tensors (as
     tests/core/test_sketch_kernels.py does for the single-run kernels)."""
-    module = interpreted_kernel("fleet_bins", "with a GPU the compiled kernel runs in the fleet tests instead")
-    monkeypatch.setattr(fleet_sketch, "_kernels", module)
-    monkeypatch.setattr(fleet_sketch, "_KERNEL_DEVICES", {"cpu", "cuda"})
+    module = interpreted_kernel(fleet_sketch.KERNELS.name, "with a GPU the compiled kernel runs in the fleet tests instead")
+    monkeypatch.setattr(fleet_sketch.KERNELS, "module", module)
+    monkeypatch.setattr(fleet_sketch.KERNELS, "devices", {"cpu", "cuda"})
     return module
 
 
@@ -87,9 +88,8 @@ def member_results(x, dy, seeds, plans):
         if p is None:
             out.append((x[m], dy[m]))
             continue
-        _, kind, scalars, lam = p
-        gs, sumsq, _ = _sketch_stats(dy[m], seeds[m], r, kind)
-        out.append((scaled_sketch(x[m], seeds[m], r, kind, scalars, lam), _scale(gs, sumsq, lam, scalars)))
+        gs, sumsq, _ = sketch_stats(dy[m], seeds[m], r, p.kind)
+        out.append((scaled_sketch(x[m], seeds[m], p, r), rescale(gs, sumsq, p)))
     return out
 
 
@@ -117,7 +117,7 @@ def test_batched_sketches_equal_each_members_own(dtype, rows):
 def test_interpreted_kernel_matrix_equals_torch_matrix(interpreted, monkeypatch):
     seeds, fs = seeds_for(MIX), FleetSketch(MIX)
     kernel = fs.matrix(seeds, 100, torch.float32)
-    monkeypatch.setattr(fleet_sketch, "_kernels", False)  # the PyTorch path, as without Triton
+    monkeypatch.setattr(fleet_sketch.KERNELS, "module", False)  # the PyTorch path, as without Triton
     assert torch.equal(fs.matrix(seeds, 100, torch.float32), kernel)
 
 
@@ -140,13 +140,13 @@ def test_dw_product_folds_the_dy_factor_into_the_smallest_tensor(dtype, rows, o,
     smat = fs.matrix(seeds, rows, dtype)
     kept = fs.scaled(smat, x)
     before = torch.bmm(fs.scaled(smat, dy).transpose(1, 2), kept)
-    gk, sums, factor = _dy_side(dy, kept.shape[1], seeds, smat, fs)
+    gk, sums, factor = dy_side(dy, kept.shape[1], seeds, smat, fs)
     assert factor.shape == (len(plans),) and sums == [None] * len(plans)
     assert torch.equal(gk, torch.bmm(smat, dy))  # the wide side is formed once, unscaled
-    after = _dw_product(gk, kept, factor)
+    after = dw_product(gk, kept, factor)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-5)
     assert_close(after, before, **tol)
-    ones = [m for m, p in enumerate(plans) if p is None or (not p[2] and p[3] == 0)]
+    ones = [m for m, p in enumerate(plans) if p is None or (not p.scalars and p.lam == 0)]
     assert ones and all(factor[m] == 1 for m in ones)
     for m in ones:
         assert torch.equal(after[m], before[m]), m
@@ -154,7 +154,7 @@ def test_dw_product_folds_the_dy_factor_into_the_smallest_tensor(dtype, rows, o,
 
 def fleet_linear_grads(plans, x, w, b, dy, seeds):
     x, w, b = (t.clone().requires_grad_(True) for t in (x, w, b))
-    _FleetLinear.apply(x, w, b, seeds, FleetSketch(plans)).backward(dy)
+    FleetLinear.apply(x, w, b, seeds, FleetSketch(plans)).backward(dy)
     return x.grad, w.grad, b.grad
 
 
@@ -190,7 +190,7 @@ def test_fleet_head_batched_equals_per_member_loop(monkeypatch, dtype):
 
     def grads():
         xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        _FleetFusedCE.apply(xi, wi, targets, seeds, FleetSketch(plans)).sum().backward()
+        FleetFusedCE.apply(xi, wi, targets, seeds, FleetSketch(plans)).sum().backward()
         return xi.grad, wi.grad
 
     batched = grads()
@@ -206,15 +206,15 @@ def test_fleet_head_batched_equals_per_member_loop(monkeypatch, dtype):
 def test_gpu_kernel_bins_and_signs_are_each_members_own(rows):
     seeds = seeds_for(MIX, seed=rows)
     fs = FleetSketch(MIX)
-    assert fleet_sketch._kernel_module()  # the compiled kernel, not the PyTorch path
+    assert fleet_sketch.KERNELS.load()  # the compiled kernel, not the PyTorch path
     bins, signs = fs.bins_and_signs(seeds.cuda(), rows)
     check_bins_and_signs(bins.cpu(), signs.cpu(), seeds, rows, MIX)
 
 
 def test_gaussian_members_and_large_fleets_take_the_loop():
-    assert not FleetSketch((None, (8, "gaussian", True, 0.01))).use_batched(64)
-    assert FleetSketch((None, (8, "balanced", True, 0.01))).use_batched(64)
-    assert not FleetSketch((None, (8, "balanced", True, 0.01))).use_batched(4096)  # 2 x 4096 x 4096 > 2**24
+    assert not FleetSketch((None, SketchSpec(8, "gaussian", True, 0.01))).use_batched(64)
+    assert FleetSketch((None, SketchSpec(8, "balanced", True, 0.01))).use_batched(64)
+    assert not FleetSketch((None, SketchSpec(8, "balanced", True, 0.01))).use_batched(4096)  # 2 x 4096 x 4096 > 2**24
 
 
 # --- the launch count ---------------------------------------------------------------------------

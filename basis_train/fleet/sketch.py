@@ -1,73 +1,64 @@
 """Count-sketches of every fleet member at once, in a number of ops that does not grow with M.
 
-core/fleet.py's per-member loop called `scaled_sketch` (forward) and `_sketch_stats` + `_scale`
+fleet/model.py's per-member loop called `scaled_sketch` (forward) and `sketch_stats` + `rescale`
 (backward) once per sketched member per layer: about a dozen launches each, thousands per fleet
 step at M = 30. Here one layer's sketches of all members are a few batched ops:
 
 1. bins and signs (M, rows) from the members' seeds (M,), exactly the ones `sketch_bins` /
    `sketch_signs` give each member alone (R_safe = max(1, min(R, rows)), as BasisLinear);
-   exact members get bin i and sign +1. On CUDA one Triton launch (kernels/fleet_bins.py),
+   exact members get bin i and sign +1. On CUDA one Triton launch (kernels/bins.py),
    elsewhere feistel.py's functions broadcast over a (M, 1) seed.
 2. S (M, Rmax, rows), the dense signed count-sketch matrices (one-hot bins times signs; the
    identity for exact members), and the sketch torch.bmm(S, m): every product is a value
    times +-1 or 0, so the sums are the only rounding (float32 with TF32 off, as the paper's
    runs; under TF32 the bmm would round m to TF32 first). No atomics, deterministic.
-3. The invariant scalars and lambda of `sketch._scale`, per member from small (M,) tensors:
+3. The invariant scalars and lambda of `sketch.rescale`, per member from small (M,) tensors:
    factor sqrt(||m||^2) / (||S m|| + eps) where the member uses scalars, times (1 - lam);
    exact members get factor 1, so their rows come back unchanged.
 
 S is kept from forward for backward, which sketches dY with it (tiny: M x Rmax x rows); there the
 factor of step 3 is applied not to S dY but to the smallest tensor of the dW product it enters
-(`_dw_product` below; the batched head, core/fleet_head.py, forms no (M, Rmax, vocab) sketch at all).
+(`dw_product` below; the batched head, fleet/head.py, forms no (M, Rmax, vocab) sketch at all).
 The per-member constants (modes, ranks, scalars, 1 - lam) are built once per layer, device
 and dtype and cached on its `FleetSketch`: a CUDA-graph captured step must not copy from the
 host. Gaussian members (a dense projection, not a hashing) and fleets whose S would be large
 stay on the per-member loop (`_kept_rows`, `_sketched_rows` below).
 
-The functions at the end give the batched layers (core/fleet.py, core/fleet_head.py) the two
-sides of their dW product, whichever path the layer takes: `_kept` in forward, `_dy_side` in
-backward, `_dw_product` for the product itself.
+The functions at the end give the batched layers (fleet/model.py, fleet/head.py) the two
+sides of their dW product, whichever path the layer takes: `kept_side` in forward, `dy_side` in
+backward, `dw_product` for the product itself.
 """
 
 from __future__ import annotations
 
 import torch
 
-from basis_train.core.kernels import optional
-from basis_train.core.sketch import _EPS, _scale, _sketch_stats, scaled_sketch, sketch_bins, sketch_signs
+from basis_train.core.kernels import KernelRoute
+from basis_train.core.sketch import SCALE_EPS, SketchSpec, rescale, scaled_sketch, sketch_bins, sketch_signs, sketch_stats
 
-EXACT, BALANCED, UNIFORM = 0, 1, 2  # as kernels/fleet_bins.py
+EXACT, BALANCED, UNIFORM = 0, 1, 2  # as kernels/bins.py
 _MODES = {"balanced": BALANCED, "uniform": UNIFORM}
 # Elements of S (M x Rmax x rows) above which the per-member loop is used instead: the dense
 # matrices and their bmm grow as rows^2 (M = 30, 64 rows: 1.2e5).
 MAX_DENSE = 1 << 24
-# Device types routed to the Triton kernel; tests add "cpu" with an interpreted `_kernels`.
-_KERNEL_DEVICES = {"cuda"}
-_kernels = None  # kernels/fleet_bins.py once imported; False where Triton is missing
-
-
-def _kernel_module():
-    global _kernels
-    if _kernels is None:
-        _kernels = optional("fleet_bins", "fleets expand their sketch seeds with PyTorch")
-    return _kernels
+KERNELS = KernelRoute("basis_train.fleet.kernels.bins", "fleets expand their sketch seeds with PyTorch")
 
 
 def safe_ranks(plans: tuple, rows: int) -> list[int]:
     """Rows each member's dW product reads: min(R, rows) (at least 1) if sketched, rows if exact."""
-    return [rows if p is None else max(1, min(p[0], rows)) for p in plans]
+    return [rows if p is None else max(1, min(p.rank, rows)) for p in plans]
 
 
 class _Consts:
     """One layer's per-member constants on one device, dtype and row count (see FleetSketch)."""
 
     def __init__(self, plans: tuple, rows: int, device: torch.device, dtype: torch.dtype) -> None:
-        ranks, modes = safe_ranks(plans, rows), [EXACT if p is None else _MODES[p[1]] for p in plans]
+        ranks, modes = safe_ranks(plans, rows), [EXACT if p is None else _MODES[p.kind] for p in plans]
         self.width = max(ranks)
         self.modes = torch.tensor(modes, dtype=torch.int32, device=device)
         self.ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
-        self.scalars = torch.tensor([p is not None and bool(p[2]) for p in plans], device=device)
-        self.shrink = torch.tensor([1.0 if p is None else 1.0 - p[3] for p in plans], dtype=dtype, device=device)
+        self.scalars = torch.tensor([p is not None and p.scalars for p in plans], device=device)
+        self.shrink = torch.tensor([1.0 if p is None else 1.0 - p.lam for p in plans], dtype=dtype, device=device)
         self.rows = torch.arange(rows, device=device)
         self.bin_ids = torch.arange(self.width, device=device).view(1, -1, 1)
         # Member masks (M, 1) of the modes some member uses: the others need not be computed.
@@ -75,12 +66,12 @@ class _Consts:
 
 
 class FleetSketch:
-    """One linear layer's sketch plans for the whole fleet: per member None (exact) or
-    (rank, hashing, scalars, lam), as core/fleet.py reads them off the members' models."""
+    """One linear layer's sketch plans for the whole fleet: per member None (exact) or the
+    `SketchSpec` of its BASIS layer, as fleet/model.py reads them off the members' models."""
 
-    def __init__(self, plans: tuple) -> None:
+    def __init__(self, plans: tuple[SketchSpec | None, ...]) -> None:
         self.plans = tuple(plans)
-        self.batched = not any(p is not None and p[1] not in _MODES for p in self.plans)  # no gaussian
+        self.batched = not any(p is not None and p.kind not in _MODES for p in self.plans)  # no gaussian
         self._consts: dict = {}
 
     def use_batched(self, rows: int) -> bool:
@@ -96,8 +87,9 @@ class FleetSketch:
     def bins_and_signs(self, seeds: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32):
         """(bins (M, rows) int64, signs (M, rows) `dtype`): see the module doc, step 1."""
         c = self.consts(rows, seeds.device, dtype)
-        if seeds.device.type in _KERNEL_DEVICES and rows > 0 and _kernel_module():
-            bins, signs = _kernels.bins_and_signs(seeds, c.modes, c.ranks, rows)
+        kernels = KERNELS.on(seeds.device.type) if rows > 0 else None
+        if kernels:
+            bins, signs = kernels.bins_and_signs(seeds, c.modes, c.ranks, rows)
             return bins, signs.to(dtype)
         return torch_bins_and_signs(seeds, rows, c, dtype)
 
@@ -109,16 +101,16 @@ class FleetSketch:
 
     def sketch_and_factor(self, s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S m (M, Rmax, cols), factor (M,)): every member's sketch, not yet rescaled, and the factor
-        `_scale` multiplies it by (the invariant scalars' ratio of norms, times 1 - lam; 1 for exact
+        `rescale` multiplies it by (the invariant scalars' ratio of norms, times 1 - lam; 1 for exact
         members). Callers whose S m is wide (the head's dlogits) apply the factor to a smaller
         tensor of the product it enters instead of to S m."""
         c = self.consts(m.shape[1], m.device, m.dtype)
         sk = torch.bmm(s, m)
-        ratio = torch.linalg.vector_norm(m, dim=(1, 2)) / (torch.linalg.vector_norm(sk, dim=(1, 2)) + _EPS)
+        ratio = torch.linalg.vector_norm(m, dim=(1, 2)) / (torch.linalg.vector_norm(sk, dim=(1, 2)) + SCALE_EPS)
         return sk, torch.where(c.scalars, ratio, 1.0) * c.shrink
 
     def scaled(self, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Every member's `_scale(S m, ||m||^2, lam, scalars)`, (M, Rmax, cols); exact members: m."""
+        """Every member's `rescale(S m, ||m||^2, spec)`, (M, Rmax, cols); exact members: m."""
         sk, factor = self.sketch_and_factor(s, m)
         return sk * factor.view(-1, 1, 1)
 
@@ -139,9 +131,9 @@ def torch_bins_and_signs(seeds: torch.Tensor, rows: int, c: _Consts, dtype: torc
 
 
 # ------------------------------------------------ the two sides of a fleet's dW product
-def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kept_side(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(kept rows of x for the dW product, S for backward or None): the batched sketch of every
-    member (core/fleet_sketch.py) where the layer allows it, else the per-member loop."""
+    member (fleet/sketch.py) where the layer allows it, else the per-member loop."""
     rows = x.shape[1]
     if sketch.use_batched(rows):
         smat = sketch.matrix(seeds, rows, x.dtype)
@@ -149,11 +141,11 @@ def _kept(x: torch.Tensor, seeds: torch.Tensor, sketch: FleetSketch) -> tuple[to
     return _kept_rows(x, seeds, sketch.plans)[0], None
 
 
-def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
+def dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torch.Tensor | None,
              sketch: FleetSketch, colsum: bool = False) -> tuple[torch.Tensor, list, torch.Tensor | None]:
     """The dY side of the dW product with forward's randomness, and the per-member factor (M,)
     still to be applied to it, or None where it is applied already. With S from forward (the
-    batched path) the side is S dY unscaled and the factor is `_scale`'s (the bias needs no
+    batched path) the side is S dY unscaled and the factor is `rescale`'s (the bias needs no
     column sums from it: the caller's grad_out.sum(1) serves); else `_sketched_rows`, rescaled."""
     if smat is not None:
         gk, factor = sketch.sketch_and_factor(smat.to(grad_out.dtype), grad_out)
@@ -162,7 +154,7 @@ def _dy_side(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, smat: torc
     return gk, sums, None
 
 
-def _dw_product(gk: torch.Tensor, kept: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+def dw_product(gk: torch.Tensor, kept: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """Every member's dW = factor[m] * gk[m]^T kept[m], (M, O, N) from gk (M, R, O) and kept (M, R, N),
     the factor applied to whichever of gk, kept and the product has the fewest elements: the head's
     kept side (M, R, 64) rather than its (M, R, vocab) dlogits sketch, one pass less over a wide
@@ -190,15 +182,14 @@ def _kept_rows(x: torch.Tensor, seeds: torch.Tensor, plans: tuple) -> tuple[torc
         if p is None:
             kept[m, :rows] = x[m].detach()
         else:
-            _, kind, scalars, lam = p
-            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], ranks[m], kind, scalars, lam)
+            kept[m, : ranks[m]] = scaled_sketch(x[m].detach(), seeds[m], p, ranks[m])
     return kept, ranks
 
 
 def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plans: tuple, ranks: list[int],
                    colsum: bool = False) -> tuple[torch.Tensor, list]:
     """The dY side of each member's dW product, zero-padded to `width` rows: dY itself (exact) or
-    its rescaled sketch (`_sketch_stats` + `_scale`, BasisLinear's backward); with `colsum`, also
+    its rescaled sketch (`sketch_stats` + `rescale`, BasisLinear's backward); with `colsum`, also
     each sketched member's column sums of dY from the same pass (None for exact members)."""
     gk = grad_out.new_zeros(grad_out.shape[0], width, grad_out.shape[2])
     sums = [None] * len(plans)
@@ -206,7 +197,6 @@ def _sketched_rows(grad_out: torch.Tensor, width: int, seeds: torch.Tensor, plan
         if p is None:
             gk[m, : grad_out.shape[1]] = grad_out[m]
         else:
-            _, kind, scalars, lam = p
-            gs, sumsq, sums[m] = _sketch_stats(grad_out[m], seeds[m], ranks[m], kind, colsum=colsum)
-            gk[m, : ranks[m]] = _scale(gs, sumsq, lam, scalars)
+            gs, sumsq, sums[m] = sketch_stats(grad_out[m], seeds[m], ranks[m], p.kind, colsum=colsum)
+            gk[m, : ranks[m]] = rescale(gs, sumsq, p)
     return gk, sums

@@ -1,4 +1,4 @@
-"""Fleet mode (training/fleet.py): a member is the same experiment as its single run.
+"""Fleet mode (fleet/loop.py): a member is the same experiment as its single run.
 
 The proof: members trained together as one batched model log the losses that single
 `basis-train` runs (training/train.py's Run, the code behind the command) log with the
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from basis_train.core.fleet import FleetGPT
 from basis_train.data.loaders import Splits
-from basis_train.training import fleet as fleet_mod
+from basis_train.fleet import loop as fleet_mod
+from basis_train.fleet.loop import fleet_key, fleet_refusal, train_fleet
+from basis_train.fleet.model import FleetGPT
 from basis_train.training.config import apply_overrides, load_config
-from basis_train.training.fleet import fleet_key, fleet_refusal, train_fleet
 from basis_train.training.train import Run
 
 VOCAB = 97
@@ -206,7 +206,7 @@ def test_grid_grouping_by_shape_and_start_step(tmp_path):
     """--fleet groups a grid's runs by fleet key and the step they resume from; AdamW runs alone."""
     from types import SimpleNamespace
 
-    from basis_train.experiments.fleets import group
+    from basis_train.fleet.grid import group
     from basis_train.training.checkpoint import save_checkpoint
 
     a, b, wide, adamw = configs([{}, {"train.seed": 1}, {"model.n_embd": 64}, {"optim.name": "adamw"}])

@@ -1,7 +1,7 @@
 """`--fleet` for basis-compare and basis-reproduce: a grid's runs as fleets in this process.
 
 The runs of a grid that share a model shape and everything else but seed, method, sketch
-and lr factors (training/fleet.py's `fleet_key`), and would start from the same step, train
+and lr factors (fleet/loop.py's `fleet_key`), and would start from the same step, train
 together as one batched model; each still writes its own run directory, so skipping
 finished runs, resuming and the reports work as for runs trained one process each. Runs
 that cannot join a fleet (AdamW, a schedule, bf16, compile) are handed back to run alone.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from basis_train.fleet.loop import fleet_key, fleet_refusal, train_fleet
 from basis_train.training.checkpoint import CHECKPOINT, load_checkpoint
 from basis_train.training.config import Config
 from basis_train.training.errors import RunError
-from basis_train.training.fleet import fleet_key, fleet_refusal, train_fleet
 from basis_train.training.stopping import Interrupted
 
 

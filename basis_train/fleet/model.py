@@ -10,21 +10,21 @@ Randomness: each member keeps its single run's sketch generator. A training forw
 layer by layer in the order the single model runs them, one seed per sketched member from
 that member's generator, so every member's stream is the one its single run would draw.
 
-The sketches are batched over members (core/fleet_sketch.py): per layer, every member's bins
+The sketches are batched over members (fleet/sketch.py): per layer, every member's bins
 and signs come from its seed in one kernel launch (or broadcast PyTorch ops), the same ones
 core/sketch.py draws for that member alone; a dense signed count-sketch matrix S (M, Rmax,
 rows) (the identity for exact members) gives all sketches in one torch.bmm, rescaled with
-`_scale`'s invariant scalars and lambda from per-member constants, and S is kept for the dY
+`rescale`'s invariant scalars and lambda from per-member constants, and S is kept for the dY
 sketch in backward. So the ops of a step do not grow with M, apart from the seed draws.
 Fleets with a gaussian member, or whose S would be large, take the per-member loop instead
-(core/fleet_sketch.py `_kept_rows`, `_sketched_rows`: `scaled_sketch`, `_sketch_stats` +
-`_scale` per member).
+(fleet/sketch.py `_kept_rows`, `_sketched_rows`: `scaled_sketch`, `sketch_stats` +
+`rescale` per member).
 Everything around the sketches is batched as well: the matmuls, attention, LayerNorm,
 embeddings, and the final dW product, for which sketches are zero-padded to a common row count
 (zero rows change neither the norms, taken before padding, nor the product).
 
 The fused head: when a step's rows fit one chunk (the paper: 64 rows, chunks of 256) all
-members' heads run as one batched fused op (core/fleet_head.py `_FleetFusedCE`) whose sketched
+members' heads run as one batched fused op (fleet/head.py `FleetFusedCE`) whose sketched
 dW is BasisLinear's; with several chunks each member calls core/head.py's
 `fused_linear_cross_entropy` itself.
 """
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basis_train.core.fleet_head import _FleetFusedCE, _head_kernels_for
-from basis_train.core.fleet_sketch import FleetSketch, _dw_product, _dy_side, _kept
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPT
-from basis_train.core.sketch import BasisLinear, draw_seed
+from basis_train.core.sketch import BasisLinear, SketchSpec, draw_seed
+from basis_train.fleet.head import FleetFusedCE, head_kernels_for
+from basis_train.fleet.sketch import FleetSketch, dw_product, dy_side, kept_side
 
 _LN_EPS = 1e-6  # as the single model's LayerNorms
 
@@ -48,14 +48,14 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # parameter names may not hold dots
 
 
-def _sketch_of(module: nn.Module) -> tuple | None:
-    """(rank, hashing, scalars, lam) of a BASIS layer that sketches while training; None for exact."""
+def _sketch_of(module: nn.Module) -> SketchSpec | None:
+    """The spec of a BASIS layer that sketches while training; None for exact."""
     if isinstance(module, BasisLinear) and module.weight.requires_grad:
-        return module.rank, module.sketch, module.invariant_scalars, module.lam
+        return module.spec
     return None
 
 
-class _FleetLinear(torch.autograd.Function):
+class FleetLinear(torch.autograd.Function):
     """y[m] = x[m] W[m]^T + b[m] for every member; exact dX and db; dW exact or BASIS per member.
 
     x (M, rows, N), weight (M, O, N), bias (M, O) or None, seeds (M,) int64 (read only for
@@ -67,7 +67,7 @@ class _FleetLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, seeds, sketch):
         y = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)) if bias is not None else \
             torch.bmm(x, weight.transpose(1, 2))
-        kept, smat = _kept(x, seeds, sketch)
+        kept, smat = kept_side(x, seeds, sketch)
         ctx.save_for_backward(kept, weight, seeds, smat)
         ctx.sketch, ctx.has_bias = sketch, bias is not None
         return y
@@ -82,11 +82,11 @@ class _FleetLinear(torch.autograd.Function):
         if need_b:
             grad_b = grad_out.sum(1, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            gk, sums, factor = _dy_side(grad_out, kept.shape[1], seeds, smat, ctx.sketch, colsum=need_b)
+            gk, sums, factor = dy_side(grad_out, kept.shape[1], seeds, smat, ctx.sketch, colsum=need_b)
             for m, colsum in enumerate(sums):
                 if colsum is not None:
                     grad_b[m] = colsum.to(weight.dtype)
-            grad_w = _dw_product(gk, kept, factor).to(weight.dtype)  # fleets train in float32
+            grad_w = dw_product(gk, kept, factor).to(weight.dtype)  # fleets train in float32
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -94,7 +94,7 @@ class EmbeddingRows:
     """The token embedding's gradient of one training step as rows: `index` (flat rows of the members'
     tables laid end to end, member m's rows m * vocab + token, member-major) and `rows` (one gradient
     row per token, index order). Set by `_FleetEmbedding`'s backward, consumed and cleared by
-    training/fleet_optim.py's FleetSGD. A dense (M, vocab, D) gradient would be zero-filled, written
+    fleet/optim.py's FleetSGD. A dense (M, vocab, D) gradient would be zero-filled, written
     and read once more by the update: 3 x 386 MB per step at the paper's 30 members, for 64 rows a
     member."""
 
@@ -153,7 +153,7 @@ class FleetGPT(nn.Module):
         # Per linear layer, per member: how its weight gradient is formed (None: exact).
         linears = [n for n, mod in first.named_modules() if isinstance(mod, nn.Linear)]
         self.plans = {n: tuple(_sketch_of(g.get_submodule(n)) for g in members) for n in linears}
-        # Their batched sketches, each caching its per-member constants (core/fleet_sketch.py).
+        # Their batched sketches, each caching its per-member constants (fleet/sketch.py).
         self.sketches = {n: FleetSketch(plans) for n, plans in self.plans.items()}
         for n, plans in self.plans.items():
             for m, p in enumerate(plans):
@@ -193,7 +193,7 @@ class FleetGPT(nn.Module):
         if all(p is None for p in plans):
             y = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2)) if b is not None else torch.bmm(flat, w.transpose(1, 2))
         else:
-            y = _FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), self.sketches[name])
+            y = FleetLinear.apply(flat, w, b, self._seeds(plans, x.device), self.sketches[name])
         return y.view(*x.shape[:-1], w.shape[1])
 
     def _layer_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -245,16 +245,15 @@ class FleetGPT(nn.Module):
         if batched and h.shape[1] * h.shape[2] <= self.chunk:  # one chunk: every member's head in one op
             plans = plans if training else (None,) * self.size
             sketch = None if all(p is None for p in plans) else self.sketches["lm_head"]
-            return _FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
+            return FleetFusedCE.apply(h.flatten(1, 2), self.p("lm_head.weight"), targets.flatten(1),
                                        self._seeds(plans, h.device), sketch, torch.is_grad_enabled())
         rows = h.flatten(1, 2).unbind(0)  # unbind: its backward stacks the members' dX in one copy
         weights = self.p("lm_head.weight").unbind(0)
         losses = []
         for m in range(self.size):
-            sketch = None
-            if training and plans[m] is not None:
-                sketch = (*plans[m], self.generators[m])  # the fused head draws its seed itself, as alone
-            losses.append(fused_linear_cross_entropy(rows[m], weights[m], targets[m].reshape(-1), self.chunk, sketch))
+            spec = plans[m] if training else None  # the fused head draws its seed itself, as alone
+            losses.append(fused_linear_cross_entropy(rows[m], weights[m], targets[m].reshape(-1), self.chunk, spec,
+                                                     generator=self.generators[m]))
         return torch.stack(losses)
 
     @torch.no_grad()
@@ -262,13 +261,13 @@ class FleetGPT(nn.Module):
         """Summed cross-entropy per member (M,) float64 of one batch (B, T) that every member scores:
         full float32 logits of one member at a time ((B, T, vocab) is the large tensor). Where the
         head kernels run (CUDA), the logits are formed transposed and the cross-entropy is their
-        log-sum-exp from one read (core/kernels/fleet_head.py `row_lse`) minus the targets' logits;
+        log-sum-exp from one read (fleet/kernels/head.py `row_lse`) minus the targets' logits;
         elsewhere F.cross_entropy, as the single run's evaluation. The two differ by rounding."""
         h = self.trunk(x.expand(self.size, *x.shape)).flatten(1, 2)  # (M, tokens, D)
         w = self.p("lm_head.weight")
         out = torch.zeros(self.size, dtype=torch.float64, device=x.device)
         targets = y.reshape(1, -1)
-        kernels = _head_kernels_for(h, None, lse_only=True)
+        kernels = head_kernels_for(h, None, lse_only=True)
         for m in range(self.size):
             if kernels:
                 logits_t = (w[m] @ h[m].t()).unsqueeze(0)  # (1, vocab, tokens)

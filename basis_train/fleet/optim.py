@@ -7,7 +7,7 @@ where all members share a parameter's lr the update is torch's own `add_(buf, al
 for bit.
 
 On CUDA, once the momentum buffers exist (the first step is PyTorch's, as torch.optim.SGD sets
-buf = d there), each stacked parameter's update is one Triton launch (core/kernels/fleet_sgd.py)
+buf = d there), each stacked parameter's update is one Triton launch (fleet/kernels/sgd.py)
 that reads p, its gradient, its buffer and the members' lrs once and writes buffer and parameter
 once, instead of the separate ops' many full passes; it rounds as those ops do, up to FMAs.
 Elsewhere, or without Triton, the PyTorch path below runs.
@@ -20,25 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from basis_train.core.kernels import optional
+from basis_train.core.kernels import KernelRoute
 
-# Device types whose updates go to the fused kernel; tests add "cpu" with an interpreted `_kernels`.
-_KERNEL_DEVICES = {"cuda"}
-_kernels = None  # core/kernels/fleet_sgd.py once imported; False where Triton is missing
-
-
-def _kernel_module():
-    global _kernels
-    if _kernels is None:
-        _kernels = optional("fleet_sgd", "fleets update their parameters with PyTorch")
-    return _kernels
+KERNELS = KernelRoute("basis_train.fleet.kernels.sgd", "fleets update their parameters with PyTorch")
 
 
 class FleetSGD:
     def __init__(self, params: list[torch.Tensor], lrs: list[list[float]], momentum: float, weight_decay: float,
                  sparse: dict | None = None) -> None:
         """params: stacked [M, ...] tensors; lrs[i][m]: member m's lr for params[i]; sparse: {i: holder}
-        for params whose gradient arrives as rows (core/fleet.py `EmbeddingRows`) instead of .grad."""
+        for params whose gradient arrives as rows (fleet/model.py `EmbeddingRows`) instead of .grad."""
         self.params, self.momentum, self.weight_decay = params, float(momentum), float(weight_decay)
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
         self.sparse = dict(sparse or {})
@@ -66,9 +57,9 @@ class FleetSGD:
             if g is None:
                 continue
             buf = self.bufs[i]
-            if (self.momentum == 0 or buf is not None) and p.device.type in _KERNEL_DEVICES \
-                    and _kernel_module() and _kernels.supports(p, g, buf):
-                _kernels.fleet_sgd_(p, g, buf, self.lr_vectors[i], self.momentum, self.weight_decay)
+            kernels = KERNELS.on(p.device.type) if self.momentum == 0 or buf is not None else None
+            if kernels and kernels.supports(p, g, buf):
+                kernels.fleet_sgd_(p, g, buf, self.lr_vectors[i], self.momentum, self.weight_decay)
                 continue
             if self.weight_decay:
                 g = g.add(p, alpha=self.weight_decay)
@@ -96,10 +87,11 @@ class FleetSGD:
             self.bufs[i] = torch.zeros_like(p)  # momentum * 0 + g = g: torch's first buffer, row by row
         buf = self.bufs[i] if self.momentum else None
         lr = self.lr_vectors[i]
-        if p.device.type in _KERNEL_DEVICES and _kernel_module() and _kernels.supports(p, None, buf):
+        kernels = KERNELS.on(p.device.type)
+        if kernels and kernels.supports(p, None, buf):
             if buf is not None or self.weight_decay:
-                _kernels.fleet_sgd_(p, None, buf, lr, self.momentum, self.weight_decay)
-            _kernels.fleet_sgd_rows_(p, buf, index, rows.contiguous(), lr)
+                kernels.fleet_sgd_(p, None, buf, lr, self.momentum, self.weight_decay)
+            kernels.fleet_sgd_rows_(p, buf, index, rows.contiguous(), lr)
             return
         shape = (-1,) + (1,) * (p.dim() - 1)
         if buf is not None:

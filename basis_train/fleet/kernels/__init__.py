@@ -1,0 +1,1 @@
+"""The fleet's Triton kernels, each imported through a core.kernels.KernelRoute (they need Triton)."""
