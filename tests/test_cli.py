@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from basis_train import cli
-from basis_train.experiments import compare, diagnose, reproduce
+from basis_train.cli import compare, diagnose, reproduce
+from basis_train.cli import train as cli
 from basis_train.training import config as config_mod
 from basis_train.training.config import CLI_FLAGS, Config, dump_config, load_config
 
@@ -148,8 +148,7 @@ BAD_INPUTS = {
         "--config", str(c), "--checkpoint", str(_file(t, "empty.pt", b"")), "--out", str(t / "d")],
         "not a readable checkpoint"),
 }
-MAINS = {"train": cli.train_main, "compare": cli.compare_main, "reproduce": cli.reproduce_main,
-         "diagnose": cli.diagnose_main}
+MAINS = {"train": cli.main, "compare": compare.main, "reproduce": reproduce.main, "diagnose": diagnose.main}
 
 
 @pytest.mark.parametrize("build", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
@@ -168,7 +167,7 @@ def test_bad_input_is_one_line_and_exit_2(build, tmp_path, tiny_config, monkeypa
 def test_failed_resume_leaves_the_checkpoint_alone(tmp_path, tiny_config, capsys):
     out = _run_dir(tmp_path, tiny_config, b"")
     with pytest.raises(SystemExit):
-        cli.train_main(["--quiet", "--config", str(tiny_config), "--out", str(out)])
+        cli.main(["--quiet", "--config", str(tiny_config), "--out", str(out)])
     assert (out / "checkpoint.pt").exists()  # refusing to overwrite means not touching it either
 
 

@@ -5,11 +5,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from basis_train import cli
+from basis_train.cli import bench as bench_cli
+from basis_train.cli import train as train_cli
 from basis_train.core import graphs
 
 
-@pytest.mark.parametrize("main", [cli.train_main, cli.bench_main])
+@pytest.mark.parametrize("main", [train_cli.main, bench_cli.main])
 def test_old_torch_is_one_line_and_exit_2(monkeypatch, capsys, main):
     monkeypatch.setattr(torch, "__version__", "2.10.1+cu126")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
@@ -24,7 +25,7 @@ def test_supported_torch_passes(monkeypatch, capsys):
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
     with pytest.raises(SystemExit) as exc:
-        cli.train_main()
+        train_cli.main()
     assert exc.value.code == 0 and "--rank" in capsys.readouterr().out
 
 

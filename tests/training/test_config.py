@@ -209,7 +209,7 @@ def test_cli_flags_point_at_real_fields():
     # Every entry is an option of basis-train, which passes exactly these through to the config.
     import inspect
 
-    from basis_train.cli import train_cmd
+    from basis_train.cli.train import train_cmd
 
     assert set(CLI_FLAGS) <= set(inspect.signature(train_cmd).parameters)
 
