@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -86,13 +87,10 @@ def rank_that_runs(cfg: Config) -> int | None:
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
-    m, s = cfg.model, cfg.sketch
-    return GPTConfig(
-        arch=m.arch, vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
-        n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
-        head=m.head, head_chunk=m.head_chunk, head_kernel=m.head_kernel,
-        sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
-    )
+    """The config's model section as it is, with the sketch section's settings for the linear layers."""
+    s = cfg.sketch
+    return GPTConfig(**dataclasses.asdict(cfg.model), sketch_layers=s.layers, rank=s.rank, hashing=s.hashing,
+                     invariant_scalars=s.invariant_scalars, lam=s.lam)
 
 
 def param_groups(model, cfg: Config) -> list[dict]:
