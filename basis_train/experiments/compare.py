@@ -31,27 +31,12 @@ from basis_train.reporting.report import (
     write_summary_md,
 )
 from basis_train.training.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
+from basis_train.training.variants import grid_variants
 
-VARIANTS = {
-    "": {},
-    "lam0": {"sketch.lam": 0.0},
-    "no-scalars": {"sketch.invariant_scalars": False},
-    "uniform": {"sketch.hashing": "uniform"},
-    "gaussian": {"sketch.hashing": "gaussian"},
-    "all": {"sketch.layers": "all"},
-    "ckpt": {"model.checkpoint_blocks": True},
-    "lr0.5x": {"optim.lr_factor": 0.5},
-    "lr2x": {"optim.lr_factor": 2.0},
-}
-# Exact backprop with the sketchable weights' lr scaled by (1 - 0.01)^2: what lambda does.
-EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
-                  "ckpt": {"model.checkpoint_blocks": True},
-                  "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0},
-                  # Cut Cross-Entropy as the exact head (CUDA, bf16/fp16): what its bf16 gradient sums cost
-                  "cce": {"model.head_kernel": "cce"}}
+VARIANTS = grid_variants("basis")
+EXACT_VARIANTS = grid_variants("exact")
 VARIANT_HELP = ("comma list of " + ",".join(sorted(set(VARIANTS) | set(EXACT_VARIANTS) - {""}))
                 + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
-
 
 
 def parse_variants(text: str) -> list[tuple[str, set | None]]:

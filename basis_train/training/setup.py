@@ -45,31 +45,6 @@ def check_head_kernel(cfg: Config, device: torch.device) -> None:
                        "or use --head-kernel auto or native")
 
 
-def variant_of(cfg: Config) -> str:
-    """Short tag of everything that departs from the paper's estimator and optimiser."""
-    s, tags = cfg.sketch, []
-    if cfg.train.method == "basis":
-        if s.hashing != "balanced":
-            tags.append(s.hashing)
-        if not s.invariant_scalars:
-            tags.append("no-scalars")
-        if s.lam == 0:
-            tags.append("lam0")
-        elif s.lam != 0.01:
-            tags.append(f"lam{s.lam:g}")
-        if s.layers != "mlp+head":
-            tags.append(f"layers={s.layers}")
-    if cfg.model.checkpoint_blocks:
-        tags.append("ckpt")
-    if cfg.model.head_kernel == "cce":  # CCE's bf16 gradient sums change a run's numbers (core/head_cce.py)
-        tags.append("cce")
-    if cfg.optim.lr_factor != 1.0:
-        tags.append(f"lr{cfg.optim.lr_factor:g}x")
-    if cfg.optim.lr_scale_sketched != 1.0:
-        tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
-    return ",".join(tags)
-
-
 def rank_that_runs(cfg: Config) -> int | None:
     """The sketch rank as applied: min(R, the rows of a step); None when nothing is sketched.
 
