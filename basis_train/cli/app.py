@@ -81,7 +81,7 @@ GRID_STEPS = config_flag("train.steps", "training steps per run")
 SEEDS = typer.Option(5, help="number of seeds: runs use seeds 0..N-1")
 JOBS = typer.Option(1, help="runs in parallel (processes)")
 GRID_QUIET = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]")
-# basis-diagnose leaves out -c: its options predate the short form and its help text shows them as they are
+# --config's help in basis-compare and basis-diagnose (which has no -c)
 CONFIG_HELP = "YAML config or shipped config name (paper, tiny, ...) [default: paper's protocol]"
 FLEET_HELP = ("train the runs that share a model shape together in this process, as one batched model "
               "(each still writes its own run directory); --jobs and --gpus then apply only to runs that "
