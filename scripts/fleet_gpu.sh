@@ -15,7 +15,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   echo "tests: ${SECONDS}s"
 fi
 SECONDS=0
-python -m basis_train.experiments.reproduce --fleet --protocols heldout --steps "$STEPS" --out "$DIR" --quiet
+python -m basis_train.cli.reproduce --fleet --protocols heldout --steps "$STEPS" --out "$DIR" --quiet
 rc=$?
 echo "wall_s ${SECONDS} for 30 runs x $STEPS steps as one fleet (rc=$rc)"
 python - "$DIR" <<'PY'

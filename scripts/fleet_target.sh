@@ -20,7 +20,7 @@ echo "tests: ${SECONDS}s"
 fi
 if [ "${SMOKE:-1}" = 1 ]; then
 SECONDS=0
-timeout ${SMOKE_TIMEOUT:-60} python -m basis_train.experiments.reproduce --protocols heldout --steps 1000 \
+timeout ${SMOKE_TIMEOUT:-60} python -m basis_train.cli.reproduce --protocols heldout --steps 1000 \
   --out /tmp/fleet_smoke --quiet > /tmp/fleet_smoke.log 2>&1
 python - <<'PY'
 import glob, json
@@ -31,7 +31,7 @@ if s:
 PY
 tail -3 /tmp/fleet_smoke.log
 fi
-CMD="python -m basis_train.experiments.reproduce --protocols $PROTOCOLS --out $GRID --quiet"
+CMD="python -m basis_train.cli.reproduce --protocols $PROTOCOLS --out $GRID --quiet"
 SECONDS=0
 timeout ${FULL_TIMEOUT:-400} $CMD > $OUT/fleet_full.log 2>&1
 rc=$?; WALL=$SECONDS

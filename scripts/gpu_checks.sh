@@ -26,14 +26,14 @@ step tests 110 python3 -m pytest -q -p no:cacheprovider -rs tests/core/test_sket
   tests/core/test_head_cce_gpu.py tests/core/test_head_cce.py
 # In order of what the issues need most; what does not fit in the budget is skipped.
 # The fused head's vocabulary padding (on by default on CUDA) against none, head alone, one process each.
-step head_pad 40 python3 -m basis_train.experiments.bench --sizes paper --variants exact --heads fused \
+step head_pad 40 python3 -m basis_train.cli.bench --sizes paper --variants exact --heads fused \
   --steps 10 --warmup 3 --no-layer --head-bench --out "$OUT/head_pad"
-step head_nopad 40 env BASIS_HEAD_PAD=1 python3 -m basis_train.experiments.bench --sizes paper --variants exact \
+step head_nopad 40 env BASIS_HEAD_PAD=1 python3 -m basis_train.cli.bench --sizes paper --variants exact \
   --heads fused --steps 10 --warmup 3 --no-layer --head-bench --out "$OUT/head_nopad"
 step targets_gpt2 80 python3 -m basis_train.experiments.bench_kernels "$OUT/bk" gpt2
 step fleet 100 env OUT=/tmp/fleet STEPS=${FLEET_STEPS:-500} bash scripts/fleet_gpu.sh
 step cce_tests 40 python3 -m pytest -q -p no:cacheprovider -rs tests/core/test_head_cce_gpu.py tests/core/test_head.py
-step bench_gpt2 100 python3 -m basis_train.experiments.bench --sizes gpt2-small --variants exact \
+step bench_gpt2 100 python3 -m basis_train.cli.bench --sizes gpt2-small --variants exact \
   --heads fused,plain --steps 10 --warmup 3 --no-layer --head-bench --out "$OUT/bench"
 step targets_layer 60 python3 -m basis_train.experiments.bench_kernels "$OUT/bk" layer
 step targets_paper 40 python3 -m basis_train.experiments.bench_kernels "$OUT/bk" paper

@@ -47,12 +47,12 @@ if [ "$PHASE" = start ]; then
   # CUDA_VISIBLE_DEVICES is read relative to the daemon's), and only the re-check's processes
   # get its pipe directory, so nothing else goes through it.
   CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog nvidia-cuda-mps-control -d && echo "MPS up"
-  CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog setsid python3 -m basis_train.experiments.compare \
+  CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog setsid python3 -m basis_train.cli.compare \
     $RECHECK --out $W/recheck --jobs 15 --gpus 1 --quiet > $W/recheck.log 2>&1 < /dev/null &
   echo $! > $W/recheck.pid
   # issue 12's learning-rate check takes GPU 1 once the re-check is done
   start_chain lrcheck "while kill -0 $(cat $W/recheck.pid) 2>/dev/null; do sleep 10; done" \
-    "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" $GRID_EXTRA \
+    "python3 -m basis_train.cli.compare --config $GRID_CONFIG --data-files \"\$DATA\" $GRID_EXTRA \
 --ranks 256 --variants lr0.5x,lr2x --seeds 1 --no-baselines --out $W/scale/grid --jobs 1 --gpus 1 --quiet"
   # Tokenize the grid's corpus once (all cores) while GPU 1 starts.
   python3 -c "
@@ -60,10 +60,10 @@ from basis_train.data.corpus import load_tokens
 c = load_tokens(None, '$SITE/**/*.py', 50000); print(c.source, c.stats)" 2>&1 | tail -2
   # GPU 0: the bench rows that failed last session (the graphed fused-head capture), then the grid.
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q -x tests/test_gpu.py -k "bench" 2>&1 | tail -5
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m basis_train.experiments.bench --sizes gpt2-small \
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m basis_train.cli.bench --sizes gpt2-small \
     --variants exact,exact+ckpt,mlp+head,all --ranks 64 --heads fused --steps 10 --warmup 3 --no-layer \
     --head-bench $BENCH_EXTRA --out $W/bench > $W/bench.log 2>&1; echo "bench rc=$?"; tail -12 $W/bench.log
-  start_chain grid "python3 -m basis_train.experiments.compare --config $GRID_CONFIG --data-files \"\$DATA\" \
+  start_chain grid "python3 -m basis_train.cli.compare --config $GRID_CONFIG --data-files \"\$DATA\" \
 $GRID_EXTRA --ranks 64,256,1024 --variants ckpt@exact,all@256 --seeds 3 --out $W/scale/grid --jobs 1 --gpus 0 --quiet"
 fi
 
@@ -76,7 +76,7 @@ if [ "$PHASE" = finish ]; then
   # Each chain is its own process group (setsid): TERM reaches the runs, which checkpoint and stop.
   for f in recheck lrcheck grid; do kill -TERM -- -"$(cat $W/$f.pid)" 2>/dev/null; done; sleep 15
   CUDA_MPS_PIPE_DIRECTORY=$W/mps bash -c 'echo quit | nvidia-cuda-mps-control'
-  python3 -m basis_train.experiments.compare $RECHECK --out $W/recheck --report-only >> $W/recheck.log 2>&1
+  python3 -m basis_train.cli.compare $RECHECK --out $W/recheck --report-only >> $W/recheck.log 2>&1
   python3 -m basis_train.reporting.scale $W/scale/grid --results $W/scale \
     --command "see scripts/gpu_window.sh" >> $W/grid.log 2>&1
 fi

@@ -41,7 +41,7 @@ if [ "$PHASE" = start ]; then
     CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog nvidia-cuda-mps-control -d && echo "MPS up"
   fi
   start_chain grid "export CUDA_MPS_PIPE_DIRECTORY=$W/mps CUDA_MPS_LOG_DIRECTORY=$W/mpslog" \
-    "python3 -m basis_train.experiments.compare $GRID --data-files \"\$DATA\" --out $W/scale/grid \
+    "python3 -m basis_train.cli.compare $GRID --data-files \"\$DATA\" --out $W/scale/grid \
 --jobs ${JOBS:-4} --gpus 0,1 --quiet"
   # Probes on GPU 1 while the corpus tokenizes (they may overlap the first grid runs: timing is indicative).
   PROBES=${PROBES-"TESTS=1 STEPS=1000 timeout 200 bash scripts/fleet_gpu.sh"}

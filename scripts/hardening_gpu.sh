@@ -10,6 +10,6 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")"
 # The paper-size graphed step figure (docs/history.md), now from basis-bench.
-timeout 150 python3 -m basis_train.experiments.bench --sizes paper --ranks 32 --variants exact,mlp+head \
+timeout 150 python3 -m basis_train.cli.bench --sizes paper --ranks 32 --variants exact,mlp+head \
   --steps 200 --warmup 20 --no-layer --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -A6 "CUDA-graph replay" "$OUT/bench/bench.md"

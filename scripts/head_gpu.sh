@@ -16,7 +16,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/core/test_head.py tes
 # Memory and time at both sizes, both heads, R = 1..64, plus the head alone; writes
 # memory_targets.json (the paper-size equivalence target is read from head_equivalence/).
 mkdir -p $W/bench && cp -r results/bench/head_equivalence $W/bench/ 2>/dev/null
-timeout 330 python3 -m basis_train.experiments.bench --sizes paper,gpt2-small --ranks 1,8,16,32,64 \
+timeout 330 python3 -m basis_train.cli.bench --sizes paper,gpt2-small --ranks 1,8,16,32,64 \
   --steps 10 --warmup 3 --out $W/bench --memory-table $W/bench/memory.md > $W/bench.log 2>&1
 echo "bench rc=$?"; tail -8 $W/bench.log
 

@@ -43,13 +43,13 @@ for g in "${GRIDS[@]}"; do
   [ $left -le 0 ] && continue
   jobs=$(( (SLOTS * left + TOTAL - 1) / TOTAL )); mkdir -p $d
   echo "$n: $left runs, $jobs in parallel"
-  [ "${DRY:-0}" = 1 ] && { echo "  python3 -m basis_train.experiments.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS"; continue; }
-  setsid python3 -m basis_train.experiments.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS >> $d/compare.log 2>&1 &
+  [ "${DRY:-0}" = 1 ] && { echo "  python3 -m basis_train.cli.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS"; continue; }
+  setsid python3 -m basis_train.cli.compare $f $COMMON --out $d --jobs $jobs --gpus $GPUS >> $d/compare.log 2>&1 &
 done
 DEADLINE=$((START + BUDGET - 75))
-while [ "$(date +%s)" -lt $DEADLINE ] && pgrep -f basis_train.experiments.compare >/dev/null; do sleep 5; done
+while [ "$(date +%s)" -lt $DEADLINE ] && pgrep -f basis_train.cli.compare >/dev/null; do sleep 5; done
 echo "training phase ended after $(( $(date +%s) - START ))s"
-pkill -TERM -f basis_train.experiments.compare; sleep 1; pkill -TERM -f basis_train.cli; sleep 8
+pkill -TERM -f basis_train.cli.compare; sleep 1; pkill -TERM -f basis_train.cli; sleep 8
 [ "${MPS:-1}" = 1 ] && echo quit | nvidia-cuda-mps-control
 if [ "$WHAT" != paper ]; then  # the ablations' baselines: the identical held-out Table 3 runs
   mkdir -p $RES/ablations/runs
@@ -59,7 +59,7 @@ if [ "$WHAT" != paper ]; then  # the ablations' baselines: the identical held-ou
 fi
 for g in "${GRIDS[@]}"; do
   IFS='|' read -r n d f size re <<<"$g"
-  python3 -m basis_train.experiments.compare $f $COMMON --out $d --report-only >> $d/compare.log 2>&1
+  python3 -m basis_train.cli.compare $f $COMMON --out $d --report-only >> $d/compare.log 2>&1
   echo "$n: $(finished $d "$re") of $size finished; $(grep -c '^done' $d/compare.log) done now, $(grep -c FAILED $d/compare.log) failed"
 done
 tar czf $OUT/runs.tgz --exclude=checkpoint.pt -C $RES $( [ "$WHAT" != ablations ] && echo paper ) \
@@ -67,6 +67,6 @@ tar czf $OUT/runs.tgz --exclude=checkpoint.pt -C $RES $( [ "$WHAT" != ablations 
 [ "${SKIP_BENCH:-1}" = 1 ] && exit 0
 LEFT=$((START + BUDGET - $(date +%s) - 15))
 echo "bench gets ${LEFT}s"
-timeout $LEFT python3 -m basis_train.experiments.bench --sizes paper,gpt2-small --steps 10 --warmup 3 --out $OUT/bench \
+timeout $LEFT python3 -m basis_train.cli.bench --sizes paper,gpt2-small --steps 10 --warmup 3 --out $OUT/bench \
   --memory-table $OUT/bench/memory.md > $OUT/bench.log 2>&1
 echo "bench rc=$? after $(( $(date +%s) - START ))s"; tail -3 $OUT/bench.log

@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from basis_train import cli
-from basis_train.experiments import compare, diagnose, reproduce
+from basis_train.cli import compare, diagnose, reproduce
+from basis_train.cli import train as cli
+from basis_train.cli.train import CLI_FLAGS
 from basis_train.training import config as config_mod
-from basis_train.training.config import CLI_FLAGS, Config, dump_config, load_config
+from basis_train.training.config import Config, dump_config, load_config
 
 runner = CliRunner()
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -156,8 +157,7 @@ BAD_INPUTS = {
         "--config", str(c), "--checkpoint", str(_file(t, "empty.pt", b"")), "--out", str(t / "d")],
         "not a readable checkpoint"),
 }
-MAINS = {"train": cli.train_main, "compare": cli.compare_main, "reproduce": cli.reproduce_main,
-         "diagnose": cli.diagnose_main}
+MAINS = {"train": cli.main, "compare": compare.main, "reproduce": reproduce.main, "diagnose": diagnose.main}
 
 
 @pytest.mark.parametrize("build", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_and_exit_2(build, tmp_path, tiny_config, monkeypa
 def test_failed_resume_leaves_the_checkpoint_alone(tmp_path, tiny_config, capsys):
     out = _run_dir(tmp_path, tiny_config, b"")
     with pytest.raises(SystemExit):
-        cli.train_main(["--quiet", "--config", str(tiny_config), "--out", str(out)])
+        cli.main(["--quiet", "--config", str(tiny_config), "--out", str(out)])
     assert (out / "checkpoint.pt").exists()  # refusing to overwrite means not touching it either
 
 
@@ -268,7 +268,7 @@ def test_configs_dir_is_the_packaged_one():
 
 def test_a_choice_error_lists_the_choices_once(tmp_path, tiny_config, capsys):
     with pytest.raises(SystemExit):
-        cli.train_main(["--quiet", "--config", str(tiny_config), "--head", "foo", "--out", str(tmp_path / "r")])
+        cli.main(["--quiet", "--config", str(tiny_config), "--head", "foo", "--out", str(tmp_path / "r")])
     line = capsys.readouterr().err.strip()
     assert line.count("fused") == 1 and line.count("plain") == 1, line
 

@@ -149,7 +149,7 @@ def test_graphed_cuda_run_matches_cpu_run(tmp_path):
 def test_bench_times_the_graphed_step(tmp_path):
     from typer.testing import CliRunner
 
-    from basis_train.experiments.bench import app
+    from basis_train.cli.bench import app
 
     res = CliRunner().invoke(app, ["--quick", "--device", "cuda", "--sizes", "paper,gpt2-small", "--ranks", "8",
                                    "--steps", "3", "--warmup", "1", "--no-layer", "--out", str(tmp_path)])

@@ -5,11 +5,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from basis_train import cli
+from basis_train.cli import bench as bench_cli
+from basis_train.cli import train as train_cli
 from basis_train.core import graphs
 
 
-@pytest.mark.parametrize("main", [cli.train_main, cli.bench_main])
+@pytest.mark.parametrize("main", [train_cli.main, bench_cli.main])
 def test_old_torch_is_one_line_and_exit_2(monkeypatch, capsys, main):
     monkeypatch.setattr("basis_train.torch_floor.installed_torch", lambda: "2.10.1+cu126")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
@@ -31,7 +32,7 @@ def test_help_starts_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from basis_train.cli import train_main\ntry: train_main(['--help'])\n"
+    code = ("import sys; from basis_train.cli.train import main\ntry: main(['--help'])\n"
             "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -41,7 +42,7 @@ def test_supported_torch_passes(monkeypatch, capsys):
     monkeypatch.setattr("basis_train.torch_floor.installed_torch", lambda: "2.11.0+cu130")
     monkeypatch.setattr("sys.argv", ["basis-train", "--help"])
     with pytest.raises(SystemExit) as exc:
-        cli.train_main()
+        train_cli.main()
     assert exc.value.code == 0 and "--rank" in capsys.readouterr().out
 
 

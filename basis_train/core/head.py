@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from basis_train.core import head_cce, memory
+from basis_train.core.options import DEFAULT_CHUNK, KERNELS
 from basis_train.core.sketch import (
     BasisLinear,
     SketchSpec,
@@ -43,12 +44,6 @@ from basis_train.core.sketch import (
     gaussian_projection,
     rescale,
 )
-
-HEADS = ("fused", "plain")
-# Rows per chunk: a chunk's float32 logits take chunk x vocab x 4 bytes (51 MiB at 256 x
-# 50257). Backward holds about three such buffers at once; larger chunks mean fewer,
-# larger matmuls (faster) and more transient memory.
-DEFAULT_CHUNK = 256
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -202,8 +197,8 @@ class FusedHead(nn.Linear):
     def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, kernel: str = "auto",
                  **kw) -> None:
         super().__init__(in_features, out_features, bias=False, **kw)
-        if kernel not in head_cce.KERNELS:
-            raise ValueError(f"kernel must be one of {head_cce.KERNELS}, got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.chunk, self.kernel = int(chunk), kernel
         self.kernel_ran: str | None = None
 

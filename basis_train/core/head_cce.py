@@ -35,7 +35,8 @@ import functools
 
 import torch
 
-KERNELS = ("auto", "native", "cce")
+from basis_train.core.options import KERNELS
+
 # CCE's backward asserts 16-bit inputs ("Backwards requires embeddings to be bf16 or fp16").
 CCE_DTYPES = (torch.bfloat16, torch.float16)
 _PARAM_FIELDS = {"targets", "valids", "softcap", "reduction", "filter_eps", "shift", "batch_shape"}

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-CATEGORIES = ("head", "attention", "mlp_hidden", "width_d", "sketches", "seeds", "other")
+from basis_train.core.options import MEMORY_CATEGORIES as CATEGORIES
 
 # Storages marked by layers whose saved tensors cannot be told apart by module alone
 # (the fused BASIS head keeps both x and its sketch). Only filled while a meter runs.

@@ -23,37 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from basis_train.core.head import DEFAULT_CHUNK, HEADS, FusedBasisHead, FusedHead
-from basis_train.core.head_cce import KERNELS
+from basis_train.core.head import FusedBasisHead, FusedHead
+from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_LAYERS, ModelConfig
 from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
-SKETCH_LAYERS = ("none", "mlp+head", "all")
-ARCHS = ("paper", "gpt2")
 _GPT2_STD = 0.02
 # trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.
 _TRUNC_STD = 0.87962566103423978
 
 
-@dataclass
-class GPTConfig:
-    arch: str = "paper"
-    vocab_size: int = 50257
-    block_size: int = 64
-    n_embd: int = 64
-    n_head: int = 2
-    n_layer: int = 2
-    mlp_ratio: int = 4
+@dataclass(frozen=True)
+class GPTConfig(ModelConfig):
+    """What the model is built from: the architecture, plus which linear layers are sketched and how."""
+
     sketch_layers: str = "mlp+head"
     rank: int = 32
     hashing: str = "balanced"
     invariant_scalars: bool = True
     lam: float = 0.01
-    checkpoint_blocks: bool = False
     exact: bool = False  # True: the same network with every layer exact (the baseline)
-    head: str = "fused"  # chunked linear + cross-entropy, the logits never kept (core/head.py); or "plain"
-    head_chunk: int = DEFAULT_CHUNK
-    # the exact fused head's kernel: auto (= native, ours) | native | cce (Cut Cross-Entropy, opt-in)
-    head_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -301,6 +289,6 @@ def _checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
 
 def build_gpt(cfg: GPTConfig, seed: int, method: str = "basis") -> GPT:
     """`method="exact"` builds the same network, same weights, with every layer exact."""
-    if method not in ("basis", "exact"):
+    if method not in METHODS:
         raise ValueError(f"method must be 'basis' or 'exact', got {method!r}")
     return GPT(replace(cfg, exact=method == "exact"), seed=seed)

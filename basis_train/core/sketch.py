@@ -39,9 +39,8 @@ from torch import nn
 
 from basis_train.core import feistel as fe
 from basis_train.core.kernels import KernelRoute
+from basis_train.core.options import HASHINGS, SKETCH_KINDS
 
-HASHINGS = ("balanced", "uniform")
-SKETCH_KINDS = (*HASHINGS, "gaussian")
 # Only in the rescale's denominator, as the reference.
 SCALE_EPS = 1e-8
 # Matrices the fused kernels take; float64 (the tests' references) stays in PyTorch.

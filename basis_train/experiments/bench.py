@@ -17,14 +17,10 @@ import traceback
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
 
 import torch
-import typer
 from torch import nn
 
-from basis_train.cli import make_app
-from basis_train.core.head_cce import KERNELS as HEAD_KERNELS
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
@@ -43,7 +39,6 @@ SIZES = {
                    "batch": 8, "bf16": True, "tf32": True, "optimizer": "adamw", "head_chunk": 1024},
 }
 QUICK = {"vocab": 512, "seq": 32, "width": 32, "heads": 2, "layers": 2, "batch": 2, "head_chunk": 16}
-HEADS = ("fused", "plain")
 LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
 
 
@@ -181,59 +176,16 @@ def _meta(device: torch.device, dtype: str, extra: dict) -> dict:
             **extra}
 
 
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-app = make_app("Step time and activation memory: exact, checkpointing and BASIS, model and single layer.")
-
-
-@app.command()
-def bench(
-    sizes: Annotated[str, typer.Option(help=f"comma-separated, from {list(SIZES)}")] = "paper,gpt2-small",
-    ranks: Annotated[str, typer.Option(help="BASIS ranks R, comma-separated")] = "16,64,256",
-    variants: Annotated[str, typer.Option(help=f"comma-separated, from {list(VARIANTS)}")] = ",".join(VARIANTS),
-    steps: Annotated[int, typer.Option(min=1, help="timed steps")] = 30,
-    warmup: Annotated[int, typer.Option(min=0, help="untimed steps first; compilation happens here")] = 5,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
-    out: Annotated[Path, typer.Option(help="output directory (the committed results: --out results/bench)")] = Path(
-        "runs/bench"),
-    quick: Annotated[bool, typer.Option(help="tiny shapes, for a CPU smoke test")] = False,
-    memory_table: Annotated[Path | None, typer.Option(
-        help="also write 'memory at two scales' here [default: not written]")] = None,
-    layer: Annotated[bool, typer.Option("--layer/--no-layer", help="single-layer benchmark")] = True,
-    heads: Annotated[str, typer.Option(help="GPT heads to run, from fused,plain")] = "fused,plain",
-    head_bench: Annotated[bool, typer.Option("--head-bench/--no-head-bench",
-                                             help="the head alone: plain, ours, Liger, CCE")] = True,
-    speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
-                                          "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
-    seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
-    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
-                                                  "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
-) -> None:
-    """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
-    variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
-    head_list = _csv(heads)
-    for given, known, what in ((_csv(sizes), SIZES, "size"), (variant_list, VARIANTS, "variant"),
-                               (head_list, HEADS, "head")):
-        if unknown := [x for x in given if x not in known]:
-            raise typer.BadParameter(f"unknown {what} {unknown}; choose from {list(known)}")
-    rank_list = [int(r) for r in _csv(ranks) if r.isdigit()]
-    if not rank_list or len(rank_list) < len(_csv(ranks)) or min(rank_list) < 1:
-        raise typer.BadParameter(f"ranks must be positive integers, got {ranks!r}")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("--device cuda, but torch sees no CUDA device")
-    if speed_targets:
-        if dev.type != "cuda":
-            raise typer.BadParameter("--targets needs a CUDA GPU")
-        from basis_train.experiments.bench_kernels import report_targets
-
-        report_targets(out)
-        return
-    if head_kernel not in HEAD_KERNELS:
-        raise typer.BadParameter(f"unknown head kernel {head_kernel!r}; choose from {list(HEAD_KERNELS)}")
+def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], head_list: list[str], dev: torch.device,
+              out: Path, steps: int = 30, warmup: int = 5, compile_model: bool = False, quick: bool = False,
+              memory_table: Path | None = None, layer: bool = True, head_bench: bool = True, seed: int = 0,
+              head_kernel: str = "auto", log=_say) -> int:
+    """Benchmark exact, checkpointed and BASIS training steps, one linear layer and the head alone;
+    writes OUT/ after every measurement and returns how many measurements failed."""
     opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed,
             "head_kernel": head_kernel}
     results: list[dict] = []
@@ -264,10 +216,10 @@ def bench(
         rows.append(row)
         _ratios([r for r in rows if r.get("head") == row.get("head")], base)
         msg = f"{row['time_ms']['median']:.3f} ms" if row["status"] == "ok" else row["error"]
-        typer.echo(f"[{tag}] R={row['rank'] or '-'}: {msg}", err=True)
+        log(f"[{tag}] R={row['rank'] or '-'}: {msg}")
         flush()
 
-    for name in _csv(sizes):
+    for name in sizes:
         size = {**SIZES[name], **(QUICK if quick else {})}
         amp = size["bf16"] and dev.type == "cuda"
         tf32_off = dev.type == "cuda" and not size["tf32"]
@@ -306,19 +258,7 @@ def bench(
             row = {"impl": impl, **_guarded(_head_bench, impl, dev, head_res["shape"], opts)}
             head_res["rows"].append(row)
             msg = f"{row['time_ms']['median']:.3f} ms" if row["status"] == "ok" else row["status"]
-            typer.echo(f"[head] {impl}: {msg}", err=True)
+            log(f"[head] {impl}: {msg}")
             flush()
     failed = [r for res in [*results, layer_res, head_res] for r in res.get("rows", []) if r["status"] == "error"]
-    if failed:
-        typer.echo(f"{len(failed)} measurement(s) failed; see 'error' and 'traceback' in the JSON files", err=True)
-        raise typer.Exit(1)
-
-
-def main() -> None:
-    from basis_train.cli import run_app
-
-    run_app(app, "basis-bench")
-
-
-if __name__ == "__main__":
-    main()
+    return len(failed)

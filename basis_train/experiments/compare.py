@@ -1,4 +1,4 @@
-"""`basis-compare` and `basis-reproduce`: paired multi-seed grids of runs, and their report.
+"""Paired multi-seed grids of runs and their report (`basis-compare`; `basis-reproduce` builds on it).
 
 Every run is a separate `basis-train` process writing its own directory, so a grid is
 resumable for free: finished runs (summary.json present, same config) are skipped and
@@ -19,10 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
 from tqdm.auto import tqdm
 
-from basis_train.cli import config_default, fail, make_app, run_app
 from basis_train.reporting.report import (
     collect_runs,
     config_label,
@@ -33,27 +31,10 @@ from basis_train.reporting.report import (
     write_summary_md,
 )
 from basis_train.training.config import ConfigError, apply_overrides, config_hash, dump_config, load_config
+from basis_train.training.variants import grid_variants
 
-VARIANTS = {
-    "": {},
-    "lam0": {"sketch.lam": 0.0},
-    "no-scalars": {"sketch.invariant_scalars": False},
-    "uniform": {"sketch.hashing": "uniform"},
-    "gaussian": {"sketch.hashing": "gaussian"},
-    "all": {"sketch.layers": "all"},
-    "ckpt": {"model.checkpoint_blocks": True},
-    "lr0.5x": {"optim.lr_factor": 0.5},
-    "lr2x": {"optim.lr_factor": 2.0},
-}
-# Exact backprop with the sketchable weights' lr scaled by (1 - 0.01)^2: what lambda does.
-EXACT_VARIANTS = {"": {}, "lr-matched": {"optim.lr_scale_sketched": 0.9801},
-                  "ckpt": {"model.checkpoint_blocks": True},
-                  "lr0.5x": {"optim.lr_factor": 0.5}, "lr2x": {"optim.lr_factor": 2.0},
-                  # Cut Cross-Entropy as the exact head (CUDA, bf16/fp16): what its bf16 gradient sums cost
-                  "cce": {"model.head_kernel": "cce"}}
-FLEET_HELP = ("train the runs that share a model shape together in this process, as one batched model "
-              "(each still writes its own run directory); --jobs and --gpus then apply only to runs that "
-              "cannot join a fleet (AdamW, a schedule, bf16, compile) [default: off]")
+VARIANTS = grid_variants("basis")
+EXACT_VARIANTS = grid_variants("exact")
 VARIANT_HELP = ("comma list of " + ",".join(sorted((set(VARIANTS) | set(EXACT_VARIANTS)) - {""}))
                 + "; NAME@exact+256 limits one to exact and/or those ranks (default: everywhere it applies)")
 
@@ -62,12 +43,6 @@ def run_outcome(rc: int) -> str:
     """A run's exit code in words: 130 is a Ctrl-C (basis-train kept its checkpoint), not a failure."""
     return {0: "done", 130: "interrupted (Ctrl-C; its checkpoint is kept)"}.get(rc, f"FAILED rc={rc}")
 
-
-def check_counts(**counts: int) -> None:
-    """Grid sizes from the command line (--seeds, --jobs) must be positive: one line, exit 2."""
-    for name, value in counts.items():
-        if value < 1:
-            fail(f"--{name} must be >= 1, got {value}")
 
 def parse_variants(text: str) -> list[tuple[str, set | None]]:
     """'ckpt@exact,all@256' -> [('ckpt', {'exact'}), ('all', {256})]; None: no restriction."""
@@ -172,7 +147,11 @@ def _child_command(job: Job) -> list[str]:
             "--resume" if resume else "--overwrite"]
 
 
-def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.echo,
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=_say,
              gpus: list[int] | None = None, keep_checkpoints: bool = False, progress: bool = True,
              fleet: bool = False) -> list[Job]:
     """Run every unfinished job; returns the jobs that failed (their train.log says why).
@@ -193,7 +172,7 @@ def run_jobs(config: str | Path | None, jobs: list[Job], n_jobs: int, log=typer.
     if stale:
         raise ConfigError(
             f"{len(stale)} finished run(s) under {stale[0].out.parent} were made with another config "
-            f"({_names(stale)}); choose another --out, or move them away to re-run them")
+            f"({job_names(stale)}); choose another --out, or move them away to re-run them")
     for job, cfg in todo:
         job.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, job.out / "requested.yaml")
@@ -256,7 +235,7 @@ def report(out: Path, title: str, paper_table: dict | None = None, notes: list[s
     if dirs is None:
         dirs = sorted(p.parent for p in (out / "runs").glob("*/summary.json"))
     if not dirs:
-        raise typer.BadParameter(f"no finished runs under {out / 'runs'}")
+        raise ValueError(f"no finished runs under {out / 'runs'}")
     rows = collect_runs(dirs)
     write_results_csv(rows, out / "results.csv")
     summary = summarize(rows)
@@ -283,101 +262,27 @@ def grid_report(out: Path, grid: list[Job], failed: list[Job], title: str, paper
     missing = [j for j in grid if j not in done]
     if missing:
         notes = [*notes, f"{len(missing)} of {len(grid)} planned runs are missing from this report "
-                         f"(failed or unfinished): {_names(missing)}."]
+                         f"(failed or unfinished): {job_names(missing)}."]
     if not done:
-        raise GridError(f"none of the {len(grid)} planned runs under {out / 'runs'} finished: {_names(missing)}")
+        raise GridError(f"none of the {len(grid)} planned runs under {out / 'runs'} finished: {job_names(missing)}")
     summary, by_label = report(out, title, paper_table, notes, dirs=[j.out for j in done])
     return summary, by_label, missing
 
 
-def _names(jobs: list[Job], limit: int = 8) -> str:
+def job_names(jobs: list[Job], limit: int = 8) -> str:
     names = [f"{j.label} seed {j.seed}" for j in jobs]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _ints(text: str, what: str, minimum: int = 1) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be a comma list of integers, got {text!r}") from None
-    if not vals or min(vals) < minimum:
-        raise typer.BadParameter(f"{what} must be integers >= {minimum}, got {text!r}")
-    return vals
+def run_grid(config: str | None, base: dict, ranks: list[int], seeds: int, variants: list, out: Path,
+             baselines: bool = True, n_jobs: int = 1, gpus: list[int] | None = None, keep_checkpoints: bool = False,
+             report_only: bool = False, progress: bool = True, fleet: bool = False) -> tuple[list[Job], list[Job]]:
+    """Plan, run (or resume) and report a grid; returns the planned jobs and those missing from the report.
 
-
-def _gpu_list(text: str) -> list[int] | None:
-    if not text.strip():
-        return None
-    gpus = _ints(text, "--gpus", minimum=0)
-    if len(set(gpus)) != len(gpus):
-        raise typer.BadParameter(f"--gpus must not repeat a device, got {text!r}")
-    return gpus
-
-
-compare_app = make_app("Exact vs BASIS at several ranks, paired over seeds; each run a basis-train process.")
-
-
-@compare_app.command()
-def compare(
-    config: str | None = typer.Option(
-        None, "--config", "-c", help="YAML config or shipped config name (paper, tiny, ...) [default: paper's protocol]"),
-    ranks: str = typer.Option("32,16,8", help="comma list of sketch ranks R"),
-    seeds: int = typer.Option(5, help="number of seeds: runs use seeds 0..N-1"),
-    variants: str = typer.Option("", help=f"{VARIANT_HELP} [default: none]"),
-    steps: int | None = typer.Option(None, help=f"training steps per run {config_default('train.steps')}"),
-    eval_every: int | None = typer.Option(None, help=f"evaluate every N steps {config_default('train.eval_every')}"),
-    checkpoint_every: int | None = typer.Option(
-        None, help=f"checkpoint every N steps {config_default('train.checkpoint_every')}"),
-    val_protocol: str | None = typer.Option(None, help=f"heldout | paper {config_default('data.val_protocol')}"),
-    device: str | None = typer.Option(None, help=f"auto | cpu | cuda {config_default('train.device')}"),
-    dataset: str | None = typer.Option(
-        None, help=f"wiki-offline | fineweb-edu | files {config_default('data.dataset')}"),
-    data_files: str | None = typer.Option(
-        None, help=f"glob of local text files (any UTF-8; .jsonl/.json/.parquet as records) {config_default('data.data_files')}"),
-    out: Path = typer.Option(Path("runs/compare"), help="grid directory: runs/ per run, then the report"),
-    jobs: int = typer.Option(1, help="runs in parallel (processes)"),
-    gpus: str = typer.Option("", help="comma list of CUDA device indices to spread the parallel runs over "
-                                      "[default: all runs see the same devices]"),
-    baselines: bool = typer.Option(True, help="--no-baselines: run only the variants (baselines from elsewhere)"),
-    keep_checkpoints: bool = typer.Option(
-        False, "--keep-checkpoints", help="keep each finished run's checkpoint.pt (needed only to extend a run "
-                                          "later with more steps) [default: deleted once the run finishes]"),
-    report_only: bool = typer.Option(False, "--report-only", help="only write the report from finished runs "
-                                                                  "[default: off]"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
-    fleet: bool = typer.Option(False, "--fleet", help=FLEET_HELP),
-):
-    """Run (or resume) the grid, then write results.csv, summary.md, val_loss.png, memory.png.
-
-    Exits 1 when runs fail (the report then holds the others and names the missing ones)."""
-    try:
-        names = parse_variants(variants)
-    except ConfigError as e:
-        fail(str(e))
-    check_counts(seeds=seeds, jobs=jobs)
-    flags = {"train.steps": steps, "train.eval_every": eval_every, "train.checkpoint_every": checkpoint_every,
-             "data.val_protocol": val_protocol, "train.device": device, "data.dataset": dataset,
-             "data.data_files": data_files}
-    base = {k: v for k, v in flags.items() if v is not None}
-    try:
-        apply_overrides(load_config(config), base)  # bad flags fail here, not once per run
-        grid = plan(base, _ints(ranks, "--ranks"), list(range(seeds)), names, out, baselines)
-        failed = [] if report_only else run_jobs(config, grid, jobs, gpus=_gpu_list(gpus),
-                                                 keep_checkpoints=keep_checkpoints, progress=not quiet, fleet=fleet)
-        _, _, missing = grid_report(out, grid, failed, title=f"exact vs BASIS ({out.name})")
-    except (ConfigError, typer.BadParameter, ValueError) as e:
-        fail(str(e))
-    except GridError as e:
-        fail(str(e), code=1)
-    typer.echo(f"wrote {out / 'summary.md'}")
-    if missing:
-        fail(f"{len(missing)} of {len(grid)} runs failed or are unfinished and are missing from the report: "
-              f"{_names(missing)} (see train.log in their directories under {out / 'runs'})", code=1)
-
-
-def compare_main(argv: list[str] | None = None) -> None:
-    run_app(compare_app, "basis-compare", argv)
-
-
-if __name__ == "__main__":
-    compare_main()
+    Bad input raises ConfigError or ValueError before any run starts; failed grids raise GridError."""
+    apply_overrides(load_config(config), base)  # bad flags fail here, not once per run
+    grid = plan(base, ranks, list(range(seeds)), variants, out, baselines)
+    failed = [] if report_only else run_jobs(config, grid, n_jobs, gpus=gpus, keep_checkpoints=keep_checkpoints,
+                                             progress=progress, fleet=fleet)
+    _, _, missing = grid_report(out, grid, failed, title=f"exact vs BASIS ({out.name})")
+    return grid, missing

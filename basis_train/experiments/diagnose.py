@@ -14,28 +14,23 @@ float64 rounding (tested against `estimate`, the uncompressed estimator).
 from __future__ import annotations
 
 import pickle
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
-import typer
 from torch import nn
 from tqdm import tqdm
 
-from basis_train.cli import fail, make_app
 from basis_train.core.model import GPT, build_gpt
 from basis_train.core.sketch import draw_seed, rescale, sketch_stats
-from basis_train.data.corpus import DataError, load_tokens
+from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import TrainLoader, make_splits
 from basis_train.reporting.diagnose_report import VARIANTS, Variant, findings, write_outputs  # noqa: F401  (public API)
-from basis_train.training.config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from basis_train.training.config import Config, apply_overrides, config_to_dict, load_config
 from basis_train.training.setup import gpt_config
 
 DEFAULT_RANKS = "1,4,8,16,32,64,rows"
@@ -244,73 +239,50 @@ def _batches(cfg: Config, n: int, batch_size: int, device, seed: int, ckpt: dict
     return [loader.next() for _ in range(n)], dict(splits.info, loader=loader.state_dict())
 
 
-app = make_app("Estimator diagnostics: error, cosine, norm and bias of BASIS weight gradients vs exact.")
-Opt = typer.Option
+def diagnose(config: str | None = None, checkpoint: Path | None = None, after_steps: int = 0,
+             seed: int | None = None, ranks: str = DEFAULT_RANKS, variants: str = ",".join(VARIANTS),
+             draws: int = 200, batches: int = 4, batch_size: int | None = None, sketch_layers: str | None = None,
+             device: str = "auto", out: Path = Path("runs/diagnostics"), progress: bool = True,
+             command: str = "") -> dict:
+    """Measure error, cosine, norm and bias of BASIS weight-gradient estimates against exact backprop;
+    writes OUT/ and returns its metadata. `command` is recorded as the command line that ran.
 
-
-@app.command()
-def run(
-    config: Annotated[str | None, Opt(help="YAML config or shipped config name (paper, tiny, ...) "
-                                           "[default: paper's protocol]")] = None,
-    checkpoint: Annotated[Path | None, Opt(help="load the 'model' state_dict of this checkpoint [default: fresh init]")] = None,
-    after_steps: Annotated[int, Opt(help="first train this many steps (basis_train.training.train)")] = 0,
-    seed: Annotated[int | None, Opt(help="init and sketch seed [default: the config's train.seed]")] = None,
-    ranks: Annotated[str, Opt(help="comma list of sketch ranks; 'rows' = batch x sequence")] = DEFAULT_RANKS,
-    variants: Annotated[str, Opt(help="comma list of: " + ", ".join(VARIANTS))] = ",".join(VARIANTS),
-    draws: Annotated[int, Opt(help="estimates per batch, layer, rank and variant")] = 200,
-    batches: Annotated[int, Opt(help="real training batches")] = 4,
-    batch_size: Annotated[int | None, Opt(help="sequences per batch [default: the config's train.batch_size]")] = None,
-    sketch_layers: Annotated[str | None, Opt(help="mlp+head, all, or a comma list of layer names "
-                                                      "[default: the config's sketch.layers]")] = None,
-    device: Annotated[str, Opt(help="auto, cpu or cuda")] = "auto",
-    out: Annotated[Path, Opt(help="output directory (the committed results: --out results/diagnostics)")] = Path(
-        "runs/diagnostics"),
-    progress: Annotated[bool, Opt(help="show a progress bar")] = True,
-) -> None:
-    """Measure error, cosine, norm and bias of BASIS weight-gradient estimates against exact backprop."""
-    start, options = time.time(), dict(locals())
-    try:
-        rank_spec, variant_list = parse_ranks(ranks), parse_variants(variants)
-        for flag, value, low in (("draws", draws, 2), ("batches", batches, 1), ("batch-size", batch_size or 1, 1),
-                                 ("after-steps", after_steps, 0)):
-            if value < low:
-                raise DiagnoseError(f"--{flag} must be >= {low}, got {value}")
-        if checkpoint and after_steps:
-            raise DiagnoseError("use --checkpoint or --after-steps, not both")
-        if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-            raise DiagnoseError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
-        dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-        cfg = load_config(config)
-        layer_choice = sketch_layers in ("mlp+head", "all", "none")
-        if layer_choice:
-            cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
-        seed = cfg.train.seed if seed is None else seed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the paper's T4 had none
-        # The plain head: the hooks read each linear's input and dY, which the fused head never forms.
-        gcfg = replace(gpt_config(cfg), head="plain")
-        model, source, ckpt = build_gpt(gcfg, seed, method="exact"), f"fresh init (seed {seed})", {}
-        if after_steps:
-            checkpoint = _trained_checkpoint(cfg, after_steps, seed, device, out, progress)
-        if checkpoint:
-            ckpt = load_weights(model, checkpoint)
-            source = f"after {after_steps} {cfg.train.method} steps" if after_steps else f"checkpoint {checkpoint}"
-        model.to(dev).train()
-        names = [n.strip() for n in sketch_layers.split(",") if n.strip()] if sketch_layers and not layer_choice \
-            else model.sketchable_names()
-        if not names:
-            raise DiagnoseError("no layers to diagnose: the sketch layers select none")
-        data, data_info = _batches(cfg, batches, batch_size or cfg.train.batch_size, dev, seed, ckpt)
-        rows, caps = data[0][0].numel(), capture(model, data, names)
-        rank_list = resolve_ranks(rank_spec, rows)
-        raw = run_draws(caps, names, rank_list, variant_list, draws, seed, progress)
-        per_layer, overall = tabulate(raw, names, rank_list, variant_list, rows)
-    except (DiagnoseError, ConfigError, DataError) as exc:
-        fail(str(exc))
-    if Path(sys.argv[0]).name == "diagnose.py":
-        command = shlex.join(["python", "-m", "basis_train.experiments.diagnose", *sys.argv[1:]])
-    else:  # a console script, or called in-process: rebuild the flags from the parsed options
-        command = shlex.join(["basis-diagnose", *(f"--{k.replace('_', '-')}={v}" for k, v in options.items()
-                                                  if v is not None and k != "progress")])
+    User errors raise DiagnoseError, ConfigError or DataError (one line each)."""
+    start, options = time.time(), {k: v for k, v in locals().items() if k != "command"}
+    rank_spec, variant_list = parse_ranks(ranks), parse_variants(variants)
+    for flag, value, low in (("draws", draws, 2), ("batches", batches, 1), ("batch-size", batch_size or 1, 1),
+                             ("after-steps", after_steps, 0)):
+        if value < low:
+            raise DiagnoseError(f"--{flag} must be >= {low}, got {value}")
+    if checkpoint and after_steps:
+        raise DiagnoseError("use --checkpoint or --after-steps, not both")
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise DiagnoseError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    cfg = load_config(config)
+    layer_choice = sketch_layers in ("mlp+head", "all", "none")
+    if layer_choice:
+        cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
+    seed = cfg.train.seed if seed is None else seed
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the paper's T4 had none
+    # The plain head: the hooks read each linear's input and dY, which the fused head never forms.
+    gcfg = replace(gpt_config(cfg), head="plain")
+    model, source, ckpt = build_gpt(gcfg, seed, method="exact"), f"fresh init (seed {seed})", {}
+    if after_steps:
+        checkpoint = _trained_checkpoint(cfg, after_steps, seed, device, out, progress)
+    if checkpoint:
+        ckpt = load_weights(model, checkpoint)
+        source = f"after {after_steps} {cfg.train.method} steps" if after_steps else f"checkpoint {checkpoint}"
+    model.to(dev).train()
+    names = [n.strip() for n in sketch_layers.split(",") if n.strip()] if sketch_layers and not layer_choice \
+        else model.sketchable_names()
+    if not names:
+        raise DiagnoseError("no layers to diagnose: the sketch layers select none")
+    data, data_info = _batches(cfg, batches, batch_size or cfg.train.batch_size, dev, seed, ckpt)
+    rows, caps = data[0][0].numel(), capture(model, data, names)
+    rank_list = resolve_ranks(rank_spec, rows)
+    raw = run_draws(caps, names, rank_list, variant_list, draws, seed, progress)
+    per_layer, overall = tabulate(raw, names, rank_list, variant_list, rows)
     modules = dict(model.named_modules())
     meta = {"command": command, "options": options, "config": config_to_dict(cfg), "model_source": source,
             "seed": seed, "batches": batches, "batch_size": batch_size or cfg.train.batch_size, "rows": rows,
@@ -319,14 +291,4 @@ def run(
             "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
             "wall_s": round(time.time() - start, 1)}
     write_outputs(out, per_layer, overall, meta)
-    typer.echo(f"wrote {out}/ (summary.md, diagnostics.csv, overall.csv, plots) in {meta['wall_s']:.0f} s")
-
-
-def main() -> None:
-    from basis_train.cli import run_app
-
-    run_app(app, "basis-diagnose")
-
-
-if __name__ == "__main__":
-    main()
+    return meta

@@ -1,4 +1,4 @@
-"""`basis-reproduce`: the paper's Table 3 protocol, under both validation protocols,
+"""The paper's Table 3 protocol, under both validation protocols,
 with the paper's numbers side by side and a verdict for each claim backed by a CI.
 
 Verdicts are computed from the measured paired differences; nothing here knows in
@@ -10,22 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import typer
-
-from basis_train.cli import config_default, fail, make_app, run_app
-from basis_train.experiments.compare import (
-    FLEET_HELP,
-    GridError,
-    Job,
-    _names,
-    check_counts,
-    grid_report,
-    plan,
-    run_jobs,
-)
+from basis_train.experiments.compare import Job, grid_report, plan, run_jobs
 from basis_train.reporting.report import load_metrics
 from basis_train.reporting.stats import verdict_parity
-from basis_train.training.config import ConfigError, load_config
+from basis_train.training.config import load_config
 
 RANKS = [64, 32, 16, 8, 1]
 # docs/paper.md section 2, Table 3 (final train / val loss at step 50,000; truncated to 3 decimals).
@@ -135,70 +123,34 @@ def write_reproduction(out: Path, protocol: str, grid: list[Job] | None = None,
     return lines, missing
 
 
-reproduce_app = make_app("The paper's Table 3 protocol (exact, R = 64, 32, 16, 8, 1), both validation protocols.")
+def reproduce_grids(config: str, seeds: int, steps: int | None, protocols: list[str], out: Path, n_jobs: int = 1,
+                    checkpoint_every: int = 10000, keep_checkpoints: bool = False, report_only: bool = False,
+                    progress: bool = True, fleet: bool | None = None, log=print) -> list[Job]:
+    """One grid per protocol in OUT/<protocol>/, each with its report and verdicts (passed to `log`).
 
-
-@reproduce_app.command()
-def reproduce(
-    config: str = typer.Option("paper", "--config", "-c", help="YAML config or shipped config name"),
-    seeds: int = typer.Option(5, help="number of seeds: runs use seeds 0..N-1"),
-    steps: int | None = typer.Option(None, help=f"training steps per run {config_default('train.steps')}"),
-    protocols: str = typer.Option("heldout,paper", help="comma list of validation protocols: heldout, paper"),
-    out: Path = typer.Option(Path("runs/reproduce"), help="one grid per protocol in OUT/<protocol>/ "
-                                                         "(the committed results: --out results/paper)"),
-    jobs: int = typer.Option(1, help="runs in parallel (processes)"),
-    checkpoint_every: int = typer.Option(10000, help="checkpoint every N steps"),
-    keep_checkpoints: bool = typer.Option(
-        False, "--keep-checkpoints", help="keep each finished run's checkpoint.pt (needed only to extend a run "
-                                          "later) [default: deleted once the run finishes]"),
-    report_only: bool = typer.Option(False, "--report-only", help="only write the reports from finished runs "
-                                                                  "[default: off]"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar over the grid [default: off]"),
-    fleet: bool | None = typer.Option(
-        None, "--fleet/--no-fleet", help=FLEET_HELP.replace("[default: off]", "[default: on where the runs train on "
-                                                               "CUDA, off on CPU]")),
-):
-    """Exact and R = 64, 32, 16, 8, 1, seeds 0..N-1, each protocol in OUT/<protocol>/.
-
-    Exits 1 when runs fail (the reports then hold the others and name the missing ones)."""
-    check_counts(seeds=seeds, jobs=jobs)
+    fleet None: on where the runs train on CUDA. Returns the planned runs missing from the reports;
+    bad input raises ConfigError or ValueError, failed grids GridError."""
     missing: list[Job] = []
-    try:
-        if fleet is None:  # the paper's runs are tiny: on a GPU one batched process beats one process per run
-            fleet = _trains_on_cuda(load_config(config))
-        names = [p for p in protocols.split(",") if p]
-        for protocol in names:
-            if protocol not in ("heldout", "paper"):
-                raise typer.BadParameter(f"unknown protocol {protocol!r}; choose heldout, paper")
-        for protocol in names:
-            base = {"data.val_protocol": protocol, "train.checkpoint_every": checkpoint_every}
-            if steps:
-                base["train.steps"] = steps
-            grid = plan(base, RANKS, list(range(seeds)), [], out / protocol)
-            failed = [] if report_only else run_jobs(config, grid, jobs, keep_checkpoints=keep_checkpoints,
-                                                     progress=not quiet, fleet=fleet)
-            lines, lost = write_reproduction(out, protocol, grid, failed)
-            missing += lost
-            for line in lines:
-                typer.echo(f"[{protocol}] {line}")
-    except (ConfigError, typer.BadParameter, ValueError) as e:
-        fail(str(e))
-    except GridError as e:
-        fail(str(e), code=1)
-    if missing:
-        fail(f"{len(missing)} runs failed or are unfinished and are missing from the reports: {_names(missing)}",
-              code=1)
+    if fleet is None:  # the paper's runs are tiny: on a GPU one batched process beats one process per run
+        fleet = _trains_on_cuda(load_config(config))
+    for protocol in protocols:
+        if protocol not in ("heldout", "paper"):
+            raise ValueError(f"unknown protocol {protocol!r}; choose heldout, paper")
+    for protocol in protocols:
+        base = {"data.val_protocol": protocol, "train.checkpoint_every": checkpoint_every}
+        if steps:
+            base["train.steps"] = steps
+        grid = plan(base, RANKS, list(range(seeds)), [], out / protocol)
+        failed = [] if report_only else run_jobs(config, grid, n_jobs, keep_checkpoints=keep_checkpoints,
+                                                 progress=progress, fleet=fleet)
+        lines, lost = write_reproduction(out, protocol, grid, failed)
+        missing += lost
+        for line in lines:
+            log(f"[{protocol}] {line}")
+    return missing
 
 
 def _trains_on_cuda(cfg) -> bool:
     import torch
 
     return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-
-
-def reproduce_main(argv: list[str] | None = None) -> None:
-    run_app(reproduce_app, "basis-reproduce", argv)
-
-
-if __name__ == "__main__":
-    reproduce_main()

@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from basis_train.core.memory import CATEGORIES
+from basis_train.core.options import MEMORY_CATEGORIES as CATEGORIES
 from basis_train.reporting.plotstyle import legend_below, legend_outside, series_style
 from basis_train.reporting.stats import mean_ci, paired_diff
 

@@ -21,31 +21,13 @@ from pathlib import Path
 
 import yaml
 
+from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_KINDS, SKETCH_LAYERS, ModelConfig
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.yaml_strict import StrictLoader
 
 
 class ConfigError(Exception):
     """A configuration problem, described in one line fit to show the user as is."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    # paper: the paper's tiny GPT as its reference builds it; gpt2: GPT-2's architecture and
-    # initialisation (fused qkv, tied head, residual-scaled init; core/model.py)
-    arch: str = "paper"
-    vocab_size: int = 50257
-    block_size: int = 64
-    n_embd: int = 64
-    n_head: int = 2
-    n_layer: int = 2
-    mlp_ratio: int = 4
-    checkpoint_blocks: bool = False
-    head: str = "fused"  # fused: chunked linear + cross-entropy that never keeps the logits; plain
-    head_chunk: int = 256  # rows per chunk of the fused head (core/head.py)
-    # the exact fused head's kernel: auto and native = ours; cce = Cut Cross-Entropy (CUDA, bf16/fp16)
-    # or refuse to start; opt-in because its bf16 gradient sums cost loss (core/head_cce.py)
-    head_kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -140,14 +122,15 @@ class Config:
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("paper", "gpt2"),
-    "sketch.layers": ("none", "mlp+head", "all"),
-    "model.head": ("fused", "plain"),
-    "model.head_kernel": ("auto", "native", "cce"),
-    "sketch.hashing": ("balanced", "uniform", "gaussian"),
+    # what the model accepts, from core, so a new choice there is a new choice here
+    "model.arch": ARCHS,
+    "sketch.layers": SKETCH_LAYERS,
+    "model.head": HEADS,
+    "model.head_kernel": KERNELS,
+    "sketch.hashing": SKETCH_KINDS,
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine"),
-    "train.method": ("basis", "exact"),
+    "train.method": METHODS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "data.dataset": ("wiki-offline", "fineweb-edu", "files"),
@@ -174,18 +157,6 @@ MAX_VALUES: dict[str, float] = {
 POSITIVE: tuple[str, ...] = ("optim.lr", "optim.eps", "optim.lr_scale_sketched", "optim.lr_factor")
 UNIT_INTERVAL: tuple[str, ...] = ("sketch.lam", "optim.momentum")  # 0 <= v < 1
 
-CLI_FLAGS: dict[str, str] = {
-    "rank": "sketch.rank", "sketch_layers": "sketch.layers", "hashing": "sketch.hashing",
-    "invariant_scalars": "sketch.invariant_scalars", "lam": "sketch.lam",
-    "method": "train.method", "steps": "train.steps", "eval_every": "train.eval_every",
-    "seed": "train.seed", "device": "train.device", "batch_size": "train.batch_size",
-    "dtype": "train.dtype", "checkpoint_every": "train.checkpoint_every",
-    "dataset": "data.dataset", "data_files": "data.data_files",
-    "val_protocol": "data.val_protocol", "out": "log.out", "wandb": "log.wandb",
-    "head": "model.head", "head_kernel": "model.head_kernel", "lr": "optim.lr", "optimizer": "optim.name",
-    "lr_scale_sketched": "optim.lr_scale_sketched",
-    "cuda_graphs": "train.cuda_graphs", "compile": "train.compile",
-}
 
 # Fields that change speed or bookkeeping but not the numbers a run produces. The head
 # implementation is one: fused and plain compute the same loss and gradients up to float

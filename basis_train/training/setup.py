@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -74,31 +75,6 @@ def check_head_kernel(cfg: Config, device: torch.device) -> None:
                        "or use --head-kernel auto or native")
 
 
-def variant_of(cfg: Config) -> str:
-    """Short tag of everything that departs from the paper's estimator and optimiser."""
-    s, tags = cfg.sketch, []
-    if cfg.train.method == "basis":
-        if s.hashing != "balanced":
-            tags.append(s.hashing)
-        if not s.invariant_scalars:
-            tags.append("no-scalars")
-        if s.lam == 0:
-            tags.append("lam0")
-        elif s.lam != 0.01:
-            tags.append(f"lam{s.lam:g}")
-        if s.layers != "mlp+head":
-            tags.append(f"layers={s.layers}")
-    if cfg.model.checkpoint_blocks:
-        tags.append("ckpt")
-    if cfg.model.head_kernel == "cce":  # CCE's bf16 gradient sums change a run's numbers (core/head_cce.py)
-        tags.append("cce")
-    if cfg.optim.lr_factor != 1.0:
-        tags.append(f"lr{cfg.optim.lr_factor:g}x")
-    if cfg.optim.lr_scale_sketched != 1.0:
-        tags.append("lr-matched" if abs(cfg.optim.lr_scale_sketched - 0.9801) < 1e-9 else f"lrx{cfg.optim.lr_scale_sketched:g}")
-    return ",".join(tags)
-
-
 def rank_that_runs(cfg: Config) -> int | None:
     """The sketch rank as applied: min(R, the rows of a step); None when nothing is sketched.
 
@@ -116,13 +92,10 @@ def rank_that_runs(cfg: Config) -> int | None:
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
-    m, s = cfg.model, cfg.sketch
-    return GPTConfig(
-        arch=m.arch, vocab_size=m.vocab_size, block_size=m.block_size, n_embd=m.n_embd, n_head=m.n_head,
-        n_layer=m.n_layer, mlp_ratio=m.mlp_ratio, checkpoint_blocks=m.checkpoint_blocks,
-        head=m.head, head_chunk=m.head_chunk, head_kernel=m.head_kernel,
-        sketch_layers=s.layers, rank=s.rank, hashing=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam,
-    )
+    """The config's model section as it is, with the sketch section's settings for the linear layers."""
+    s = cfg.sketch
+    return GPTConfig(**dataclasses.asdict(cfg.model), sketch_layers=s.layers, rank=s.rank, hashing=s.hashing,
+                     invariant_scalars=s.invariant_scalars, lam=s.lam)
 
 
 def param_groups(model, cfg: Config) -> list[dict]:

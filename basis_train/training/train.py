@@ -43,11 +43,11 @@ from basis_train.training.setup import (
     resolve_device,
     set_lr,
     sketch_seed,
-    variant_of,
     warn_slow_cpu_run,
 )
 from basis_train.training.step import DTYPES, MEMORY_FIELDS, NonFiniteLoss, TrainStep
 from basis_train.training.stopping import Interrupted, StopNow, StopRequests
+from basis_train.training.variants import variant_of
 
 __all__ = ["MEMORY_FIELDS", "Interrupted", "NonFiniteLoss", "Run", "train"]
 

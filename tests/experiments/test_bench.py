@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from basis_train.cli.bench import app
 from basis_train.experiments import bench
-from basis_train.experiments.bench import app
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from basis_train.cli.compare import compare_app
 from basis_train.experiments import compare as compare_mod
-from basis_train.experiments.compare import GpuSlots, compare_app, plan
+from basis_train.experiments.compare import GpuSlots, plan
 from basis_train.experiments.reproduce import verdicts
 from basis_train.training.config import config_hash, load_config
 
@@ -184,7 +185,7 @@ def test_verdicts_follow_the_numbers():
 
 @pytest.mark.slow
 def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
-    from basis_train.experiments.reproduce import reproduce_app
+    from basis_train.cli.reproduce import reproduce_app
 
     out = tmp_path / "repro"
     res = runner.invoke(reproduce_app, ["--config", str(tiny_config), "--seeds", "1", "--steps", "2",
@@ -221,6 +222,7 @@ def test_a_finished_run_of_another_config_is_never_overwritten(tmp_path, tiny_co
 def test_reproduce_trains_fleets_by_default_on_cuda_only(tmp_path, tiny_config, monkeypatch):
     import torch
 
+    from basis_train.cli import reproduce as reproduce_cli
     from basis_train.experiments import reproduce as reproduce_mod
 
     seen = []
@@ -232,6 +234,6 @@ def test_reproduce_trains_fleets_by_default_on_cuda_only(tmp_path, tiny_config, 
     for cuda, extra, expected in ((False, [], False), (True, [], True), (True, ["--no-fleet"], False),
                                   (False, ["--fleet"], True)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        res = runner.invoke(reproduce_mod.reproduce_app, [*args, "--out", str(tmp_path / "r"), *extra])
+        res = runner.invoke(reproduce_cli.reproduce_app, [*args, "--out", str(tmp_path / "r"), *extra])
         assert res.exit_code == 0, res.output
         assert seen.pop() is expected, (cuda, extra)

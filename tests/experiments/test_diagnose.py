@@ -10,12 +10,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from basis_train.cli.diagnose import app
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import draw_seed
 from basis_train.experiments.diagnose import (
     VARIANTS,
     DiagnoseError,
-    app,
     capture,
     estimate,
     findings,

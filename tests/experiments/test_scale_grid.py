@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import basis_train
-from basis_train.experiments.compare import compare_app, parse_variants, plan
+from basis_train.cli.compare import compare_app
+from basis_train.experiments.compare import parse_variants, plan
 from basis_train.reporting.scale import write_report
 from basis_train.training.config import ConfigError, apply_overrides, config_from_dict, load_config
 from basis_train.training.setup import build_optimizer, lr_multiplier, set_lr

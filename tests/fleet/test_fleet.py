@@ -244,7 +244,7 @@ def test_compare_fleet_end_to_end(tmp_path, tiny_config):
     basis-train run reproduces, the usual report, finished runs skipped on a rerun."""
     from typer.testing import CliRunner
 
-    from basis_train.experiments.compare import compare_app
+    from basis_train.cli.compare import compare_app
     from basis_train.training.train import train
 
     out = tmp_path / "cmp"

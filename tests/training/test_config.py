@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from basis_train.cli.train import CLI_FLAGS
 from basis_train.training.config import (
-    CLI_FLAGS,
     Config,
     ConfigError,
     apply_overrides,
@@ -210,7 +210,7 @@ def test_cli_flags_point_at_real_fields():
     # Every entry is an option of basis-train, which passes exactly these through to the config.
     import inspect
 
-    from basis_train.cli import train_cmd
+    from basis_train.cli.train import train_cmd
 
     assert set(CLI_FLAGS) <= set(inspect.signature(train_cmd).parameters)
 
@@ -231,6 +231,17 @@ def test_config_hash():
     assert config_hash(apply_overrides(base, {"model.head_kernel": "cce"})) != h
 
 
+# Hashes of runs that exist: a resumable grid skips a finished run by its hash, so moving or renaming a
+# config field must leave these alone (a changed hash reruns every committed grid).
+KNOWN_HASHES = {"paper": "1e2f00309d5d", "tiny": "685bc8472bd6", "gpt2-small": "c79702999d7b",
+                "gpt2-small-code": "200682bdbfb8"}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_HASHES))
+def test_shipped_configs_keep_their_hash(name):
+    assert config_hash(load_config(name)) == KNOWN_HASHES[name]
+
+
 def test_hash_is_stable_across_round_trip(tmp_path):
     cfg = apply_overrides(load_config(CONFIGS / "tiny.yaml"), {"optim.lr": 3e-3})
     dump_config(cfg, tmp_path / "c.yaml")
@@ -245,7 +256,9 @@ def test_yaml_1_1_words_are_not_booleans(tmp_path):
 
 def test_new_keys_at_defaults_keep_committed_run_hashes():
     """Keys added after runs were committed must not change their hash (grids would rerun them)."""
-    runs = sorted(Path(__file__).resolve().parents[2].glob("results/paper/heldout/runs/*/summary.json"))[:3]
+    # every committed run, so that moving a config field between modules is checked too
+    runs = sorted(p for p in Path(__file__).resolve().parents[2].glob("results/**/summary.json")
+                  if (p.parent / "config.yaml").is_file() and "config_hash" in json.loads(p.read_text()))
     if not runs:
         pytest.skip("no committed runs")
     for path in runs:
@@ -256,10 +269,15 @@ def test_new_keys_at_defaults_keep_committed_run_hashes():
 
 
 def test_variant_tags_name_what_changes_the_numbers():
-    from basis_train.training.setup import variant_of
+    from basis_train.training.variants import VARIANTS, variant_of
 
     base = Config()
     assert variant_of(base) == ""
     assert variant_of(apply_overrides(base, {"model.head_kernel": "native"})) == ""
     assert variant_of(apply_overrides(base, {"model.head_kernel": "cce", "model.checkpoint_blocks": True})) == "ckpt,cce"
     assert variant_of(apply_overrides(base, {"optim.lr_factor": 2.0})) == "lr2x"
+    # a grid's variant is tagged by its name wherever the grid runs it (the reports read layers=all)
+    for name, (overrides, methods) in VARIANTS.items():
+        for method in methods:
+            tag = variant_of(apply_overrides(base, {**overrides, "train.method": method}))
+            assert tag == ("layers=all" if name == "all" else name), (name, method)

@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from basis_train.cli import train_app
+from basis_train.cli.train import train_app
 from basis_train.core.memory import CATEGORIES
 from basis_train.training.config import load_config
 from basis_train.training.train import Run

@@ -169,9 +169,9 @@ def test_resume_without_out_finds_the_run_whose_steps_were_raised(cfg, tmp_path)
 
 
 def test_resume_with_out_and_no_config_takes_the_runs_own_config(cfg, tmp_path):
-    from basis_train import cli
+    from basis_train.cli.train import resolve_config
 
     run = _saved_run(tmp_path, "run", apply_overrides(cfg, {"sketch.rank": 3}))
-    resumed = cli.resolve_config(None, {"steps": 40}, run_dir=str(run))
+    resumed = resolve_config(None, {"steps": 40}, run_dir=str(run))
     assert resumed == apply_overrides(cfg, {"sketch.rank": 3, "train.steps": 40})
-    assert cli.resolve_config(None, {}, run_dir=None).model.n_layer != cfg.model.n_layer  # paper defaults otherwise
+    assert resolve_config(None, {}, run_dir=None).model.n_layer != cfg.model.n_layer  # paper defaults otherwise

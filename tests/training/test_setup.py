@@ -8,8 +8,8 @@ from basis_train.training.setup import gpt_config
 
 
 def test_default_config_builds_the_default_model():
-    # ModelConfig/SketchConfig (what users set) and GPTConfig (what the model takes) each
-    # spell out the paper's defaults; this keeps the two lists from drifting apart.
+    # GPTConfig extends the config's ModelConfig, but its sketch fields and SketchConfig (what
+    # users set) each spell out the paper's estimator defaults; this keeps them from drifting apart.
     assert gpt_config(load_config(None)) == GPTConfig()
 
 

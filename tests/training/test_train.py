@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from basis_train.cli import train_app
+from basis_train.cli.train import train_app
 
 runner = CliRunner()
 TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "train_s"}

@@ -1,0 +1,83 @@
+"""`basis-bench`: step time and activation memory, measured (experiments/bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from basis_train.cli.app import make_app, run_app
+from basis_train.core.options import HEADS
+from basis_train.core.options import KERNELS as HEAD_KERNELS
+from basis_train.experiments.bench import SIZES, VARIANTS, run_bench
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+app = make_app("Step time and activation memory: exact, checkpointing and BASIS, model and single layer.")
+
+
+@app.command()
+def bench(
+    sizes: Annotated[str, typer.Option(help=f"comma-separated, from {list(SIZES)}")] = "paper,gpt2-small",
+    ranks: Annotated[str, typer.Option(help="BASIS ranks R, comma-separated")] = "16,64,256",
+    variants: Annotated[str, typer.Option(help=f"comma-separated, from {list(VARIANTS)}")] = ",".join(VARIANTS),
+    steps: Annotated[int, typer.Option(min=1, help="timed steps")] = 30,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed steps first; compilation happens here")] = 5,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
+    out: Annotated[Path, typer.Option(help="output directory (the committed results: --out results/bench)")] = Path(
+        "runs/bench"),
+    quick: Annotated[bool, typer.Option(help="tiny shapes, for a CPU smoke test")] = False,
+    memory_table: Annotated[Path | None, typer.Option(
+        help="also write 'memory at two scales' here [default: not written]")] = None,
+    layer: Annotated[bool, typer.Option("--layer/--no-layer", help="single-layer benchmark")] = True,
+    heads: Annotated[str, typer.Option(help="GPT heads to run, from fused,plain")] = "fused,plain",
+    head_bench: Annotated[bool, typer.Option("--head-bench/--no-head-bench",
+                                             help="the head alone: plain, ours, Liger, CCE")] = True,
+    speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
+                                          "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
+    seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
+    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
+                                                  "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
+) -> None:
+    """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
+    import torch
+
+    variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
+    head_list = _csv(heads)
+    for given, known, what in ((_csv(sizes), SIZES, "size"), (variant_list, VARIANTS, "variant"),
+                               (head_list, HEADS, "head")):
+        if unknown := [x for x in given if x not in known]:
+            raise typer.BadParameter(f"unknown {what} {unknown}; choose from {list(known)}")
+    rank_list = [int(r) for r in _csv(ranks) if r.isdigit()]
+    if not rank_list or len(rank_list) < len(_csv(ranks)) or min(rank_list) < 1:
+        raise typer.BadParameter(f"ranks must be positive integers, got {ranks!r}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda, but torch sees no CUDA device")
+    if speed_targets:
+        if dev.type != "cuda":
+            raise typer.BadParameter("--targets needs a CUDA GPU")
+        from basis_train.experiments.bench_kernels import report_targets
+
+        report_targets(out)
+        return
+    if head_kernel not in HEAD_KERNELS:
+        raise typer.BadParameter(f"unknown head kernel {head_kernel!r}; choose from {list(HEAD_KERNELS)}")
+    failed = run_bench(_csv(sizes), rank_list, variant_list, head_list, dev, out, steps, warmup, compile_model, quick,
+                       memory_table, layer, head_bench, seed, head_kernel)
+    if failed:
+        typer.echo(f"{failed} measurement(s) failed; see 'error' and 'traceback' in the JSON files", err=True)
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(app, "basis-bench", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""What a config may choose, and the model's configuration: torch-free, so that reading a config
+(every command's start, --help too) does not import torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SKETCH_LAYERS = ("none", "mlp+head", "all")
+ARCHS = ("paper", "gpt2")
+METHODS = ("basis", "exact")  # exact: the same network, every layer exact (core/model.py's build_gpt)
+HASHINGS = ("balanced", "uniform")
+SKETCH_KINDS = (*HASHINGS, "gaussian")
+HEADS = ("fused", "plain")
+KERNELS = ("auto", "native", "cce")  # the exact fused head's kernel (core/head_cce.py)
+# Rows per chunk of the fused head: a chunk's float32 logits take chunk x vocab x 4 bytes (51 MiB
+# at 256 x 50257). Backward holds about three such buffers at once; larger chunks mean fewer,
+# larger matmuls (faster) and more transient memory.
+DEFAULT_CHUNK = 256
+# What activation memory is split into (core/memory.py's breakdown, the reports' columns).
+MEMORY_CATEGORIES = ("head", "attention", "mlp_hidden", "width_d", "sketches", "seeds", "other")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's shape and head: the config file's `model` section (training/config.py checks
+    its values and hashes it field by field, so a field renamed or added here changes run hashes)."""
+
+    # paper: the paper's tiny GPT as its reference builds it; gpt2: GPT-2's architecture and
+    # initialisation (fused qkv, tied head, residual-scaled init)
+    arch: str = "paper"
+    vocab_size: int = 50257
+    block_size: int = 64
+    n_embd: int = 64
+    n_head: int = 2
+    n_layer: int = 2
+    mlp_ratio: int = 4
+    checkpoint_blocks: bool = False
+    head: str = "fused"  # fused: chunked linear + cross-entropy, the logits never kept (core/head.py); or plain
+    head_chunk: int = DEFAULT_CHUNK  # rows per chunk of the fused head
+    # the exact fused head's kernel: auto and native = ours; cce = Cut Cross-Entropy (CUDA, bf16/fp16)
+    # or refuse to start; opt-in because its bf16 gradient sums cost loss (core/head_cce.py)
+    head_kernel: str = "auto"
