@@ -59,6 +59,11 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> list[dict]:
         for cat, col in zip(MEMORY_CATEGORIES, BREAKDOWN_COLUMNS, strict=True):
             row[col] = (summary.get("activation_breakdown") or {}).get(cat)
         row["variant"] = row["variant"] or ""
+        ran, asked = summary.get("rank"), summary.get("rank_requested")
+        if row["method"] != "exact" and asked is not None and asked != ran:
+            # R clamped to the rows of a step (training/setup.py): the configuration asked for, tagged
+            row["rank"] = asked
+            row["variant"] = ",".join(t for t in (row["variant"], f"ran R={ran}") if t)
         row["label"] = config_label(row["method"], row["rank"], row["variant"])
         row["run_dir"] = str(run_dir)
         rows.append(row)

@@ -188,7 +188,10 @@ def test_tiny_reproduce_end_to_end(tmp_path, tiny_config):
     from basis_train.cli.reproduce import reproduce_app
 
     out = tmp_path / "repro"
-    res = runner.invoke(reproduce_app, ["--config", str(tiny_config), "--seeds", "1", "--steps", "2",
+    # 4 x 16 = 64 rows a step: no rank of the grid (64 down to 1) is clamped to the rows
+    config = tmp_path / "tiny64.yaml"
+    config.write_text(tiny_config.read_text().replace("train: {", "train: {batch_size: 4, "))
+    res = runner.invoke(reproduce_app, ["--config", str(config), "--seeds", "1", "--steps", "2",
                                         "--protocols", "heldout", "--out", str(out), "--jobs", "2"])
     assert res.exit_code == 0, res.output
     md = (out / "heldout" / "summary.md").read_text()

@@ -189,3 +189,16 @@ def test_plots_are_png(runs, tmp_path):
     for path in (curves, memory):
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def test_ranks_clamped_to_the_rows_stay_apart(tmp_path):
+    """R = 64 and R = 32 on 16 rows a step both run R = 16 (summary.json: rank 16, rank_requested
+    64 / 32): two configurations, each tagged with the R that ran, not one with two runs a seed."""
+    dirs = []
+    for asked in (64, 32, 16):
+        d = tmp_path / f"r{asked}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"method": "basis", "rank": 16, "rank_requested": asked,
+                                                    "variant": "", "seed": 0, "final_val_loss": 1.0}))
+        dirs.append(d)
+    assert [r["label"] for r in collect_runs(dirs)] == ["basis R=64 [ran R=16]", "basis R=32 [ran R=16]", "basis R=16"]
