@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s"}
+TIMING = {"tokens_per_s", "ms_per_step", "eval_s", "wall_s", "train_s"}
 BASIS = ["--steps", 40, "--eval-every", 10, "--checkpoint-every", 10, "--batch-size", 2]
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -105,7 +105,9 @@ def test_basis_under_ddp_learns(basis_2proc):
 
 def test_only_process_zero_writes(basis_2proc):
     _, out, _ = basis_2proc
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
+    # .lock: process 0's hold on the directory while it writes (training/rundir.py)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.yaml", "metrics.jsonl",
+                                                     "summary.json"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [10, 20, 30, 40]
     assert len(set(lines)) == len(lines)
