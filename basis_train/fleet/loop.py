@@ -41,7 +41,7 @@ from basis_train.training.distributed import Dist
 from basis_train.training.errors import RunError
 from basis_train.training.metrics import Throughput
 from basis_train.training.setup import load_data, resolve_device
-from basis_train.training.step import CapturedStep, NonFiniteLoss
+from basis_train.training.step import GraphDispatch, NonFiniteLoss
 from basis_train.training.stopping import Interrupted, StopNow, StopRequests
 from basis_train.training.train import Run
 
@@ -68,21 +68,29 @@ def fleet_refusal(cfg: Config) -> str | None:
     return None
 
 
-class FleetStep(CapturedStep):
+class FleetStep:
     """One step of every member (forward, backward, SGD), eager or as one CUDA-graph replay;
-    TrainStep's dispatch (training/step.py's CapturedStep) for a batch of member indices (M, B)."""
+    TrainStep's dispatch (training/step.py's GraphDispatch) for a batch of member indices (M, B)."""
 
     def __init__(self, model: FleetGPT, opt: FleetSGD, chunks: torch.Tensor, device: torch.device,
                  use_graphs: bool) -> None:
-        self.model, self.opt, self.chunks, self.device, self.use_graphs = model, opt, chunks, device, use_graphs
+        self.model, self.opt, self.chunks, self.device = model, opt, chunks, device
         self.loss_sum = torch.zeros(model.size, dtype=torch.float64, device=device)
+        self.loss_n = 0
+        self.dispatch = GraphDispatch(device, use_graphs, fwd_bwd_opt=self._fwd_bwd_opt, eager_step=self._eager_step,
+                                      zero_grad=opt.zero_grad, generators=model.sketching_generators)
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.dispatch(idx)
+        self.loss_n += 1
+
+    @property
+    def graph(self):
+        return self.dispatch.graph
 
     def _eager_step(self, idx: torch.Tensor) -> None:
         self._fwd_bwd_opt(idx)
         self.opt.zero_grad()
-
-    def _generators(self) -> list[torch.Generator]:
-        return self.model.sketching_generators()
 
     def _fwd_bwd_opt(self, idx: torch.Tensor) -> None:
         chunks = self.chunks[idx]  # (M, B, T + 1)

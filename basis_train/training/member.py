@@ -146,11 +146,10 @@ class FleetMember:
         """The run's summary.json, with `fleet_size` and how the fleet (not the member's own step) ran."""
         run = self._run
         self._advance(step, clock)
-        run.train_step.graph = graphed or None  # summary.json's cuda_graphs
         if isinstance(run.model.lm_head, FusedHead):
             # The member's own head never ran; the fleet's head is ours (fleets are float32: no CCE).
             run.model.lm_head.kernel_ran = "native"
-        summary = run.finish()
+        summary = run.finish(cuda_graphs=graphed)
         summary["fleet_size"] = fleet_size
         atomic_write_json(run.out / "summary.json", summary)
         return summary

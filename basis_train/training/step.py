@@ -9,6 +9,7 @@ device and read only when the loop logs it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -34,38 +35,39 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-class CapturedStep:
-    """Step dispatch shared by TrainStep and the fleet's FleetStep: `_EAGER_BEFORE_CAPTURE` eager
-    steps on a side stream (lazy initialisation, such as optimiser state and cuBLAS workspaces,
-    happens outside the graph), then, with `use_graphs`, one capture of `_fwd_bwd_opt` on a static
-    index buffer, replayed from then on. Subclasses give `_fwd_bwd_opt`, `_eager_step`, `opt`,
-    `device`, `use_graphs` and `_generators()`, and may hold capture back (`_capture_allowed`)."""
+class GraphDispatch:
+    """How a step runs: `_EAGER_BEFORE_CAPTURE` eager calls on a side stream (lazy initialisation,
+    such as optimiser state and cuBLAS workspaces, happens outside the graph), then, with
+    `use_graphs`, one capture of `fwd_bwd_opt` on a static index buffer, replayed from then on.
+    TrainStep and the fleet's FleetStep each hold one and give it their step's parts."""
 
-    graph = None
-    _eager_steps = 0
-    loss_n = 0
+    def __init__(self, device: torch.device, use_graphs: bool, *, fwd_bwd_opt: Callable[[torch.Tensor], None],
+                 eager_step: Callable[[torch.Tensor], None], zero_grad: Callable[[], None],
+                 generators: Callable[[], list[torch.Generator]],
+                 capture_allowed: Callable[[], bool] = lambda: True) -> None:
+        self.device, self.use_graphs = device, use_graphs
+        self.fwd_bwd_opt, self.eager_step, self.zero_grad = fwd_bwd_opt, eager_step, zero_grad
+        self.generators, self.capture_allowed = generators, capture_allowed
+        self.graph = None
+        self.idx_buf: torch.Tensor | None = None
+        self.eager_steps = 0
 
     def __call__(self, idx: torch.Tensor) -> None:
         if self.graph is not None:
             self.idx_buf.copy_(idx)
             self.graph.replay()
-        else:
-            with graphs.side_stream(self.device, self.use_graphs):
-                if self.use_graphs and self._eager_steps >= _EAGER_BEFORE_CAPTURE and self._capture_allowed():
-                    self.idx_buf = idx.clone()
-                    self.opt.zero_grad(set_to_none=True)
-                    self.graph = graphs.capture(lambda: self._fwd_bwd_opt(self.idx_buf),
-                                                generators=self._generators())
-                else:
-                    self._eager_step(idx)
-            self._eager_steps += 1
-        self.loss_n += 1
-
-    def _capture_allowed(self) -> bool:
-        return True
+            return
+        with graphs.side_stream(self.device, self.use_graphs):
+            if self.use_graphs and self.eager_steps >= _EAGER_BEFORE_CAPTURE and self.capture_allowed():
+                self.idx_buf = idx.clone()
+                self.zero_grad()
+                self.graph = graphs.capture(lambda: self.fwd_bwd_opt(self.idx_buf), generators=self.generators())
+            else:
+                self.eager_step(idx)
+        self.eager_steps += 1
 
 
-class TrainStep(CapturedStep):
+class TrainStep:
     """Calls of `step(idx)` train on the chunks `idx` of `chunks`; the first eager calls also
     measure memory (`measured`, see `_measured_step`).
 
@@ -91,8 +93,18 @@ class TrainStep(CapturedStep):
         self.loss_n = 0
         self.measured: dict = {}
         self.step_peak = memory.step_peak_bytes  # injectable: the tests check when it runs
-        self.graph = None
-        self._eager_steps = 0
+        self.dispatch = GraphDispatch(device, use_graphs, fwd_bwd_opt=self._fwd_bwd_opt, eager_step=self._eager_step,
+                                      zero_grad=lambda: self.opt.zero_grad(set_to_none=True),
+                                      generators=lambda: [self.gen], capture_allowed=self._capture_allowed)
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.dispatch(idx)
+        self.loss_n += 1
+
+    @property
+    def graph(self):
+        """The captured step's graph once there is one (None: the step runs eagerly)."""
+        return self.dispatch.graph
 
     def _fwd_bwd_opt(self, idx: torch.Tensor, forward=None) -> None:
         chunks = self.chunks[idx]
@@ -135,13 +147,10 @@ class TrainStep(CapturedStep):
     def _capture_allowed(self) -> bool:
         return not self._wants_measure()  # a step that measures memory runs eagerly
 
-    def _generators(self) -> list[torch.Generator]:
-        return [self.gen]
-
     def _wants_measure(self) -> bool:
         if "activation_bytes" not in self.measured:
             return True
-        return "step_peak_bytes" not in self.measured and self._eager_steps >= _MEASURE_AT_STEP
+        return "step_peak_bytes" not in self.measured and self.dispatch.eager_steps >= _MEASURE_AT_STEP
 
     def _measured_step(self, idx: torch.Tensor) -> None:
         """An eager step that also measures memory (definitions in core/memory.py).

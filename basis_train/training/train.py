@@ -242,8 +242,9 @@ class Run:
                   "wandb_id": self.metrics.wandb_id, "metrics": list(self.metrics.records), "pending": pending}
         self.checkpoints.save(shared, self.train_step.own_state())
 
-    def finish(self) -> dict:
-        """Write summary.json (process 0) and return it on every process."""
+    def finish(self, cuda_graphs: bool | None = None) -> dict:
+        """Write summary.json (process 0) and return it on every process. `cuda_graphs`: whether
+        the steps ran as graph replays, where another step than this run's own ran them (a fleet's)."""
         cuda, measured = self.device.type == "cuda", self.train_step.measured
         by_rank = self.dist.all_gather({
             "step_peak_bytes": measured.get("step_peak_bytes"),
@@ -277,7 +278,7 @@ class Run:
             "invariant_scalars": cfg.sketch.invariant_scalars, "lam": cfg.sketch.lam,
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "lr_factor": cfg.optim.lr_factor, "dtype": cfg.train.dtype,
             "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if cuda else None,
-            "cuda_graphs": self.train_step.graph is not None, "torch": torch.__version__,
+            "cuda_graphs": self.train_step.graph is not None if cuda_graphs is None else cuda_graphs, "torch": torch.__version__,
             # >1: basis-compare ran this many runs per GPU at once (MPS), so wall_s and tokens_per_s
             # describe a shared GPU, not this configuration's speed
             "runs_per_gpu": int(os.environ.get("BASIS_TRAIN_RUNS_PER_GPU", "1")),

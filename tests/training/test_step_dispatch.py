@@ -1,4 +1,4 @@
-"""The step dispatch TrainStep and FleetStep share (training/step.py's CapturedStep), on CPU with a
+"""The step dispatch TrainStep and FleetStep share (training/step.py's GraphDispatch), on CPU with a
 stand-in for the CUDA graph: eager steps first (TrainStep's memory measurements among them), then one
 capture of the whole step on a static index buffer with the right generators, then replays only."""
 
@@ -48,14 +48,14 @@ def test_train_step_measures_eagerly_then_captures_once_then_replays(monkeypatch
     chunks = torch.randint(0, CFG.vocab_size, (6, CFG.block_size + 1))
     ts = TrainStep(model, model, opt, chunks, gen, torch.device("cpu"), torch.float32, use_graphs=True)
     peaks = []
-    ts.step_peak = lambda fn, device: peaks.append(ts._eager_steps) or fn() or 7
+    ts.step_peak = lambda fn, device: peaks.append(ts.dispatch.eager_steps) or fn() or 7
     for k in range(6):
         ts(torch.tensor([k % 6, (k + 1) % 6]))
         assert (ts.graph is None) == (k < 3), k  # capture on the first step after 3 eager ones
     assert "activation_bytes" in ts.measured and peaks == [step_mod._MEASURE_AT_STEP]
     assert len(captured) == 1 and captured[0].generators == [gen] and captured[0].replays == 2
     assert ts.loss_n == 6
-    torch.testing.assert_close(ts.idx_buf, torch.tensor([5, 0]))  # replays read the static buffer
+    torch.testing.assert_close(ts.dispatch.idx_buf, torch.tensor([5, 0]))  # replays read the static buffer
 
 
 def test_fleet_step_captures_with_every_sketching_generator(monkeypatch):
