@@ -28,11 +28,13 @@ def test_no_torch_is_one_line(monkeypatch):
     assert torch_problem() == "basis-train needs torch >= 2.11, and none is installed (pip install torch)"
 
 
-def test_help_starts_without_importing_torch():
+@pytest.mark.parametrize("command", ["train", "compare", "reproduce", "diagnose", "bench"])
+def test_help_starts_without_importing_torch(command):
+    """Importing torch takes 1-2 s: no command's --help waits for it."""
     import subprocess
     import sys
 
-    code = ("import sys; from basis_train.cli.train import main\ntry: main(['--help'])\n"
+    code = (f"import sys; from basis_train.cli.{command} import main\ntry: main(['--help'])\n"
             "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

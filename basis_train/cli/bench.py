@@ -10,7 +10,7 @@ import typer
 from basis_train.cli.app import make_app, run_app
 from basis_train.core.options import HEADS
 from basis_train.core.options import KERNELS as HEAD_KERNELS
-from basis_train.experiments.bench import SIZES, VARIANTS, run_bench
+from basis_train.experiments.bench_sizes import SIZES, VARIANTS
 
 
 def _csv(text: str) -> list[str]:
@@ -46,6 +46,8 @@ def bench(
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""
     import torch
+
+    from basis_train.experiments.bench import run_bench
 
     variant_list = [v.removeprefix("basis").strip(" -_") for v in _csv(variants)]
     head_list = _csv(heads)

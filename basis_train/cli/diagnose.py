@@ -11,7 +11,7 @@ import typer
 
 from basis_train.cli.app import CONFIG_HELP, fail, make_app, run_app
 from basis_train.data.corpus import DataError
-from basis_train.experiments.diagnose import DEFAULT_RANKS, VARIANTS, DiagnoseError, diagnose
+from basis_train.reporting.diagnose_report import DEFAULT_RANKS, VARIANTS
 from basis_train.training.config import ConfigError
 
 app = make_app("Estimator diagnostics: error, cosine, norm and bias of BASIS weight gradients vs exact.")
@@ -38,6 +38,8 @@ def run(
 ) -> None:
     """Measure error, cosine, norm and bias of BASIS weight-gradient estimates against exact backprop."""
     options = dict(locals())
+    from basis_train.experiments.diagnose import DiagnoseError, diagnose  # torch: not for --help
+
     if Path(sys.argv[0]).name == "diagnose.py":
         command = shlex.join(["python", "-m", "basis_train.cli.diagnose", *sys.argv[1:]])
     else:  # a console script, or called in-process: rebuild the flags from the parsed options

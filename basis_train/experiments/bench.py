@@ -24,22 +24,12 @@ from torch import nn
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.sketch import BasisLinear
+from basis_train.experiments.bench_sizes import LAYER, LAYER_QUICK, QUICK, SIZES
 from basis_train.experiments.graphed_step import graphed_step
 from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets
 from basis_train.experiments.timing import time_step
 from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
-
-VARIANTS = ("exact", "exact+ckpt", "mlp+head", "all")
-# bf16: autocast on CUDA (float32 elsewhere). The paper ran float32 on a T4, which has no TF32.
-SIZES = {
-    "paper": {"name": "paper", "vocab": 50257, "seq": 64, "width": 64, "heads": 2, "layers": 2, "batch": 1,
-              "bf16": False, "tf32": False, "optimizer": "sgd", "head_chunk": 256},
-    "gpt2-small": {"name": "gpt2-small", "vocab": 50257, "seq": 1024, "width": 768, "heads": 12, "layers": 12,
-                   "batch": 8, "bf16": True, "tf32": True, "optimizer": "adamw", "head_chunk": 1024},
-}
-QUICK = {"vocab": 512, "seq": 32, "width": 32, "heads": 2, "layers": 2, "batch": 2, "head_chunk": 16}
-LAYER, LAYER_QUICK = [8192, 768, 3072], [256, 64, 128]
 
 
 def _write(path: Path, text: str) -> None:

@@ -29,11 +29,16 @@ from basis_train.core.model import GPT, build_gpt
 from basis_train.core.sketch import draw_seed, rescale, sketch_stats
 from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import TrainLoader, make_splits
-from basis_train.reporting.diagnose_report import VARIANTS, Variant, findings, write_outputs  # noqa: F401  (public API)
+from basis_train.reporting.diagnose_report import (  # noqa: F401  (public API)
+    DEFAULT_RANKS,
+    VARIANTS,
+    Variant,
+    findings,
+    write_outputs,
+)
 from basis_train.training.config import Config, apply_overrides, config_to_dict, load_config
 from basis_train.training.setup import gpt_config
 
-DEFAULT_RANKS = "1,4,8,16,32,64,rows"
 METRICS = ("rel_err_mean", "rel_err_std", "rel_err_p10", "rel_err_p90", "cos_mean", "cos_std",
            "norm_ratio_mean", "norm_ratio_std", "bias_rel", "bias_noise_rel", "proj_mean", "proj_se")
 

@@ -20,6 +20,7 @@ class Variant:
     lam: float
 
 
+DEFAULT_RANKS = "1,4,8,16,32,64,rows"  # 'rows': batch x sequence, the sketch that keeps every row
 VARIANTS: dict[str, Variant] = {
     "basis": Variant("balanced", True, 0.01),  # the paper's estimator
     "lam0": Variant("balanced", True, 0.0),
