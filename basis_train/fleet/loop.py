@@ -57,6 +57,8 @@ def fleet_key(cfg: Config) -> str:
 
 def fleet_refusal(cfg: Config) -> str | None:
     """Why a run cannot join a fleet (it then runs alone), or None."""
+    if cfg.model.arch != "paper":  # the batched model is the paper's (separate q, k, v; untied head; decay on all)
+        return f"model.arch {cfg.model.arch} (fleets batch the paper's model)"
     if cfg.optim.name != "sgd":
         return f"optimiser {cfg.optim.name} (fleets step SGD only)"
     if cfg.optim.schedule != "constant":

@@ -200,6 +200,9 @@ def test_who_may_share_a_fleet():
                           {"model.n_embd": 64}, {"optim.name": "adamw"}])
     assert fleet_key(a) == fleet_key(b) != fleet_key(c)
     assert fleet_refusal(a) is None and "adamw" in fleet_refusal(d)
+    # the batched model is the paper's: a gpt2 run (fused qkv, tied head, decay on matrices only) runs alone
+    (e,) = configs([{"model.arch": "gpt2"}])
+    assert "model.arch gpt2" in fleet_refusal(e)
 
 
 def test_grid_grouping_by_shape_and_start_step(tmp_path):
