@@ -67,14 +67,16 @@ def test_one_failed_kernel_call_raises_and_does_not_switch_the_process_to_the_sl
 def test_global_dynamo_settings_are_left_alone(monkeypatch):
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 3)
     monkeypatch.setattr(sketch.KERNELS, "module", FlakyKernels())
     sketch.KERNELS.module.calls = 1  # no simulated failure
     monkeypatch.setattr(sketch.KERNELS, "devices", {"cpu"})
-    layer = BasisLinear(6, 5, rank=2)
-    layer(torch.randn(8, 6, requires_grad=True)).sum().backward()
-    assert sketch.KERNELS.module.calls == 3  # forward X and backward dY went through the kernel dispatch
-    assert dynamo_config.recompile_limit == 3
+    # torch's own config patch, not monkeypatch: undoing a monkeypatch on dynamo's config module
+    # deletes the key, which breaks every later torch.compile in the process
+    with dynamo_config.patch(recompile_limit=3):
+        layer = BasisLinear(6, 5, rank=2)
+        layer(torch.randn(8, 6, requires_grad=True)).sum().backward()
+        assert sketch.KERNELS.module.calls == 3  # forward X and backward dY went through the kernel dispatch
+        assert dynamo_config.recompile_limit == 3
 
 
 def test_checkpointed_basis_run_equals_plain_run_step_for_step():
