@@ -12,16 +12,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "scripts")
-from speed_gpt2 import B, SMALL, T, _adamw  # noqa: E402
+from speed_gpt2 import SMALL, B, T, _adamw  # noqa: E402
 
 from basis_train.core.model import build_gpt  # noqa: E402
+from basis_train.core.options import SketchConfig  # noqa: E402
 
 
 def main() -> None:
     variant, head, compiled = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     rank = int(sys.argv[4]) if len(sys.argv) > 4 else 256
     import dataclasses
-    cfg = dataclasses.replace(SMALL, sketch_layers="mlp+head" if variant == "exact" else variant, rank=rank, head=head)
+    cfg = dataclasses.replace(SMALL, sketch=SketchConfig(rank=rank, layers="mlp+head" if variant == "exact" else variant),
+                              head=head)
     model = build_gpt(cfg, 0, "exact" if variant == "exact" else "basis").cuda()
     fwd = torch.compile(model) if compiled else model
     opt, gen = _adamw(model), torch.Generator(device="cuda").manual_seed(1)

@@ -25,6 +25,7 @@ import torch
 
 from basis_train.core import flops, graphs
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 
 B, T = 8, 1024
@@ -77,7 +78,8 @@ def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None, grap
 
 def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int, graph: bool = False) -> dict:
     layers = {"exact": "none", "mlp+head": "mlp+head", "all": "all"}[variant]
-    cfg = dataclasses.replace(SMALL, sketch_layers=layers if layers != "none" else "mlp+head", rank=rank, head=head)
+    cfg = dataclasses.replace(SMALL, sketch=SketchConfig(rank=rank, layers=layers if layers != "none" else "mlp+head"),
+                              head=head)
     model = build_gpt(cfg, seed=0, method="exact" if variant == "exact" else "basis").cuda()
     gen = torch.Generator(device="cuda").manual_seed(1)
     fwd = torch.compile(model) if compiled else model

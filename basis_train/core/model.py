@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from basis_train.core.head import FusedBasisHead, FusedHead
-from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_LAYERS, ModelConfig
+from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_LAYERS, ModelConfig, SketchConfig
 from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
 _GPT2_STD = 0.02
@@ -36,21 +36,17 @@ _TRUNC_STD = 0.87962566103423978
 class GPTConfig(ModelConfig):
     """What the model is built from: the architecture, plus which linear layers are sketched and how."""
 
-    sketch_layers: str = "mlp+head"
-    rank: int = 32
-    hashing: str = "balanced"
-    invariant_scalars: bool = True
-    lam: float = 0.01
+    sketch: SketchConfig = SketchConfig()
     exact: bool = False  # True: the same network with every layer exact (the baseline)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.sketch_layers not in SKETCH_LAYERS:
-            raise ValueError(f"sketch_layers must be one of {SKETCH_LAYERS}, got {self.sketch_layers!r}")
+        if self.sketch.layers not in SKETCH_LAYERS:
+            raise ValueError(f"sketch layers must be one of {SKETCH_LAYERS}, got {self.sketch.layers!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        check_rank(self.rank)
+        check_rank(self.sketch.rank)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.head_kernel not in KERNELS:
@@ -63,25 +59,26 @@ def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -
     if not sketched or cfg.exact:
         return nn.Linear(n_in, n_out, bias=bias)
     return BasisLinear(
-        n_in, n_out, bias=bias, rank=cfg.rank, sketch=cfg.hashing,
-        invariant_scalars=cfg.invariant_scalars, lam=cfg.lam,
+        n_in, n_out, bias=bias, rank=cfg.sketch.rank, sketch=cfg.sketch.hashing,
+        invariant_scalars=cfg.sketch.invariant_scalars, lam=cfg.sketch.lam,
     )
 
 
 def _head(cfg: GPTConfig) -> nn.Linear:
-    sketched = cfg.sketch_layers != "none" and not cfg.exact
+    sketched = cfg.sketch.layers != "none" and not cfg.exact
     if cfg.head == "plain":
         return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
     if not sketched:
         return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, kernel=cfg.head_kernel)
-    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=cfg.rank, sketch=cfg.hashing,
-                          invariant_scalars=cfg.invariant_scalars, lam=cfg.lam)
+    s = cfg.sketch
+    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=s.rank, sketch=s.hashing,
+                          invariant_scalars=s.invariant_scalars, lam=s.lam)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        sk = cfg.sketch_layers == "all"
+        sk = cfg.sketch.layers == "all"
         d = cfg.n_embd
         self.n_head = cfg.n_head
         if cfg.arch == "gpt2":  # one product for q, k and v: one sketchable layer
@@ -103,7 +100,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        sk = cfg.sketch_layers != "none"
+        sk = cfg.sketch.layers != "none"
         hidden = cfg.mlp_ratio * cfg.n_embd
         self.fc = _linear(cfg, cfg.n_embd, hidden, True, sk)
         self.proj = _linear(cfg, hidden, cfg.n_embd, True, sk)
@@ -202,13 +199,14 @@ class GPT(nn.Module):
         return [m for m in self.modules() if isinstance(m, BasisLinear)]
 
     def sketchable_names(self) -> list[str]:
-        """Names of the linear layers that `sketch_layers` selects (even if exact here)."""
+        """Names of the linear layers that `sketch.layers` selects (even if exact here)."""
         names = []
         for name, m in self.named_modules():
             if not isinstance(m, nn.Linear):
                 continue
             is_mlp_or_head = name == "lm_head" or ".mlp." in name
-            if self.cfg.sketch_layers == "all" or (self.cfg.sketch_layers == "mlp+head" and is_mlp_or_head):
+            layers = self.cfg.sketch.layers
+            if layers == "all" or (layers == "mlp+head" and is_mlp_or_head):
                 names.append(name)
         return names
 

@@ -40,3 +40,15 @@ class ModelConfig:
     # the exact fused head's kernel: auto and native = ours; cce = Cut Cross-Entropy (CUDA, bf16/fp16)
     # or refuse to start; opt-in because its bf16 gradient sums cost loss (core/head_cce.py)
     head_kernel: str = "auto"
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Which linear layers BASIS sketches and how: the config file's `sketch` section, and what the
+    model is built with (core/model.py's GPTConfig.sketch). Hashed field by field, as ModelConfig."""
+
+    rank: int = 32
+    layers: str = "mlp+head"  # SKETCH_LAYERS
+    hashing: str = "balanced"  # SKETCH_KINDS
+    invariant_scalars: bool = True
+    lam: float = 0.01

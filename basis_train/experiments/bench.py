@@ -23,6 +23,7 @@ from torch import nn
 
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 from basis_train.experiments.bench_sizes import LAYER, LAYER_QUICK, QUICK, SIZES
 from basis_train.experiments.graphed_step import graphed_step
@@ -46,7 +47,7 @@ def _autocast(device: torch.device, bf16: bool, cache: bool = True):
 def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, opts: dict) -> dict:
     basis = rank is not None
     cfg = GPTConfig(vocab_size=size["vocab"], block_size=size["seq"], n_embd=size["width"], n_head=size["heads"],
-                    n_layer=size["layers"], sketch_layers=variant if basis else "mlp+head", rank=rank or 1,
+                    n_layer=size["layers"], sketch=SketchConfig(rank=rank or 1, layers=variant if basis else "mlp+head"),
                     checkpoint_blocks=variant == "exact+ckpt", head=head, head_chunk=size["head_chunk"],
                     head_kernel=opts.get("head_kernel", "auto"))
     if opts["compile"]:

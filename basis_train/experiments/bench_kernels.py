@@ -8,6 +8,7 @@ list of {"target", "limit", "measured", "met", "command"} plus the raw medians.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -134,7 +135,8 @@ def step_ratios(size: dict, variants: dict[str, tuple[str, str]], reps: int, dev
     try:
         graph_of = {}
         for name, (method, layers, *kernel) in variants.items():
-            cfg = GPTConfig(**{**base.__dict__, "sketch_layers": layers, "head_kernel": (kernel or ["native"])[0]})
+            cfg = dataclasses.replace(base, sketch=dataclasses.replace(base.sketch, layers=layers),
+                                      head_kernel=(kernel or ["native"])[0])
             graph_of[name] = _step_graph(cfg, method, size, device)
         return _interleaved(graph_of, reps)
     finally:

@@ -21,22 +21,22 @@ from pathlib import Path
 
 import yaml
 
-from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_KINDS, SKETCH_LAYERS, ModelConfig
+from basis_train.core.options import (
+    ARCHS,
+    HEADS,
+    KERNELS,
+    METHODS,
+    SKETCH_KINDS,
+    SKETCH_LAYERS,
+    ModelConfig,
+    SketchConfig,
+)
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.yaml_strict import StrictLoader
 
 
 class ConfigError(Exception):
     """A configuration problem, described in one line fit to show the user as is."""
-
-
-@dataclass(frozen=True)
-class SketchConfig:
-    rank: int = 32
-    layers: str = "mlp+head"
-    hashing: str = "balanced"
-    invariant_scalars: bool = True
-    lam: float = 0.01
 
 
 @dataclass(frozen=True)

@@ -92,10 +92,8 @@ def rank_that_runs(cfg: Config) -> int | None:
 
 
 def gpt_config(cfg: Config) -> GPTConfig:
-    """The config's model section as it is, with the sketch section's settings for the linear layers."""
-    s = cfg.sketch
-    return GPTConfig(**dataclasses.asdict(cfg.model), sketch_layers=s.layers, rank=s.rank, hashing=s.hashing,
-                     invariant_scalars=s.invariant_scalars, lam=s.lam)
+    """The config's model and sketch sections, as they are."""
+    return GPTConfig(**dataclasses.asdict(cfg.model), sketch=cfg.sketch)
 
 
 def param_groups(model, cfg: Config) -> list[dict]:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.setup import build_optimizer, param_groups
 
-SMALL = GPTConfig(arch="gpt2", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=3, rank=4, head_chunk=8)
+SMALL = GPTConfig(arch="gpt2", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=3, head_chunk=8, sketch=SketchConfig(rank=4))
 
 
 def test_gpt2_small_parameter_count():
@@ -22,7 +23,7 @@ def test_gpt2_small_parameter_count():
 
 @pytest.mark.parametrize("method", ["exact", "basis"])
 def test_head_is_tied_to_the_token_embedding(method):
-    model = build_gpt(dataclasses.replace(SMALL, sketch_layers="all"), seed=0, method=method)
+    model = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0, method=method)
     assert model.lm_head.weight is model.wte.weight
     names = [n for n, _ in model.named_parameters()]
     assert "lm_head.weight" not in names and "wte.weight" in names
@@ -66,8 +67,8 @@ def test_gpt2_init():
 
 
 def test_gpt2_init_is_the_same_for_exact_and_basis():
-    a = build_gpt(dataclasses.replace(SMALL, sketch_layers="all"), seed=3, method="exact").state_dict()
-    b = build_gpt(dataclasses.replace(SMALL, sketch_layers="all"), seed=3, method="basis").state_dict()
+    a = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=3, method="exact").state_dict()
+    b = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=3, method="basis").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.memory import SavedTensorMeter
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 
 ROWS, N, V = 37, 12, 53  # 37 rows: the last chunk is short for every chunk size used
@@ -101,8 +102,7 @@ def test_bf16_autocast_matches_plain_head():
 
 
 def _gpt_step(head, method, checkpoint_blocks=False):
-    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, rank=4, head=head,
-                    head_chunk=5, checkpoint_blocks=checkpoint_blocks)
+    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head=head, head_chunk=5, checkpoint_blocks=checkpoint_blocks, sketch=SketchConfig(rank=4))
     model = build_gpt(cfg, seed=0, method=method)
     for m in model.sketched_modules():
         m.generator = torch.Generator().manual_seed(100)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from basis_train.core import head_cce
 from basis_train.core.head import FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.errors import RunError
 from basis_train.training.setup import check_head_kernel
@@ -171,7 +172,7 @@ def test_explicit_cce_that_cannot_run_raises(monkeypatch):
 
 def test_sketched_head_always_runs_ours(monkeypatch, pretend_cuda):
     calls = _fake_cce(monkeypatch)
-    cfg = GPTConfig(vocab_size=V, block_size=8, n_embd=N, n_head=2, n_layer=1, rank=4, head_kernel="cce")
+    cfg = GPTConfig(vocab_size=V, block_size=8, n_embd=N, n_head=2, n_layer=1, head_kernel="cce", sketch=SketchConfig(rank=4))
     for method, ran in (("basis", "native"), ("exact", "cce")):
         model = build_gpt(cfg, seed=0, method=method)
         idx = torch.randint(0, V, (2, 8))

@@ -8,6 +8,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from basis_train.core.model import GPT, GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 
 PAPER = GPTConfig()
@@ -22,7 +23,7 @@ def test_paper_parameter_count():
 def test_sketched_layer_selection():
     count = lambda m: sum(isinstance(x, BasisLinear) for x in m.modules())
     assert count(build_gpt(PAPER, 0)) == 5  # fc and proj of 2 blocks, lm_head
-    assert count(build_gpt(replace(PAPER, sketch_layers="all"), 0)) == 13
+    assert count(build_gpt(replace(PAPER, sketch=replace(PAPER.sketch, layers="all")), 0)) == 13
     assert count(build_gpt(PAPER, 0, method="exact")) == 0
     names = build_gpt(PAPER, 0, method="exact").sketchable_names()
     assert names == ["blocks.0.mlp.fc", "blocks.0.mlp.proj", "blocks.1.mlp.fc", "blocks.1.mlp.proj", "lm_head"]
@@ -48,7 +49,7 @@ def test_flax_default_init_statistics():
 
 def test_same_seed_same_weights_across_methods():
     exact = build_gpt(PAPER, seed=5, method="exact").state_dict()
-    for cfg in (PAPER, replace(PAPER, sketch_layers="all", rank=8)):
+    for cfg in (PAPER, replace(PAPER, sketch=replace(PAPER.sketch, layers="all", rank=8))):
         basis = build_gpt(cfg, seed=5).state_dict()
         assert exact.keys() == basis.keys()
         for k in exact:
@@ -59,8 +60,8 @@ def test_same_seed_same_weights_across_methods():
 
 @pytest.mark.parametrize("layers", ["mlp+head", "all"])
 def test_rank_equal_rows_matches_exact_gradients(layers):
-    cfg = GPTConfig(vocab_size=101, block_size=16, n_embd=16, n_head=2, n_layer=2, sketch_layers=layers, rank=32)
-    lam = cfg.lam
+    cfg = GPTConfig(vocab_size=101, block_size=16, n_embd=16, n_head=2, n_layer=2, sketch=SketchConfig(layers=layers, rank=32))
+    lam = cfg.sketch.lam
     exact = build_gpt(cfg, seed=1, method="exact").double()
     basis = build_gpt(cfg, seed=1).double()
     idx = torch.randint(0, 101, (2, 16))  # rows = 2 * 16 = 32 = rank
@@ -87,7 +88,7 @@ def test_eval_mode_logits_identical_and_block_size_checked():
 
 
 def test_checkpointed_blocks_same_gradients():
-    cfg = GPTConfig(vocab_size=64, block_size=8, n_embd=16, n_head=2, n_layer=2, sketch_layers="none")
+    cfg = GPTConfig(vocab_size=64, block_size=8, n_embd=16, n_head=2, n_layer=2, sketch=SketchConfig(layers="none"))
     plain, ckpt = GPT(cfg, seed=0), GPT(replace(cfg, checkpoint_blocks=True), seed=0)
     idx = torch.randint(0, 64, (2, 8))
     for m in (plain, ckpt):
@@ -97,10 +98,10 @@ def test_checkpointed_blocks_same_gradients():
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match="sketch_layers"):
-        GPTConfig(sketch_layers="mlp")
+    with pytest.raises(ValueError, match="sketch layers"):
+        GPTConfig(sketch=SketchConfig(layers="mlp"))
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=64, n_head=3)
     with pytest.raises(ValueError, match="rank"):
-        GPTConfig(rank=0)
+        GPTConfig(sketch=SketchConfig(rank=0))
     assert isinstance(GPT(GPTConfig(vocab_size=10, n_embd=8, n_head=2, n_layer=1), 0).lm_head, nn.Linear)

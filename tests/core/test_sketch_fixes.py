@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from basis_train.core import sketch
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
 
 
@@ -80,7 +81,7 @@ def test_global_dynamo_settings_are_left_alone(monkeypatch):
 
 
 def test_checkpointed_basis_run_equals_plain_run_step_for_step():
-    cfg = GPTConfig(vocab_size=64, block_size=16, n_embd=16, n_head=2, n_layer=2, sketch_layers="all", rank=4)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_embd=16, n_head=2, n_layer=2, sketch=SketchConfig(layers="all", rank=4))
     idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
 
     def trained(checkpoint_blocks):

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import SketchSpec, draw_seed, rescale, scaled_sketch, sketch_bins, sketch_signs, sketch_stats
 from basis_train.fleet import sketch as fleet_sketch
 from basis_train.fleet.head import FleetFusedCE
@@ -237,7 +238,7 @@ def fleet_of(size):
     for m in range(size):
         k = dict(kinds[m % 3])
         method = k.pop("method", "basis")
-        cfg = GPTConfig(vocab_size=97, block_size=32, n_embd=32, n_layer=2, sketch_layers="all", **k)
+        cfg = GPTConfig(vocab_size=97, block_size=32, n_embd=32, n_layer=2, sketch=SketchConfig(layers="all", **k))
         members.append(build_gpt(cfg, seed=m, method=method))
         gens.append(torch.Generator().manual_seed(m))
     return FleetGPT(members, gens)

@@ -8,8 +8,8 @@ from basis_train.training.setup import gpt_config
 
 
 def test_default_config_builds_the_default_model():
-    # GPTConfig extends the config's ModelConfig, but its sketch fields and SketchConfig (what
-    # users set) each spell out the paper's estimator defaults; this keeps them from drifting apart.
+    # GPTConfig is the config's ModelConfig with its SketchConfig: the config file's defaults are
+    # the model's, with nothing written twice.
     assert gpt_config(load_config(None)) == GPTConfig()
 
 

@@ -6,13 +6,14 @@ import torch
 
 from basis_train.core import graphs
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.core.options import SketchConfig
 from basis_train.fleet.loop import FleetStep
 from basis_train.fleet.model import FleetGPT
 from basis_train.fleet.optim import FleetSGD
 from basis_train.training import step as step_mod
 from basis_train.training.step import TrainStep
 
-CFG = GPTConfig(vocab_size=31, block_size=8, n_embd=16, n_head=2, n_layer=1, rank=4)
+CFG = GPTConfig(vocab_size=31, block_size=8, n_embd=16, n_head=2, n_layer=1, sketch=SketchConfig(rank=4))
 
 
 class FakeGraph:
