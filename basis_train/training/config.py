@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from basis_train.core.options import (ARCHS, CHECKPOINT_POLICIES, HEADS, KERNELS, METHODS, SAVED_ACTIVATIONS,
-                                      SKETCH_KINDS, SKETCH_LAYERS, ModelConfig)
+from basis_train.core import options
+from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_KINDS, SKETCH_LAYERS, ModelConfig
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.yaml_strict import StrictLoader
 
@@ -129,8 +129,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sketch.layers": SKETCH_LAYERS,
     "model.head": HEADS,
     "model.head_kernel": KERNELS,
-    "model.checkpoint_policy": CHECKPOINT_POLICIES,
-    "train.saved_activations": SAVED_ACTIVATIONS,
+    "model.checkpoint_policy": options.CHECKPOINT_POLICIES,
+    "train.saved_activations": options.SAVED_ACTIVATIONS,
     "sketch.hashing": SKETCH_KINDS,
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine"),
