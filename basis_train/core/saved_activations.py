@@ -61,11 +61,11 @@ SAVED_OPS = _aten_ops(("mm", "addmm", "bmm", "_scaled_dot_product_flash_attentio
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in SAVED_OPS:
-        if not ctx.is_recompute:  # op_output: torch >= 2.13; without it the meter misses the cache
-            note_kept(getattr(ctx, "op_output", None))
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    policy = CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if policy == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+        # what checkpoint caches, for a running meter; op_output: torch >= 2.13 (without it, not counted)
+        note_kept(getattr(ctx, "op_output", None))
+    return policy
 
 
 def selective_contexts():
