@@ -167,3 +167,25 @@ def test_basis_sketches_are_compressed_when_large_enough():
             gpt(idx, idx)[1].backward()
         sizes[kind] = meter.breakdown["sketches"]
     assert sizes["int8"] < 0.3 * sizes["keep"]
+
+
+def test_weight_casts_stay_and_their_verdict_is_kept_for_graph_capture(monkeypatch):
+    """Under bf16 autocast nn.Linear saves a bf16 cast of its weight: never compressed. Telling it from an
+    activation compares values (a device sync, which a CUDA-graph capture forbids), so the verdict of the
+    first step is reused by position on the next."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    saving = SavedActivations("int8", net.parameters())
+    x = torch.randn(64, 64)  # as many elements as a weight: the value check has to run
+
+    def step():
+        meter = SavedTensorMeter(params=net.parameters(), saving=saving)
+        with meter.measure(), torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x).float().sum().backward()
+        return meter
+
+    first = step()
+    assert first.weight_cast_bytes == 2 * 64 * 64  # the second layer's bf16 weight (the first needs no dX)
+    assert first.activation_bytes == 3 * 64 * (64 + 4)  # x, GELU's input and output (bf16), in 8 bits
+    monkeypatch.setattr(saving.params, "is_cast", lambda t: pytest.fail("the verdict was not reused"))
+    with saving.hooks(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()
