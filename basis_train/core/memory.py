@@ -31,7 +31,7 @@ from basis_train.core.options import MEMORY_CATEGORIES as CATEGORIES
 # Storages marked by layers whose saved tensors cannot be told apart by module alone
 # (the fused BASIS head keeps both x and its sketch). Only filled while a meter runs.
 _marks: dict[tuple[str, int], str] = {}
-_active = 0
+_running: list[SavedTensorMeter] = []  # the meters measuring now, innermost last
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -40,8 +40,18 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 def mark(t: torch.Tensor, category: str) -> None:
     """Tell a running meter which category `t`'s storage belongs to (no-op otherwise)."""
-    if _active:
+    if _running:
         _marks[_storage_key(t)] = category
+
+
+def note_kept(out: object) -> None:
+    """Tell a running meter that the tensors in `out` (a tensor or a tuple) are kept for backward
+    outside autograd's saved tensors, which its hooks never see: a selective checkpoint's cached
+    matmul outputs (core/saved_activations.py). No-op when no meter runs."""
+    if _running:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                _running[-1].record(t, t, output=True)
 
 
 def _storage_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -49,57 +59,88 @@ def _storage_tensor(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(s, 0, (s.nbytes() // t.element_size(),))
 
 
-class SavedTensorMeter:
-    """Counts what autograd saves; `model` gives the parameters and, through its
-    `memory_categories()` (core/model.py's GPT), the category of what each submodule saves:
-    ({module name: category}, the module after which the root's own saves are the loss's).
-    A model without it, or `params` alone, counts everything as "other"."""
+class ParamSet:
+    """A model's parameters, to tell them, views of them and casts of them from activations: one rule
+    for the meter and for what core/saved_activations.py may compress or offload."""
 
-    def __init__(self, model: nn.Module | None = None, params: Iterable[torch.Tensor] = ()) -> None:
-        self.params = [p.detach() for p in (model.parameters() if model is not None else params)]
-        self._param_keys = {_storage_key(p) for p in self.params}
-        self._categories, self._head_after = (model.memory_categories() if hasattr(model, "memory_categories")
-                                              else ({}, None))
-        self._storages: dict[tuple[str, int], tuple[str, int]] = {}  # key -> (category, bytes)
-        self._stack: list[tuple[str, nn.Module]] = []
-        self._after_head_input = False
-        self._model = model
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self.params = [p.detach() for p in params]
+        self._keys = {_storage_key(p) for p in self.params}
 
-    def _is_cast(self, t: torch.Tensor) -> bool:
+    def is_param(self, t: torch.Tensor) -> bool:
+        return _storage_key(t) in self._keys
+
+    def _candidates(self, t: torch.Tensor) -> list[torch.Tensor]:
         n = t.untyped_storage().nbytes() // t.element_size()
-        for p in self.params:
-            if p.numel() != n or p.dtype == t.dtype or p.device != t.device:
-                continue
+        return [p for p in self.params if p.numel() == n and p.dtype != t.dtype and p.device == t.device]
+
+    def may_be_cast(self, t: torch.Tensor) -> bool:
+        """Whether `is_cast` has to compare values (a device sync): a parameter has `t`'s element count."""
+        return bool(self._candidates(t))
+
+    def is_cast(self, t: torch.Tensor) -> bool:
+        for p in self._candidates(t):
             flat = _storage_tensor(t)
             cast = p.to(t.dtype)
             if torch.equal(flat, cast.reshape(-1)) or (p.dim() == 2 and torch.equal(flat, cast.t().reshape(-1))):
                 return True
         return False
 
+
+class SavedTensorMeter:
+    """Counts what autograd saves; `model` gives the parameters and, through its
+    `memory_categories()` (core/model.py's GPT), the category of what each submodule saves:
+    ({module name: category}, the module after which the root's own saves are the loss's).
+    A model without it, or `params` alone, counts everything as "other".
+
+    `saving`: the step's method for saved tensors (core/saved_activations.py's SavedActivations),
+    whose hooks the meter's replace (only the innermost saved-tensor hooks apply): the meter then
+    installs the method's own hooks and counts what each pack keeps, the packed form's bytes, on
+    the device (`activation_bytes`) or moved off it (`offloaded_bytes`)."""
+
+    def __init__(self, model: nn.Module | None = None, params: Iterable[torch.Tensor] = (), saving=None) -> None:
+        self.params = ParamSet(model.parameters() if model is not None else params)
+        self._categories, self._head_after = (model.memory_categories() if hasattr(model, "memory_categories")
+                                              else ({}, None))
+        self._storages: dict[tuple[str, int], tuple[str, int]] = {}  # key -> (category, bytes)
+        self._offloaded: dict[tuple[str, int], int] = {}
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._after_head_input = False
+        self._model, self.saving = model, saving
+
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         # Always hand autograd a detached alias: a saved *output* packed as itself keeps its own
         # grad_fn alive through a cycle in C++ that Python's gc cannot see, so a measured forward
         # without a backward would leak the whole graph (and its AccumulateGrad nodes, which then
         # break a later CUDA-graph capture on another stream).
-        if not t.numel() or t.layout != torch.strided:
-            return t.detach()
-        key = _storage_key(t)
-        if key in self._param_keys or key in self._storages:
-            return t.detach()
-        nbytes = t.untyped_storage().nbytes()
-        if self._is_cast(t):
-            category = "weight_cast"
-        elif key in _marks:
-            category = _marks[key]
-        else:
-            category = self._category(t)
-        self._storages[key] = (category, nbytes)
-        return t.detach()
+        kept = t.detach()
+        self.record(t, kept)
+        return kept
 
-    def _category(self, t: torch.Tensor) -> str:
+    def record(self, t: torch.Tensor, packed: object, output: bool = False) -> None:
+        """Count what autograd keeps of the saved tensor `t`: `packed`, `t` itself (an alias) or
+        what a saving method packed it into (a tuple holding tensors). Each storage counts once.
+        `output`: `t` is the output of the running module (a selective checkpoint's cache)."""
+        for kept in packed if isinstance(packed, tuple) else (packed,):
+            if not isinstance(kept, torch.Tensor) or not kept.numel() or kept.layout != torch.strided:
+                continue
+            key = _storage_key(kept)
+            if self.params.is_param(kept) or key in self._storages or key in self._offloaded:
+                continue
+            nbytes = kept.untyped_storage().nbytes()
+            if kept.device != t.device:
+                self._offloaded[key] = nbytes
+            elif self.params.is_cast(t):
+                self._storages[key] = ("weight_cast", nbytes)
+            else:
+                self._storages[key] = (_marks.get(_storage_key(t)) or self._category(t, output), nbytes)
+
+    def _category(self, t: torch.Tensor, output: bool = False) -> str:
         from basis_train.core.sketch import BasisLinear
 
         name, module = self._stack[-1] if self._stack else ("", None)
+        if output:
+            return self._categories.get(f"{name}:out") or self._categories.get(name, "other")
         if isinstance(module, BasisLinear):  # it keeps nothing but its sketch and its seed (and the weight)
             return "seeds" if t.dim() == 0 and not t.is_floating_point() else "sketches"
         if name == "" and self._after_head_input:
@@ -121,9 +162,13 @@ class SavedTensorMeter:
     def breakdown(self) -> dict[str, int]:
         return {c: self._bytes(lambda x, c=c: x == c) for c in CATEGORIES}
 
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(self._offloaded.values())
+
     def fields(self) -> dict:
         return {"activation_bytes": self.activation_bytes, "weight_cast_bytes": self.weight_cast_bytes,
-                "activation_breakdown": self.breakdown}
+                "activation_breakdown": self.breakdown, "offloaded_bytes": self.offloaded_bytes}
 
     def _hooks(self) -> list:
         if self._model is None:
@@ -151,15 +196,16 @@ class SavedTensorMeter:
 
     @contextmanager
     def measure(self):
-        global _active
         handles = self._hooks()
-        _active += 1
+        _running.append(self)
+        hooks = (self.saving.hooks(observe=self.record) if self.saving is not None
+                 else torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            with hooks:
                 yield self
         finally:
-            _active -= 1
-            if not _active:
+            _running.remove(self)
+            if not _running:
                 _marks.clear()
             for h in handles:
                 h.remove()

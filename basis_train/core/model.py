@@ -24,7 +24,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from basis_train.core.head import FusedBasisHead, FusedHead
-from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_LAYERS, ModelConfig, SketchConfig
+from basis_train.core.options import (
+    ARCHS,
+    CHECKPOINT_POLICIES,
+    HEADS,
+    KERNELS,
+    METHODS,
+    SKETCH_LAYERS,
+    ModelConfig,
+    SketchConfig,
+)
+from basis_train.core.saved_activations import selective_contexts
 from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
 
 _GPT2_STD = 0.02
@@ -53,6 +63,10 @@ class GPTConfig(ModelConfig):
             raise ValueError(f"head_kernel must be one of {KERNELS}, got {self.head_kernel!r}")
         if self.head_chunk < 1:
             raise ValueError(f"head_chunk must be >= 1, got {self.head_chunk!r}")
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {self.checkpoint_policy!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
 
 
 def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -> nn.Linear:
@@ -212,7 +226,8 @@ class GPT(nn.Module):
 
     def memory_categories(self) -> tuple[dict[str, str], str]:
         """For the memory meter (core/memory.py): the category of what each submodule saves
-        while it runs, and the module after which the root's own saves belong to the head."""
+        while it runs ("name:out": of the output a selective checkpoint keeps), and the module
+        after which the root's own saves belong to the head."""
         cats = {"": "width_d", "lm_head": "head"}  # the root saves checkpointed blocks' inputs
         for name, m in self.named_modules():
             if name in cats:
@@ -223,6 +238,9 @@ class GPT(nn.Module):
                 cats[name] = cats[f"{name}.proj"] = "mlp_hidden"  # GELU's input, proj's input
             elif isinstance(m, (nn.LayerNorm, nn.Linear)):
                 cats[name] = "width_d"  # inputs of width n_embd (the residual stream, attention's output)
+            if isinstance(m, nn.Linear):  # a selective checkpoint keeps a linear layer's output
+                cats[f"{name}:out"] = "mlp_hidden" if isinstance(self.get_submodule(name.rpartition(".")[0]), MLP) \
+                    and name.endswith(".fc") else "width_d"
         return cats, "ln_f"
 
     def head_kernel_ran(self) -> str | None:
@@ -235,9 +253,10 @@ class GPT(nn.Module):
         if t > self.cfg.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
-        for block in self.blocks:
-            if self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                x = _checkpointed(block, x)
+        checkpointing = self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if checkpointing and i % self.cfg.checkpoint_every == 0:  # blocks 0, k, 2k, ...
+                x = _checkpointed(block, x, self.cfg.checkpoint_policy)
             else:
                 x = block(x)
         h = self.ln_f(x)
@@ -270,8 +289,10 @@ def _run_with_seeds(block: Block, x: torch.Tensor, seeds: list[torch.Tensor]) ->
             m.seed = None
 
 
-def _checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
+def _checkpointed(block: Block, x: torch.Tensor, policy: str = "full") -> torch.Tensor:
     """Checkpoint a block; its sketches reuse the forward's seeds when backward recomputes it.
+    `policy` (CHECKPOINT_POLICIES): full recomputes every op of the block in backward; selective
+    keeps its matmul and attention outputs (core/saved_activations.py).
 
     Checkpointing restores torch's global RNG for the recompute, not the sketch's private
     generator, so the recompute would draw new seeds and the stream would drift from a plain
@@ -279,10 +300,11 @@ def _checkpointed(block: Block, x: torch.Tensor) -> torch.Tensor:
     as a plain forward draws them, and handed to both the forward and the recompute.
     """
     layers = _sketching(block)
+    kw = {"context_fn": selective_contexts} if policy == "selective" else {}
     if all(m.seed is not None for m in layers):  # drawn by the training step: the recompute reads them too
-        return checkpoint(block, x, use_reentrant=False)
+        return checkpoint(block, x, use_reentrant=False, **kw)
     seeds = [draw_seed(x.device, m.generator) for m in layers]
-    return checkpoint(_run_with_seeds, block, x, seeds, use_reentrant=False)
+    return checkpoint(_run_with_seeds, block, x, seeds, use_reentrant=False, **kw)
 
 
 def build_gpt(cfg: GPTConfig, seed: int, method: str = "basis") -> GPT:

@@ -18,6 +18,14 @@ KERNELS = ("auto", "native", "cce")  # the exact fused head's kernel (core/head_
 DEFAULT_CHUNK = 256
 # What activation memory is split into (core/memory.py's breakdown, the reports' columns).
 MEMORY_CATEGORIES = ("head", "attention", "mlp_hidden", "width_d", "sketches", "seeds", "other")
+# What a checkpointed block keeps (core/saved_activations.py): full = only its input (every op is
+# recomputed in backward); selective = its input and its matmul and attention outputs (the cheap
+# pointwise ops are recomputed).
+CHECKPOINT_POLICIES = ("full", "selective")
+# What a training step keeps of the tensors autograd saves for backward (core/saved_activations.py):
+# keep = as they are; offload = copied to host memory (torch.autograd.graph.save_on_cpu); int8 /
+# fp8 = compressed to 8 bits with a scale per row, dequantised in backward.
+SAVED_ACTIVATIONS = ("keep", "offload", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class ModelConfig:
     n_layer: int = 2
     mlp_ratio: int = 4
     checkpoint_blocks: bool = False
+    checkpoint_policy: str = "full"  # what a checkpointed block keeps (CHECKPOINT_POLICIES)
+    checkpoint_every: int = 1  # with checkpoint_blocks: blocks 0, k, 2k, ... are checkpointed
     head: str = "fused"  # fused: chunked linear + cross-entropy, the logits never kept (core/head.py); or plain
     head_chunk: int = DEFAULT_CHUNK  # rows per chunk of the fused head
     # the exact fused head's kernel: auto and native = ours; cce = Cut Cross-Entropy (CUDA, bf16/fp16)

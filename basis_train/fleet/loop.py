@@ -10,8 +10,8 @@ optimisers, so each member writes exactly the files a single run writes (a membe
 checkpoint even resumes as a single run).
 
 What members may differ in (FLEET_VARIES): seed, method, the sketch settings, lr_factor,
-lr_scale_sketched and block checkpointing (which changes memory, not numbers; the fleet
-itself never checkpoints). Everything else (model shape and head, data, steps, evaluation
+lr_scale_sketched and block checkpointing with its policy and cadence (which change memory, not
+numbers; the fleet itself never checkpoints). Everything else (model shape and head, data, steps, evaluation
 and checkpoint cadence, optimiser, dtype, device) is one per fleet: `fleet_key`.
 
 Per-member figures inside a fleet:
@@ -47,7 +47,7 @@ from basis_train.training.train import Run
 
 FLEET_VARIES = ("log", "train.seed", "train.method", "sketch.rank", "sketch.layers", "sketch.hashing",
                 "sketch.invariant_scalars", "sketch.lam", "optim.lr_factor", "optim.lr_scale_sketched",
-                "model.checkpoint_blocks")
+                "model.checkpoint_blocks", "model.checkpoint_policy", "model.checkpoint_every")
 
 
 def fleet_key(cfg: Config) -> str:
@@ -67,6 +67,8 @@ def fleet_refusal(cfg: Config) -> str | None:
         return f"dtype {cfg.train.dtype} (fleets train in float32)"
     if cfg.train.compile:
         return "train.compile"
+    if cfg.train.saved_activations != "keep":  # the fleet's batched step keeps what autograd saves as it is
+        return f"train.saved_activations {cfg.train.saved_activations} (fleets keep saved activations as they are)"
     return None
 
 

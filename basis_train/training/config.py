@@ -21,16 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from basis_train.core.options import (
-    ARCHS,
-    HEADS,
-    KERNELS,
-    METHODS,
-    SKETCH_KINDS,
-    SKETCH_LAYERS,
-    ModelConfig,
-    SketchConfig,
-)
+from basis_train.core import options
+from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_KINDS, SKETCH_LAYERS, ModelConfig, SketchConfig
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.yaml_strict import StrictLoader
 
@@ -71,6 +63,7 @@ class TrainConfig:
     dtype: str = "float32"
     compile: bool = False
     cuda_graphs: bool = True
+    saved_activations: str = "keep"  # keep | offload | int8 | fp8 (core/options.py's SAVED_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -127,6 +120,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sketch.layers": SKETCH_LAYERS,
     "model.head": HEADS,
     "model.head_kernel": KERNELS,
+    "model.checkpoint_policy": options.CHECKPOINT_POLICIES,
+    "train.saved_activations": options.SAVED_ACTIVATIONS,
     "sketch.hashing": SKETCH_KINDS,
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("constant", "cosine"),
@@ -141,7 +136,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Inclusive lower bounds.
 MIN_VALUES: dict[str, float] = {
     "model.vocab_size": 1, "model.block_size": 1, "model.n_embd": 1, "model.n_head": 1,
-    "model.n_layer": 1, "model.mlp_ratio": 1, "model.head_chunk": 1, "sketch.rank": 1, "optim.weight_decay": 0,
+    "model.n_layer": 1, "model.mlp_ratio": 1, "model.head_chunk": 1, "model.checkpoint_every": 1, "sketch.rank": 1,
+    "optim.weight_decay": 0,
     "train.steps": 1, "train.batch_size": 1, "train.eval_every": 1, "train.checkpoint_every": 1,
     "train.seed": 0, "data.max_docs": 1, "data.paper_val_docs": 1, "data.paper_val_batches": 1,
     "data.heldout_min_tokens": 1, "data.eval_batch_size": 1, "optim.warmup_steps": 0,
@@ -171,6 +167,7 @@ HASH_IGNORE: tuple[str, ...] = ("log", "train.compile", "train.cuda_graphs", "mo
 HASH_OMIT_DEFAULTS: dict[str, object] = {
     "optim.lr_factor": 1.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
     "optim.min_lr_ratio": 0.1, "data.single_pass": False, "model.arch": "paper", "optim.grad_clip": 0.0,
+    "model.checkpoint_policy": "full", "model.checkpoint_every": 1, "train.saved_activations": "keep",
 }
 
 
@@ -264,8 +261,11 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key} must satisfy 0 <= value < 1, got {_get(cfg, key)!r}")
     m, o, d = cfg.model, cfg.optim, cfg.data
     if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by "
-                          f"model.n_head ({m.n_head})")
+        raise ConfigError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if (m.checkpoint_policy, m.checkpoint_every) != ("full", 1) and not m.checkpoint_blocks:
+        raise ConfigError("model.checkpoint_policy and model.checkpoint_every need model.checkpoint_blocks true")
+    if cfg.train.saved_activations != "keep" and cfg.train.compile:  # hooks around a compiled forward: untested
+        raise ConfigError(f"train.saved_activations {cfg.train.saved_activations} is not supported with train.compile")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas must be two values in [0, 1), got {o.betas!r}")
     if d.data_files is not None and not d.data_files.strip():
@@ -287,17 +287,14 @@ def _get(cfg: Config, dotted: str) -> object:
 
 def config_from_dict(d: object, source: str = "config") -> Config:
     """Build and validate a Config from a (possibly partial) nested mapping."""
-    if d is None:
-        d = {}
+    d = {} if d is None else d
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections, "
-                          f"got {type(d).__name__}")
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(d).__name__}")
     sections = {}
     for name, body in d.items():
         if name not in SECTIONS:
             raise ConfigError(f"unknown section '{name}'{_suggest(str(name), SECTIONS)}")
-        if body is None:
-            body = {}
+        body = {} if body is None else body
         if not isinstance(body, dict):
             raise ConfigError(f"section '{name}' must be a mapping, got {_describe(body)}")
         hints = _field_types(name)

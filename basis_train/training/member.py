@@ -87,7 +87,8 @@ class FleetMember:
             for m in probe.sketched_modules():
                 m.generator = gen
             opt = build_optimizer(probe, cfg, capturable=False)
-            step = TrainStep(probe, probe, opt, run.loader.chunks, gen, run.device, DTYPES[cfg.train.dtype], False)
+            step = TrainStep(probe, probe, opt, run.loader.chunks, gen, run.device, DTYPES[cfg.train.dtype], False,
+                             saved_activations=cfg.train.saved_activations)
             idx = torch.arange(cfg.train.batch_size, device=run.device)
             for _ in range(3):  # step 0 counts saved tensors, step 2 takes the allocator peak
                 step(idx)

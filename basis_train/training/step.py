@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from basis_train.core import graphs, memory
+from basis_train.core.saved_activations import SavedActivations
 from basis_train.training.errors import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,7 +23,7 @@ _EAGER_BEFORE_CAPTURE = 3
 # The allocator peak is taken on this (0-based) step: the steps before it allocate optimizer
 # state and library workspaces, so the peak on it is the steady-state step's.
 _MEASURE_AT_STEP = 2
-MEMORY_FIELDS = ("activation_bytes", "weight_cast_bytes", "activation_breakdown", "step_peak_bytes")
+MEMORY_FIELDS = ("activation_bytes", "weight_cast_bytes", "activation_breakdown", "offloaded_bytes", "step_peak_bytes")
 
 
 class NonFiniteLoss(RunError):
@@ -74,15 +75,19 @@ class TrainStep:
     float16 gradients underflow without loss scaling, so float16 steps go through a
     GradScaler: a step whose gradients hold an inf or NaN is skipped and the scale lowered.
     The scaler reads that verdict on the host, so a float16 step is never graph-captured.
+
+    `saved_activations` (SAVED_ACTIVATIONS): what the forward keeps of the tensors autograd saves
+    (core/saved_activations.py), whose hooks are installed around the forward.
     """
 
     def __init__(self, model, forward, opt, chunks: torch.Tensor, gen: torch.Generator,
                  device: torch.device, dtype: torch.dtype, use_graphs: bool, grad_clip: float = 0.0,
-                 eager_forward=None) -> None:
+                 eager_forward=None, saved_activations: str = "keep") -> None:
         self.model, self.forward, self.opt, self.chunks = model, forward, opt, chunks
         # The memory meter's step runs this (uncompiled) forward: its hooks see each module.
         self.eager_forward = eager_forward or forward
         self.grad_clip = float(grad_clip)
+        self.saving = SavedActivations(saved_activations, model.parameters())
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.gen, self.device, self.dtype = gen, device, dtype
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -106,14 +111,15 @@ class TrainStep:
         """The captured step's graph once there is one (None: the step runs eagerly)."""
         return self.dispatch.graph
 
-    def _fwd_bwd_opt(self, idx: torch.Tensor, forward=None) -> None:
+    def _fwd_bwd_opt(self, idx: torch.Tensor, forward=None, hooks=None) -> None:
         chunks = self.chunks[idx]
         x, y = chunks[:, :-1].long(), chunks[:, 1:].long()
         # Seeds drawn here, outside any compiled graph (inside a captured CUDA graph, whose replay
         # draws them anew): the same stream a plain forward draws, and nothing can redraw them.
         self.model.draw_sketch_seeds(self.gen)
         try:
-            with autocast(self.device, self.dtype):
+            # `hooks`: the memory meter's, which install the saving method's own (see _measured_step)
+            with autocast(self.device, self.dtype), (hooks if hooks is not None else self.saving.hooks()):
                 _, loss = (forward or self.forward)(x, y)
             if self.scaler is None:
                 loss.backward()
@@ -140,8 +146,8 @@ class TrainStep:
         else:
             self._plain_step(idx)
 
-    def _plain_step(self, idx: torch.Tensor, forward=None) -> None:
-        self._fwd_bwd_opt(idx, forward)
+    def _plain_step(self, idx: torch.Tensor, forward=None, hooks=None) -> None:
+        self._fwd_bwd_opt(idx, forward, hooks)
         self.opt.zero_grad(set_to_none=True)
 
     def _capture_allowed(self) -> bool:
@@ -157,11 +163,13 @@ class TrainStep:
 
         What is saved for backward is the same on every step, so the first step counts it.
         The allocator peak needs a steady-state step, and one without the meter's own
-        transient copies (its cast checks), so it is taken on a later step of its own."""
+        transient copies (its cast checks), so it is taken on a later step of its own.
+        Saved-tensor hooks nest and only the innermost apply, so the meter installs the saving
+        method's hooks itself and counts what they keep; the step installs none of its own."""
         if "activation_bytes" not in self.measured:
-            meter = memory.SavedTensorMeter(self.model)
-            with meter.measure():
-                self._plain_step(idx, self.eager_forward)
+            meter = memory.SavedTensorMeter(self.model, saving=self.saving)
+            with meter.measure() as m:
+                self._plain_step(idx, self.eager_forward, hooks=nullcontext(m))
             self.measured = meter.fields()  # a checkpoint's fields from before issue 16 are dropped
         else:
             self.measured["step_peak_bytes"] = self.step_peak(lambda: self._plain_step(idx), self.device)

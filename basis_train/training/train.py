@@ -122,15 +122,17 @@ class Run:
         # float16, whose GradScaler decides on the host whether to skip each step.
         # With torch.compile the graph holds the compiled step: the BASIS sketches' kernels are
         # launched from Python (custom ops), whose host overhead the replay removes.
+        # Nor with saved activations offloaded: save_on_cpu allocates pinned host memory each step.
         use_graphs = (t.cuda_graphs and self.device.type == "cuda" and not dist.enabled
-                      and t.dtype != "float16")
+                      and t.dtype != "float16" and t.saved_activations != "offload")
         if use_graphs:
             graphs.check_graph_support()  # before training starts, not at the capture
         opt = build_optimizer(self.model, cfg, capturable=use_graphs)
         self.forward = eager = dist.wrap(self.model)  # eval and checkpoints use the bare model
         self.forward = torch.compile(self.forward) if t.compile else self.forward
         self.train_step = TrainStep(self.model, self.forward, opt, self.loader.chunks, gen, self.device, dtype,
-                                    use_graphs, grad_clip=cfg.optim.grad_clip, eager_forward=eager)
+                                    use_graphs, grad_clip=cfg.optim.grad_clip, eager_forward=eager,
+                                    saved_activations=t.saved_activations)
         self.evaluate = Evaluator(self.model, splits.val_tokens, cfg, self.device, dtype, dist)
         self.clock = Throughput(t.batch_size * cfg.model.block_size * dist.world_size, self.device)
 

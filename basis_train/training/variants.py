@@ -36,6 +36,9 @@ _TAG_OF_VALUE = {
     "sketch.lam": lambda v: f"lam{v:g}",
     "sketch.layers": lambda v: f"layers={v}",  # the reports read layers=all, the grid's variant is "all"
     "model.checkpoint_blocks": lambda v: "ckpt",
+    "model.checkpoint_policy": lambda v: f"ckpt={v}",
+    "model.checkpoint_every": lambda v: f"ckpt-every{v}",
+    "train.saved_activations": lambda v: f"act={v}",
     "model.head_kernel": lambda v: None,
     "optim.lr_factor": lambda v: f"lr{v:g}x",
     "optim.lr_scale_sketched": lambda v: f"lrx{v:g}",

@@ -18,7 +18,8 @@ from basis_train.core.sketch import BasisLinear
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.train import train
 
-SMALL = GPTConfig(arch="gpt2", vocab_size=101, block_size=16, n_embd=32, n_head=2, n_layer=2, head_chunk=16, sketch=SketchConfig(rank=8))
+SMALL = GPTConfig(arch="gpt2", vocab_size=101, block_size=16, n_embd=32, n_head=2, n_layer=2, head_chunk=16,
+                  sketch=SketchConfig(rank=8))
 
 
 def _batch():
@@ -29,7 +30,8 @@ def _batch():
 @pytest.mark.parametrize("arch", ["gpt2", "paper"])
 @pytest.mark.parametrize("head", ["fused", "plain"])
 def test_no_graph_break_with_basis_layers(arch, head):
-    model = build_gpt(dataclasses.replace(SMALL, arch=arch, head=head, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0)
+    model = build_gpt(dataclasses.replace(SMALL, arch=arch, head=head,
+                                          sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0)
     assert model.sketched_modules()
     torch._dynamo.reset()
     model.draw_sketch_seeds(torch.Generator().manual_seed(1))
@@ -65,7 +67,8 @@ def test_compiled_equals_eager(method):
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0, method=method)
+        model = build_gpt(dataclasses.replace(SMALL,
+                                              sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0, method=method)
         fwd = torch.compile(model) if compiled else model
         model.draw_sketch_seeds(torch.Generator().manual_seed(7))
         _, loss = fwd(x, y)

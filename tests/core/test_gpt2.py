@@ -12,7 +12,8 @@ from basis_train.core.sketch import BasisLinear
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.setup import build_optimizer, param_groups
 
-SMALL = GPTConfig(arch="gpt2", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=3, head_chunk=8, sketch=SketchConfig(rank=4))
+SMALL = GPTConfig(arch="gpt2", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=3, head_chunk=8,
+                  sketch=SketchConfig(rank=4))
 
 
 def test_gpt2_small_parameter_count():
@@ -67,8 +68,9 @@ def test_gpt2_init():
 
 
 def test_gpt2_init_is_the_same_for_exact_and_basis():
-    a = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=3, method="exact").state_dict()
-    b = build_gpt(dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=3, method="basis").state_dict()
+    cfg = dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all"))
+    a = build_gpt(cfg, seed=3, method="exact").state_dict()
+    b = build_gpt(cfg, seed=3, method="basis").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

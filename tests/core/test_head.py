@@ -102,7 +102,8 @@ def test_bf16_autocast_matches_plain_head():
 
 
 def _gpt_step(head, method, checkpoint_blocks=False):
-    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head=head, head_chunk=5, checkpoint_blocks=checkpoint_blocks, sketch=SketchConfig(rank=4))
+    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head=head, head_chunk=5,
+                    checkpoint_blocks=checkpoint_blocks, sketch=SketchConfig(rank=4))
     model = build_gpt(cfg, seed=0, method=method)
     for m in model.sketched_modules():
         m.generator = torch.Generator().manual_seed(100)

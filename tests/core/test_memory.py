@@ -42,7 +42,8 @@ def test_basislinear_same_rule():
 
 
 def _gpt_fields(method, head, dtype=torch.float32, rank=4):
-    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head=head, head_chunk=8, sketch=SketchConfig(rank=rank))
+    cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head=head, head_chunk=8,
+                    sketch=SketchConfig(rank=rank))
     model = build_gpt(cfg, seed=0, method=method)
     for m in model.sketched_modules():
         m.generator = torch.Generator().manual_seed(1)
