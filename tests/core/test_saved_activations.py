@@ -190,3 +190,27 @@ def test_weight_casts_stay_and_their_verdict_is_kept_for_graph_capture(monkeypat
     monkeypatch.setattr(saving.params, "is_cast", lambda t: pytest.fail("the verdict was not reused"))
     with saving.hooks(), torch.autocast("cpu", dtype=torch.bfloat16):
         net(x).float().sum().backward()
+
+
+def test_offload_goes_through_torchs_save_on_cpu(monkeypatch):
+    """On a CPU the host is the device, so no byte count can tell an offload from a keep: check
+    that every activation offload takes goes through save_on_cpu's hooks and comes back through them."""
+    calls = {"pack": 0, "unpack": 0}
+
+    class Recording:
+        def __init__(self, pin_memory):
+            assert pin_memory  # pinned host memory where CUDA is
+
+        def pack_hook(self, t):
+            calls["pack"] += 1
+            return ("host", t.detach().clone())
+
+        def unpack_hook(self, packed):
+            calls["unpack"] += 1
+            return packed[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    _, plain, _ = _step("exact")
+    _, got, saving = _step("exact", "offload")
+    assert calls["pack"] > 0 and calls["unpack"] == calls["pack"]
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)  # a copy and back: the same numbers
