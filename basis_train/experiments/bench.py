@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from basis_train.core import flops
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
@@ -81,10 +82,23 @@ def _step_bench(size: dict, variant: str, rank: int | None, head: str, device, o
     rows = size["batch"] * size["seq"]
     if device.type == "cuda" and not opts["compile"]:
         row["graphed_time_ms"] = _guarded(_graphed_time, model, make_opt, run, size, device, opts)
+    row.update(_speed(model, cfg, rows, device, row["time_ms"], row.get("graphed_time_ms")))
     # --head-kernel cce runs Cut Cross-Entropy for an exact bf16 head on CUDA: the row says which ran.
     return {**row, **meter.fields(), "head_kernel": model.head_kernel_ran(),
             "rank_effective": min(rank, rows) if basis else None,
             "n_params": sum(p.numel() for p in model.parameters()), "n_sketched": len(model.sketched_modules())}
+
+
+def _speed(model, cfg: GPTConfig, tokens: int, device, eager: dict, graphed: dict | None) -> dict:
+    """Tokens/s and model FLOPs utilisation of the step, by nanoGPT's count (core/flops.py: BASIS runs
+    are charged exact's FLOPs); the graphed step's where it was timed, else the eager one's. MFU needs a
+    GPU with a known bf16 peak (None elsewhere)."""
+    timed = graphed if graphed and "median" in graphed else eager
+    tokens_per_s = tokens / (timed["median"] / 1e3)
+    per_token = flops.flops_per_token(model, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"tokens_per_s": tokens_per_s, "mfu": flops.mfu(tokens_per_s, per_token, gpu),
+            "speed_of": "graphed" if timed is graphed else "eager"}
 
 
 def _graphed_time(model, make_opt, run, size: dict, device, opts: dict) -> dict:

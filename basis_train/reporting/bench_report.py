@@ -17,6 +17,15 @@ def _x(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _speed(r: dict) -> str:
+    tps = r.get("tokens_per_s")
+    return "-" if tps is None else f"{tps:,.0f}" + (" g" if r.get("speed_of") == "graphed" else "")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _ms(t: dict) -> str:
     return f"{t['median']:.3f} [{t['q25']:.3f}, {t['q75']:.3f}]"
 
@@ -46,10 +55,14 @@ def size_md(res: dict) -> list[str]:
          f"{s['layers']} layers; {m['dtype']}; {s['optimizer']}; fused head chunk {s['head_chunk']} rows"), "",
         (f"Logits: {_mib(res['logits_bytes'])} MiB (B*T*V*{m['logits_itemsize']} bytes); the float32 copy the plain "
          f"head's loss is computed on: {_mib(res['logits_fp32_bytes'])} MiB."), "",
-        *_table(["variant", "R", "ms/step median [IQR]", "ratio to exact", "step peak MiB", "activation MiB",
-                 "ratio to exact", "weight casts MiB"], res["rows"], row_label,
-                lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _mib(r["step_peak_bytes"]),
-                           _mib(r["activation_bytes"]), _x(r["ratio_activation_bytes"]), _mib(r["weight_cast_bytes"])]),
+        *_table(["variant", "R", "ms/step median [IQR]", "ratio to exact", "tokens/s", "MFU", "step peak MiB",
+                 "activation MiB", "ratio to exact", "weight casts MiB"], res["rows"], row_label,
+                lambda r: [_ms(r["time_ms"]), _x(r["ratio_time_ms"]), _speed(r), _pct(r.get("mfu")),
+                           _mib(r["step_peak_bytes"]), _mib(r["activation_bytes"]), _x(r["ratio_activation_bytes"]),
+                           _mib(r["weight_cast_bytes"])]),
+        "tokens/s and MFU: of the graphed step where it was timed (marked g), else the eager one; MFU by "
+        "nanoGPT's count, 6 N + 12 L H Q T FLOPs a token, against the GPU's bf16 dense peak "
+        "(core/flops.py; BASIS charged exact's FLOPs; - without a known GPU).", "",
         "Activation bytes by category (MiB):", "",
         *_table(["variant", "R", "breakdown"], res["rows"], row_label, lambda r: [_breakdown(r)]),
     ]

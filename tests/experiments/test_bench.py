@@ -81,7 +81,7 @@ def test_ratios_and_activation_bytes(bench_out):
 
 def test_markdown_is_generated_from_numbers(bench_out):
     md = (bench_out / "bench.md").read_text()
-    assert "| variant | R | ms/step median [IQR] | ratio to exact | step peak MiB |" in md
+    assert "| variant | R | ms/step median [IQR] | ratio to exact | tokens/s | MFU | step peak MiB |" in md
     assert "| basis mlp+head, fused head | 4 |" in md and "| BasisLinear | 4 |" in md
     assert "| fused | - |" in md and "cce: skipped" in md
     mem = (bench_out / "memory.md").read_text()
@@ -150,3 +150,24 @@ def test_gpt2_targets_time_exact_with_our_head_and_with_cce_only_when_installed(
         exact = {k[2] for name, k in seen[-1].items() if k[0] == "exact"}
         assert exact == kernels and len(targets) == 2 * len(kernels)
         assert all("auto" not in t["target"] for t in targets)
+
+
+def test_rows_give_tokens_per_second_and_mfu(bench_out):
+    """tokens/s = rows a step / the median step; MFU needs a GPU with a known peak (None on a CPU)."""
+    res, rows = _rows(bench_out)
+    tokens = res["size"]["batch"] * res["size"]["seq"]
+    for r in rows.values():
+        assert r["speed_of"] == "eager" and r["mfu"] is None
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["time_ms"]["median"] / 1e3), rel=1e-12)
+    md = (bench_out / "bench.md").read_text()
+    assert "| tokens/s | MFU |" in md
+
+
+def test_mfu_follows_nanogpts_count():
+    from basis_train.core import flops
+
+    model = torch.nn.Linear(10, 10)  # 110 parameters, no position table
+    per_token = flops.flops_per_token(model, n_layer=2, n_head=3, n_embd=12, seq=5)
+    assert per_token == 6 * 110 + 12 * 2 * 3 * 4 * 5
+    assert flops.mfu(1000.0, per_token, "NVIDIA H200") == pytest.approx(1000.0 * per_token / 989e12)
+    assert flops.mfu(1000.0, per_token, "some CPU") is None
