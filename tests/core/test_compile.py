@@ -58,8 +58,9 @@ def test_drop_in_basis_linear_compiles_whole_and_keeps_its_seed():
     torch.testing.assert_close(lin.weight.grad, 0.9801 * ref.weight.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
 @pytest.mark.parametrize("method", ["exact", "basis"])
-def test_compiled_equals_eager(method):
+def test_compiled_equals_eager(method, checkpoint_blocks):
     """Same weights, batch and sketch seeds: the compiled step's loss and gradients are the eager
     step's up to float32 rounding (Inductor reorders and fuses sums: a few ulps, far below 1e-6
     at these magnitudes); with BASIS the same seed gives the same estimate."""
@@ -67,8 +68,9 @@ def test_compiled_equals_eager(method):
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = build_gpt(dataclasses.replace(SMALL,
-                                              sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0, method=method)
+        cfg = dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all"),
+                                  checkpoint_blocks=checkpoint_blocks)
+        model = build_gpt(cfg, seed=0, method=method)
         fwd = torch.compile(model) if compiled else model
         model.draw_sketch_seeds(torch.Generator().manual_seed(7))
         _, loss = fwd(x, y)
