@@ -228,19 +228,17 @@ class GPT(nn.Module):
         """For the memory meter (core/memory.py): the category of what each submodule saves
         while it runs ("name:out": of the output a selective checkpoint keeps), and the module
         after which the root's own saves belong to the head."""
+        # named_modules lists an MLP before its layers: what it sets first stands (setdefault)
         cats = {"": "width_d", "lm_head": "head"}  # the root saves checkpointed blocks' inputs
         for name, m in self.named_modules():
-            if name in cats:
-                continue
             if isinstance(m, CausalSelfAttention):
                 cats[name] = "attention"  # the attention kernel's q, k, v, output and statistics
-            elif isinstance(m, MLP):
-                cats[name] = cats[f"{name}.proj"] = "mlp_hidden"  # GELU's input, proj's input
+            elif isinstance(m, MLP):  # GELU's input, proj's input: fc's output, the hidden activation
+                cats[name] = cats[f"{name}.proj"] = cats[f"{name}.fc:out"] = "mlp_hidden"
             elif isinstance(m, (nn.LayerNorm, nn.Linear)):
-                cats[name] = "width_d"  # inputs of width n_embd (the residual stream, attention's output)
+                cats.setdefault(name, "width_d")  # inputs of width n_embd (the residual stream, attention's output)
             if isinstance(m, nn.Linear):  # a selective checkpoint keeps a linear layer's output
-                cats[f"{name}:out"] = "mlp_hidden" if isinstance(self.get_submodule(name.rpartition(".")[0]), MLP) \
-                    and name.endswith(".fc") else "width_d"
+                cats.setdefault(f"{name}:out", "width_d")
         return cats, "ln_f"
 
     def head_kernel_ran(self) -> str | None:

@@ -183,3 +183,14 @@ def test_the_model_tells_the_meter_its_categories():
     with meter.measure():
         model(x).sum().backward()
     assert meter.breakdown["other"] == meter.activation_bytes
+
+
+@pytest.mark.parametrize("arch", ["paper", "gpt2"])
+def test_a_selective_checkpoints_kept_outputs_have_their_own_categories(arch):
+    """A selective checkpoint keeps each linear layer's output ('name:out'): fc's is the hidden
+    activation, every other one (proj's too: it returns to the residual stream) is of width n_embd."""
+    model = build_gpt(GPTConfig(arch=arch, vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2), seed=0)
+    cats, _ = model.memory_categories()
+    blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    assert {n: cats[f"{n}:out"] for n in blocks} == {n: "mlp_hidden" if n.endswith(".mlp.fc") else "width_d"
+                                                     for n in blocks}
