@@ -21,8 +21,18 @@ from pathlib import Path
 
 import yaml
 
-from basis_train.core import options
-from basis_train.core.options import ARCHS, HEADS, KERNELS, METHODS, SKETCH_KINDS, SKETCH_LAYERS, ModelConfig, SketchConfig
+from basis_train.core.options import (
+    ARCHS,
+    CHECKPOINT_POLICIES,
+    HEADS,
+    KERNELS,
+    METHODS,
+    SAVED_ACTIVATIONS,
+    SKETCH_KINDS,
+    SKETCH_LAYERS,
+    ModelConfig,
+    SketchConfig,
+)
 from basis_train.fsutil import atomic_write_text
 from basis_train.training.yaml_strict import StrictLoader
 
@@ -116,16 +126,10 @@ SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
 CHOICES: dict[str, tuple[str, ...]] = {
     # what the model accepts, from core, so a new choice there is a new choice here
-    "model.arch": ARCHS,
-    "sketch.layers": SKETCH_LAYERS,
-    "model.head": HEADS,
-    "model.head_kernel": KERNELS,
-    "model.checkpoint_policy": options.CHECKPOINT_POLICIES,
-    "train.saved_activations": options.SAVED_ACTIVATIONS,
-    "sketch.hashing": SKETCH_KINDS,
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("constant", "cosine"),
-    "train.method": METHODS,
+    "model.arch": ARCHS, "sketch.layers": SKETCH_LAYERS, "model.head": HEADS, "model.head_kernel": KERNELS,
+    "model.checkpoint_policy": CHECKPOINT_POLICIES, "train.saved_activations": SAVED_ACTIVATIONS,
+    "sketch.hashing": SKETCH_KINDS, "train.method": METHODS,
+    "optim.name": ("sgd", "adamw"), "optim.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("float32", "bfloat16", "float16"),
     "data.dataset": ("wiki-offline", "fineweb-edu", "files"),

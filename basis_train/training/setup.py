@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
 
+from basis_train.core.flops import flops_per_token
 from basis_train.core.model import GPTConfig
 from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import make_splits
@@ -27,8 +29,6 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_flops_per_s() -> float:
     """This machine's float32 matmul rate, measured on three 1024^3 products (about 0.1 s)."""
-    import time
-
     a = torch.randn(1024, 1024)
     a @ a  # the first call pays for thread start-up
     t0 = time.perf_counter()
@@ -40,8 +40,6 @@ def cpu_flops_per_s() -> float:
 def warn_slow_cpu_run(model: torch.nn.Module, cfg: Config, min_step_s: float = 5.0) -> None:
     """A GPU-sized config started on the CPU (gpt2-small: about a minute a step on two cores) is
     said before it starts, with the time it will take at this machine's measured matmul rate."""
-    from basis_train.core.flops import flops_per_token
-
     m, t = cfg.model, cfg.train
     step_flops = flops_per_token(model, m.n_layer, m.n_head, m.n_embd, m.block_size) * t.batch_size * m.block_size
     if step_flops < 1e11:  # nothing a CPU takes seconds for: no need to time the machine
