@@ -62,8 +62,11 @@ def test_drop_in_basis_linear_compiles_whole_and_keeps_its_seed():
 @pytest.mark.parametrize("method", ["exact", "basis"])
 def test_compiled_equals_eager(method, checkpoint_blocks):
     """Same weights, batch and sketch seeds: the compiled step's loss and gradients are the eager
-    step's up to float32 rounding (Inductor reorders and fuses sums: a few ulps, far below 1e-6
-    at these magnitudes); with BASIS the same seed gives the same estimate."""
+    step's up to float32 rounding; with BASIS the same seed gives the same estimate. Inductor
+    reorders and fuses sums of at most a few hundred terms (width 32, vocabulary 101, 32 rows):
+    float32 error about n * 2^-24 of the sum's terms, so 1e-5 relative, and 1e-6 absolute for
+    entries near zero (2^-20, about 30 ulps of the largest gradient, 0.45). Seen on one CPU: the
+    loss equal, gradients within 7.5e-8."""
     x, y = _batch()
     results = []
     for compiled in (False, True):
@@ -78,9 +81,9 @@ def test_compiled_equals_eager(method, checkpoint_blocks):
         model.clear_sketch_seeds()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = results
-    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
     for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _run(cfg_path, out, steps, resume=False):
