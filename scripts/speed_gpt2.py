@@ -1,6 +1,10 @@
 """GPT-2-small training-step speed, ours against nanoGPT's model, in one process on one GPU.
 
     python scripts/speed_gpt2.py OUT.json [--nanogpt PATH/TO/nanoGPT/model.py] [--steps 30]
+    python scripts/speed_gpt2.py --targets OUT.json results/bench/targets.json [--runs GRID/runs]
+
+The second form turns the rows (and, with --runs, the grid's exact runs compiled and eager) into
+issue 22's targets, merged into targets.json (part "gpt2-speed"; other parts kept).
 
 Every row trains B 8 x T 1024 under bf16 autocast with fused AdamW (lr 6e-4, betas 0.9/0.95,
 weight decay 0.1 on matrices), gradient clipping 1.0 and torch.compile of the model, on one
@@ -113,7 +117,69 @@ def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int, mode: st
     return row
 
 
+EXACT_ROW = "ours exact, fused head, compiled + CUDA graph"  # what basis-train runs on configs/gpt2-small
+NANO_ROW = "nanoGPT model.py, compiled"
+
+
+def targets(speed: dict, runs: Path | None = None) -> list[dict]:
+    """Issue 22's targets from one speed_gpt2.py output (rows of one process) and the grid's runs."""
+    rows = {r["row"]: r for r in speed["rows"] if "ms" in r}
+    meta, out = speed["meta"], []
+    cmd = f"{meta['command']}  (commit {meta['commit']}, {meta['gpu']}, torch {meta['torch']})"
+
+    def ratio(target, num, den, limit):
+        if num in rows and den in rows:
+            m = rows[num]["ms"] / rows[den]["ms"]
+            out.append({"target": target, "limit": limit, "measured": round(m, 4),
+                        "met": m <= limit, "command": cmd, "part": "gpt2-speed",
+                        "ms": {num: round(rows[num]["ms"], 3), den: round(rows[den]["ms"], 3)}})
+
+    ratio("GPT-2 small step, ours exact (compiled + CUDA graph, as basis-train) / nanoGPT model.py compiled "
+          "(ms; at most 1: tokens/s at least nanoGPT's)", EXACT_ROW, NANO_ROW, 1.0)
+    ratio("GPT-2 small step, BASIS R = 256 mlp+head / exact (both compiled + CUDA graph)",
+          "ours BASIS mlp+head R=256, fused head, compiled + CUDA graph", EXACT_ROW, 0.95)
+    ratio("GPT-2 small step, BASIS R = 256 all linears / exact (both compiled + CUDA graph)",
+          "ours BASIS all R=256, fused head, compiled + CUDA graph", EXACT_ROW, 0.90)
+    ratio("nanoGPT model.py with MLP and head as BasisLinear R = 256 / nanoGPT model.py, both compiled",
+          "nanoGPT model.py, MLP+head as BasisLinear R=256, compiled", NANO_ROW, 1.10)
+    if EXACT_ROW in rows:
+        mfu = rows[EXACT_ROW]["mfu"]
+        out.append({"target": f"GPT-2 small exact step MFU (stretch; nanoGPT's 6N + 12LHQT FLOPs, "
+                              f"bf16 dense peak {meta['mfu_peak'] / 1e12:.0f} TFLOP/s)", "limit": 0.45,
+                    "at_least": True, "measured": round(mfu, 4), "met": mfu >= 0.45, "command": cmd,
+                    "part": "gpt2-speed"})
+    if runs is not None:
+        s = {n: json.loads((runs / n / "summary.json").read_text())
+             for n in ("exact-s0", "exact_eager-s0") if (runs / n / "summary.json").is_file()}
+        if len(s) == 2:
+            d = s["exact-s0"]["final_val_loss"] - s["exact_eager-s0"]["final_val_loss"]
+            out.append({"target": "2,000-step exact gpt2-small run (seed 0): |compiled - eager| final held-out "
+                                  "loss (nats)", "limit": 0.01, "measured": round(abs(d), 4),
+                        "met": abs(d) <= 0.01, "part": "gpt2-speed",
+                        "command": "TIME_BUDGET=540 bash scripts/scale_grid.sh (runs exact-s0, exact_eager-s0; "
+                                   "results/scale/)",
+                        "final_val_loss": {k: v["final_val_loss"] for k, v in s.items()},
+                        "tokens_per_s": {k: v.get("tokens_per_s") for k, v in s.items()}})
+    return out
+
+
+def merge_targets(speed_json: Path, targets_json: Path, runs: Path | None) -> list[dict]:
+    new = targets(json.loads(speed_json.read_text()), runs)
+    old = json.loads(targets_json.read_text()) if targets_json.is_file() else []
+    merged = [t for t in old if t.get("part") != "gpt2-speed"] + new
+    targets_json.write_text(json.dumps(merged, indent=1) + "\n")
+    return new
+
+
 def main() -> None:
+    if "--targets" in sys.argv:
+        tp = argparse.ArgumentParser()
+        tp.add_argument("--targets", nargs=2, type=Path, metavar=("SPEED_JSON", "TARGETS_JSON"))
+        tp.add_argument("--runs", type=Path)
+        t = tp.parse_args()
+        for row in merge_targets(*t.targets, t.runs):
+            print(("MET " if row["met"] else "MISS") + f" {row['measured']} (limit {row['limit']}): {row['target']}")
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--nanogpt")

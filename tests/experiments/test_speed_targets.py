@@ -1,0 +1,47 @@
+"""scripts/speed_gpt2.py --targets: issue 22's target ratios from one process's rows and the grid's
+compiled and eager exact runs, merged into targets.json beside the other parts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "speed_gpt2.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("speed_gpt2", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _speed(tmp_path):
+    rows = [{"row": "nanoGPT model.py, compiled", "ms": 20.0, "mfu": 0.4},
+            {"row": "nanoGPT model.py, MLP+head as BasisLinear R=256, compiled", "ms": 23.0, "mfu": 0.3},
+            {"row": "ours exact, fused head, compiled + CUDA graph", "ms": 18.0, "mfu": 0.46},
+            {"row": "ours BASIS mlp+head R=256, fused head, compiled + CUDA graph", "ms": 17.0, "mfu": 0.5},
+            {"row": "ours BASIS all R=256, fused head, compiled + CUDA graph", "error": "RuntimeError: x"}]
+    meta = {"command": "python scripts/speed_gpt2.py o.json", "commit": "abc", "gpu": "NVIDIA H200",
+            "torch": "2.11", "mfu_peak": 989e12}
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def test_targets_are_the_ratios_of_the_rows_and_the_runs(tmp_path):
+    mod = _script()
+    runs = tmp_path / "runs"
+    for name, loss in (("exact-s0", 2.640), ("exact_eager-s0", 2.655)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens_per_s": 1.0}))
+    old = [{"target": "layer", "part": "layer", "measured": 0.9}, {"target": "stale", "part": "gpt2-speed"}]
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps(old))
+    new = mod.merge_targets(_speed(tmp_path), targets, runs)
+    got = {t["target"].split(",")[0] + " " + t["target"][-40:]: (t["measured"], t["met"]) for t in new}
+    assert len(new) == 5  # the failed row gives no target
+    measured = [(t["measured"], t["met"]) for t in new]
+    assert measured == [(0.9, True), (round(17 / 18, 4), True), (1.15, False), (0.46, True), (0.015, False)], got
+    merged = json.loads(targets.read_text())
+    assert merged[0] == old[0] and "stale" not in {t["target"] for t in merged} and len(merged) == 6
+    assert all("commit abc" in t["command"] for t in new[:4])
