@@ -86,11 +86,11 @@ def _import_datasets():
 
 
 def _wiki_docs():
-    datasets = _import_datasets()
+    # A JSON file in a wheel: read as it is, so that a machine without `datasets` (the GPU hosts)
+    # can build the embedded corpus.
     with open(_wiki_json_path(), encoding="utf-8") as f:
         entries = json.load(f)  # dicts keep the file's order
-    texts = [e["title"] + "\n\n" + e["extract"] for e in entries.values()]
-    return (row["text"] for row in datasets.Dataset.from_dict({"text": texts}))
+    return (e["title"] + "\n\n" + e["extract"] for e in entries.values())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -103,6 +104,13 @@ def test_wiki_max_docs(cache):
     corpus = load_tokens("wiki-offline", max_docs=25, cache_dir=cache)
     assert corpus.n_docs == 25
     assert docs_of(corpus)[0].startswith("20th-century classical music\n\n")
+
+
+def test_wiki_corpus_builds_without_datasets(tmp_path, monkeypatch):
+    # The GPU hosts have no `datasets`: the embedded corpus is a JSON file and must not need it.
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    corpus = load_tokens("wiki-offline", max_docs=3, cache_dir=tmp_path)
+    assert corpus.n_docs == 3 and docs_of(corpus)[0].startswith("20th-century classical music\n\n")
 
 
 # ------------------------------------------------------------ local files
