@@ -10,7 +10,6 @@ the final step and at every evaluation both runs logged.
 
 from __future__ import annotations
 
-
 import json
 import math
 from collections import Counter

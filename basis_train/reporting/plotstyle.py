@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.text import Text
 
 COLORS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
                            "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
@@ -47,37 +46,3 @@ def legend_below(fig: Figure, axes: Sequence[Axes], ncol: int = 4, **kwargs) -> 
     if entries:
         fig.legend(list(entries.values()), list(entries), loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=ncol, **kwargs)
-
-
-def label_box(note, renderer):
-    """A label's text box on screen, without its leader line (an annotation's own extent includes
-    the line, which always touches its point)."""
-    return Text.get_window_extent(note, renderer)
-
-
-def label_points(ax: Axes, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
-                 fontsize: float = 8, max_rounds: int = 200) -> list:
-    """Annotate each point with its label, then move labels apart until no two label boxes overlap
-    and no label box covers another point's marker. Returns the annotations (tests read their
-    extents). Labels move vertically in screen space, in steps of a fraction of a label's height."""
-    fig = ax.figure
-    notes = [ax.annotate(text, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=fontsize,
-                         arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"})
-             for x, y, text in zip(xs, ys, labels, strict=True)]
-    renderer = fig.canvas.get_renderer()
-    points = ax.transData.transform(list(zip(xs, ys, strict=True))) if notes else []
-    for _ in range(max_rounds):
-        boxes = [label_box(n, renderer) for n in notes]
-        moved = False
-        for i, note in enumerate(notes):
-            hits = [b for j, b in enumerate(boxes) if j < i and b.overlaps(boxes[i])]
-            covers = any(boxes[i].contains(px, py) for j, (px, py) in enumerate(points) if j != i)
-            if hits or covers:
-                dx, dy = note.get_position()
-                step = boxes[i].height * 72.0 / fig.dpi * 0.6  # pixels -> points
-                note.set_position((dx, dy - step if i % 2 else dy + step))
-                boxes[i] = label_box(note, renderer)
-                moved = True
-        if not moved:
-            break
-    return notes

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from basis_train.reporting.grid_stats import Protocol
-from basis_train.reporting.plotstyle import label_box, label_points, legend_outside, series_style
+from basis_train.reporting.plotstyle import legend_outside, series_style
 from basis_train.reporting.stats import mean_ci
 
 GIB = 2 ** 30
@@ -112,37 +112,34 @@ def plot_gap_vs_step(entries: Sequence[Mapping], ref: Protocol, path: Path) -> N
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
 
 
-def plot_pareto(entries: Sequence[Mapping], path: Path) -> list:
+def plot_pareto(entries: Sequence[Mapping], path: Path) -> list[str]:
     """One point per configuration of the main grid: step peak memory (activation bytes where no
-    CUDA peak was measured) vs final validation loss with its 95% CI, labelled with tokens/s.
-    Returns the labels' bounding boxes (pixels), which do not overlap."""
+    CUDA peak was measured) vs final validation loss with its 95% CI. Each point has its own colour
+    and marker and is named in the legend beside the plot with its tokens/s: with points close
+    together, labels beside them overlap or need leader lines that cross. Returns the legend texts."""
     # Off CUDA no run has a step peak; a run without one (the outside reference) is left out.
     have_peak = any(e.get("step_peak_bytes_mean") for e in entries)
     key, xlabel = (("step_peak_bytes_mean", "CUDA step peak memory (GiB)") if have_peak
                    else ("act_bytes_mean", "activation bytes saved for backward (GiB; no CUDA step peak)"))
-    fig = Figure(figsize=(8.5, 6), dpi=DPI)
-    canvas = FigureCanvasAgg(fig)
+    fig = Figure(figsize=(9.5, 5.5), dpi=DPI)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     points = [e for e in entries if e.get(key) is not None and not math.isnan(e["val_mean"])]
-    xs, ys, labels = [], [], []
     for i, e in enumerate(points):
         x, y = e[key] / GIB, e["val_mean"]
         err = None
         if e["n"] > 1 and not math.isnan(e["val_ci_high"]):
             err = [[y - e["val_ci_low"]], [e["val_ci_high"] - y]]
         st = series_style(i)
-        ax.errorbar([x], [y], yerr=err, fmt=st["marker"], color=st["color"], capsize=3)
         tok = e.get("tokens_per_s_mean")
-        xs.append(x)
-        ys.append(y)
-        labels.append(f"{e['label']}\n{tok:,.0f} tok/s" if tok else f"{e['label']}\n(tokens/s not measured alone)")
+        speed = f"{tok:,.0f} tok/s" if tok else "tokens/s not measured alone"
+        ax.errorbar([x], [y], yerr=err, fmt=st["marker"], color=st["color"], capsize=3, markersize=7,
+                    label=f"{e['label']} (n={e['n']}): {speed}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final validation loss (mean over seeds, 95% CI)")
     ax.set_title("Memory vs loss per configuration (main grid)")
     ax.grid(True, alpha=0.3)
-    if points:  # room on the right for the labels
-        ax.set_xlim(min(xs) - 0.1 * (max(xs) - min(xs) + 0.5), max(xs) + 0.45 * (max(xs) - min(xs) + 0.5))
-    notes = label_points(ax, xs, ys, labels, fontsize=7)
+    legend_outside(ax, fontsize=7)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    renderer = canvas.get_renderer()
-    return [label_box(n, renderer) for n in notes]
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []

@@ -22,7 +22,7 @@ def _speed(tmp_path):
             {"row": "ours BASIS mlp+head R=256, fused head, compiled + CUDA graph", "ms": 17.0, "mfu": 0.5},
             {"row": "ours BASIS all R=256, fused head, compiled + CUDA graph", "error": "RuntimeError: x"}]
     meta = {"command": "python scripts/speed_gpt2.py o.json", "commit": "abc", "gpu": "NVIDIA H200",
-            "torch": "2.11", "mfu_peak": 989e12}
+            "torch": "2.11", "mfu_peak": "H200 bf16 dense peak 989 TFLOP/s"}
     path = tmp_path / "speed.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     return path

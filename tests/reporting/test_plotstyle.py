@@ -1,5 +1,4 @@
-"""Plots a reader can read: every series its own colour and line style, legends off the data,
-point labels apart."""
+"""Plots a reader can read: every series its own colour and line style, legends off the data."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from basis_train.reporting.plotstyle import label_box, label_points, legend_outside, series_style
+from basis_train.reporting.plotstyle import legend_outside, series_style
 from basis_train.reporting.report import collect_runs, plot_memory, plot_val_curves, summarize
 from tests.reporting.test_report import RUNS, make_run
 
@@ -38,17 +37,6 @@ def test_legend_outside_does_not_cover_the_axes():
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
-
-
-def test_point_labels_do_not_overlap():
-    fig, ax = _axes_with_data()
-    xs, ys = [1.0, 1.01, 1.02, 1.0, 2.0], [3.9, 3.905, 3.91, 3.97, 4.1]  # a cluster, as on a Pareto plot
-    ax.plot(xs, ys, "o")
-    notes = label_points(ax, xs, ys, [f"configuration {i}" for i in range(5)])
-    renderer = fig.canvas.get_renderer()
-    boxes = [label_box(n, renderer) for n in notes]
-    for i, a in enumerate(boxes):
-        assert not any(a.overlaps(b) for b in boxes[i + 1:]), i
 
 
 def _runs(tmp_path: Path, n_labels: int) -> dict[str, list[Path]]:
