@@ -53,6 +53,8 @@ def bench(
                                                                "[default: as many as a full search needs]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="--frontier: keep the methods OUT/frontier.json already "
                                                           "has from a run with the same settings [default: off]")] = False,
+    host_limit_gib: Annotated[float | None, typer.Option(min=0.001, help="--frontier: the most host memory offload "
+                                                         "may pin [default: half of MemAvailable at the start]")] = None,
     head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
                                                   "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
 ) -> None:
@@ -80,10 +82,10 @@ def bench(
 
         report_targets(out)
         return
-    if not frontier and (budget.strip() or resume):
-        raise typer.BadParameter("--budget and --resume are --frontier's options")
+    if not frontier and (budget.strip() or resume or host_limit_gib):
+        raise typer.BadParameter("--budget, --resume and --host-limit-gib are --frontier's options")
     if frontier:
-        _frontier(budget, methods, dev, out, quick, seed, max_probes, timed_steps, resume)
+        _frontier(budget, methods, dev, out, quick, seed, max_probes, timed_steps, resume, host_limit_gib)
         return
     if head_kernel not in HEAD_KERNELS:
         raise typer.BadParameter(f"unknown head kernel {head_kernel!r}; choose from {list(HEAD_KERNELS)}")
@@ -95,7 +97,7 @@ def bench(
 
 
 def _frontier(budget: str, methods: str, dev, out: Path, quick: bool, seed: int, max_probes: int | None,
-              timed_steps: int, resume: bool) -> None:
+              timed_steps: int, resume: bool, host_limit_gib: float | None) -> None:
     from basis_train.experiments.frontier import run_frontier
 
     if not budget.strip():
@@ -105,7 +107,7 @@ def _frontier(budget: str, methods: str, dev, out: Path, quick: bool, seed: int,
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     failed = run_frontier(budgets, out, dev, quick, {k: FRONTIER_METHODS[k] for k in names}, seed, max_probes,
-                          timed_steps, resume)
+                          timed_steps, resume, host_limit_gib)
     if failed:
         typer.echo(f"{failed} method(s) failed; see 'error' and 'traceback' in {out / 'frontier.json'}", err=True)
         raise typer.Exit(1)

@@ -253,6 +253,8 @@ def run_method(mid: str, label: str, overrides: dict, budgets: list[float], devi
         return {**rec, "status": "refused", "reason": str(e)}
     offload = cfg.train.saved_activations == "offload" and device.type == "cuda"
     prober = Prober(make, device, host_limit if offload else None, log, mid)
+    if offload:
+        rec["host_limit_bytes"] = host_limit
     t0 = time.perf_counter()
     try:
         for axis, spec in axes.items():
@@ -276,16 +278,18 @@ def _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed)
 
 def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: bool = False,
                  methods: dict[str, tuple[str, dict]] | None = None, seed: int = 0, max_probes: int | None = None,
-                 timed_steps: int = 5, resume: bool = False, log=_say) -> int:
+                 timed_steps: int = 5, resume: bool = False, host_limit_gib: float | None = None, log=_say) -> int:
     """Every method's frontier at every budget (GiB) into OUT/frontier.{json,md,png}; returns how many
-    methods failed (refused ones are not failures)."""
+    methods failed (refused ones are not failures). `host_limit_gib`: the most host memory offload may
+    pin (default: HOST_FRACTION of what is available now)."""
     methods = FRONTIER_METHODS if methods is None else methods
     axes = FRONTIER_AXES_QUICK if quick else FRONTIER_AXES
     rank = FRONTIER_RANK_QUICK if quick else FRONTIER_RANK
     budgets = sorted(set(budgets))
     settings = _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed)
     host = host_available_bytes()
-    host_limit = int(HOST_FRACTION * host) if host and device.type == "cuda" else None
+    host_limit = int(host_limit_gib * GIB) if host_limit_gib else int(HOST_FRACTION * host) if host else None
+    host_limit = host_limit if device.type == "cuda" else None
     cfg = method_config({}, device, quick, 1, axes["batch"]["seq"], seed, rank)
     res = {"meta": {"gpu": settings["gpu"], "device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
                     "cpu": platform.processor() or platform.machine(), "command": " ".join(sys.argv), "argv": list(sys.argv),
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-probes", type=int, default=None, help="per search [default: what a full search needs]")
     p.add_argument("--timed-steps", type=int, default=5, help="timed steps at each answer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host-limit-gib", type=float, default=None,
+                   help=f"most host memory offload may pin [default: {HOST_FRACTION:g} of MemAvailable at the start]")
     a = p.parse_args(argv)
     try:
         budgets, names = parse_budgets(a.budget), parse_methods(a.methods, FRONTIER_METHODS)
@@ -348,11 +354,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
     if a.max_probes is not None and a.max_probes < 1 or a.timed_steps < 1:
         p.error("--max-probes and --timed-steps must be >= 1")
+    if a.host_limit_gib is not None and not a.host_limit_gib > 0:
+        p.error("--host-limit-gib must be > 0")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
     failed = run_frontier(budgets, a.out, dev, a.quick, {k: FRONTIER_METHODS[k] for k in names}, a.seed,
-                          a.max_probes, a.timed_steps, a.resume)
+                          a.max_probes, a.timed_steps, a.resume, a.host_limit_gib)
     sys.exit(1 if failed else 0)
 
 

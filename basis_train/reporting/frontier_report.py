@@ -87,8 +87,9 @@ def frontier_md(res: dict) -> str:
          f"{s['timed_steps']} timed steps at the answer. Probes: sizes the search asked about (batch + context)."),
     ]
     if m.get("host_limit_bytes"):
-        lines += ["", f"Offload is not run where it would pin more than {_gib(m['host_limit_bytes'])} GiB of host memory "
-                      "(half of what was available at the start)."]
+        lines += ["", f"Offload is not run at sizes that would pin more than {_gib(m['host_limit_bytes'])} GiB of host "
+                      "memory (predicted from the bytes per token smaller sizes pinned; --host-limit-gib, by default half "
+                      "of the host memory available at the start): such a size counts as not fitting."]
     for gib in res["budgets_gib"]:
         key = budget_key(gib)
         lines += ["", f"## {key} GiB", "",

@@ -9,9 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from basis_train.cli.bench import app
+from basis_train.core.model import build_gpt
 from basis_train.experiments import frontier
 from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS
 from basis_train.experiments.frontier_search import largest_fitting, max_probes_needed, parse_budgets, parse_methods
+from basis_train.training.setup import gpt_config
 
 # The quick model (width 32, 2 layers, vocabulary 512) has about 43k parameters: float32 parameters,
 # gradients and AdamW's two moments take 16 bytes each, about 0.7 MB, and a sequence of 32 tokens saves
@@ -113,6 +115,23 @@ def test_out_of_memory_is_a_size_that_does_not_fit(monkeypatch):
     assert r["best"] == 5 and r["stopped_by"] == ["oom"] and res["measurements"]["6"]["status"] == "oom"
 
 
+def test_offload_stops_where_host_memory_would_run_out(monkeypatch):
+    """Offload pins a host copy of what it saves: sizes predicted (from the bytes per token that smaller
+    sizes pinned) to pin more than the host limit are not run and count as not fitting."""
+    ran = []
+
+    def point(self, batch, seq, steps):
+        ran.append(batch)
+        return {"status": "ok", "peak_bytes": batch, "offloaded_bytes": 10 * batch * seq}
+
+    monkeypatch.setattr(frontier.Prober, "_point", point)
+    prober = frontier.Prober(lambda b, s: None, torch.device("cpu"), host_limit=10 * 32 * 12, log=lambda line: None)
+    res = frontier._run_axis(prober, "batch", {"seq": 32, "cap": 64, "step": 1}, [1.0], None, 1)
+    r = res["per_budget"]["1"]
+    assert r["best"] == 12 and r["stopped_by"] == ["host-memory"] and max(ran) == 12
+    assert res["measurements"]["13"]["status"] == "host-memory"
+
+
 # ------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
@@ -151,6 +170,19 @@ def test_the_three_files_with_every_method(frontier_out):
                 assert r["capped"] or sizes[above]["peak_bytes"] > gib * 2**30  # the answer is the boundary
     png = (out / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_cpu_estimate_counts_parameters_gradients_and_adamw_state(frontier_out):
+    """The CPU stand-in for the peak: saved bytes plus float32 parameters, gradients and AdamW's two
+    moments (4 x 4 bytes a parameter) and AdamW's per-tensor step counters (a scalar each)."""
+    _, res = frontier_out
+    cfg = frontier.method_config({"train.method": "exact"}, torch.device("cpu"), True, 1, 32)
+    params = list(build_gpt(gpt_config(cfg), seed=0, method="exact").parameters())
+    n = sum(p.numel() for p in params)
+    for m in res["methods"].values():
+        r = m["batch"]["measurements"]["1"]  # T = 32 on the batch axis: the position table of 32 rows
+        assert 16 * n <= r["static_bytes"] <= 16 * n + 8 * len(params)
+        assert r["peak_bytes"] == r["static_bytes"] + r["activation_bytes"] + r["weight_cast_bytes"]
 
 
 def test_more_memory_per_token_fits_no_larger_batch(frontier_out):
