@@ -98,7 +98,7 @@ def bench(
 
 def _frontier(budget: str, methods: str, dev, out: Path, quick: bool, seed: int, max_probes: int | None,
               timed_steps: int, resume: bool, host_limit_gib: float | None) -> None:
-    from basis_train.experiments.frontier import run_frontier
+    from basis_train.experiments.frontier import FrontierError, run_frontier
 
     if not budget.strip():
         raise typer.BadParameter("--frontier needs --budget GIB[,GIB...]")
@@ -106,8 +106,11 @@ def _frontier(budget: str, methods: str, dev, out: Path, quick: bool, seed: int,
         budgets, names = parse_budgets(budget), parse_methods(methods, FRONTIER_METHODS)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    failed = run_frontier(budgets, out, dev, quick, {k: FRONTIER_METHODS[k] for k in names}, seed, max_probes,
-                          timed_steps, resume, host_limit_gib)
+    try:
+        failed = run_frontier(budgets, out, dev, quick, {k: FRONTIER_METHODS[k] for k in names}, seed, max_probes,
+                              timed_steps, resume, host_limit_gib)
+    except FrontierError as e:
+        raise typer.BadParameter(str(e)) from None
     if failed:
         typer.echo(f"{failed} method(s) failed; see 'error' and 'traceback' in {out / 'frontier.json'}", err=True)
         raise typer.Exit(1)

@@ -68,6 +68,10 @@ CPU_ESTIMATE = ("CPU estimate, not an allocator peak: the bytes saved for backwa
 HOST_FRACTION = 0.5
 
 
+class FrontierError(ValueError):
+    """A frontier that cannot start, said in one line."""
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -305,11 +309,13 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
     path = out / "frontier.json"
     if resume and path.is_file():
         old = json.loads(path.read_text())
-        if old.get("settings") == json.loads(json.dumps(settings)):
-            res["methods"] = {k: v for k, v in old.get("methods", {}).items() if v.get("status") in ("ok", "refused")}
-            log(f"[frontier] resuming: {len(res['methods'])} method(s) kept from {path}")
-        else:
-            log(f"[frontier] {path} was made with other settings: starting over")
+        if (theirs := old.get("settings")) != (ours := json.loads(json.dumps(settings))):
+            # refused rather than started over: the next write would replace the finished methods
+            differ = sorted(k for k in {*ours, *(theirs or {})} if (theirs or {}).get(k) != ours.get(k))
+            raise FrontierError(f"--resume: {path} was made with other settings ({', '.join(differ)}); "
+                                "give another --out, or leave out --resume to start over")
+        res["methods"] = {k: v for k, v in old.get("methods", {}).items() if v.get("status") in ("ok", "refused")}
+        log(f"[frontier] resuming: {len(res['methods'])} method(s) kept from {path}")
 
     def flush() -> None:
         atomic_write_text(path, json.dumps(res, indent=1))
@@ -359,8 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
-    failed = run_frontier(budgets, a.out, dev, a.quick, {k: FRONTIER_METHODS[k] for k in names}, a.seed,
-                          a.max_probes, a.timed_steps, a.resume, a.host_limit_gib)
+    try:
+        failed = run_frontier(budgets, a.out, dev, a.quick, {k: FRONTIER_METHODS[k] for k in names}, a.seed,
+                              a.max_probes, a.timed_steps, a.resume, a.host_limit_gib)
+    except FrontierError as e:
+        p.error(str(e))
     sys.exit(1 if failed else 0)
 
 

@@ -26,7 +26,7 @@ def budget_key(gib: float) -> str:
 
 
 def _gib(x) -> str:
-    return "-" if x is None else f"{x / GIB:.2f}" if x >= 0.1 * GIB else f"{x / 2**20:.2f} MiB"
+    return "-" if x is None else f"{x / GIB:.2f} GiB" if x >= 0.1 * GIB else f"{x / 2**20:.2f} MiB"
 
 
 def size_cell(r: dict | None, spec: dict) -> str:
@@ -84,20 +84,20 @@ def frontier_md(res: dict) -> str:
          f"out of memory. Largest batch: at context {b['seq']:,}, batch sizes up to {b['cap']:,}. Longest context: "
          f"at batch {c['batch']}, multiples of {c['step']:,} tokens up to {c['cap']:,} (the position table grows "
          "with it). Each search doubles the size until it stops fitting, then bisects; tokens/s is the median of "
-         f"{s['timed_steps']} timed steps at the answer. Probes: sizes the search asked about (batch + context)."),
+         f"{s['timed_steps']} timed step(s) at the answer. Probes: sizes the search asked about (batch + context)."),
     ]
     if m.get("host_limit_bytes"):
-        lines += ["", f"Offload is not run at sizes that would pin more than {_gib(m['host_limit_bytes'])} GiB of host "
+        lines += ["", f"Offload is not run at sizes that would pin more than {_gib(m['host_limit_bytes'])} of host "
                       "memory (predicted from the bytes per token smaller sizes pinned; --host-limit-gib, by default half "
                       "of the host memory available at the start): such a size counts as not fitting."]
     for gib in res["budgets_gib"]:
         key = budget_key(gib)
         lines += ["", f"## {key} GiB", "",
-                  f"| method | largest batch at T = {b['seq']:,} | tokens/s | peak GiB | longest context at batch "
-                  f"{c['batch']} | tokens/s | peak GiB | probes |", "|---|---|---|---|---|---|---|---|"]
+                  f"| method | largest batch at T = {b['seq']:,} | tokens/s | peak | longest context at batch "
+                  f"{c['batch']} | tokens/s | peak | probes |", "|---|---|---|---|---|---|---|---|"]
         for meth in res["methods"].values():
             if meth["status"] != "ok":
-                why = meth.get("reason") or (meth.get("error") or "").splitlines()[0]
+                why = (meth.get("reason") or meth.get("error") or "?").splitlines()[0].replace("|", "\\|")
                 lines.append(f"| {meth['label']} | {meth['status']}: {why} | | | | | | |")
                 continue
             rb, rc = _axis(meth, "batch", key), _axis(meth, "context", key)

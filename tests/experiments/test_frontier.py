@@ -234,5 +234,7 @@ def test_argparse_entry_point_and_resume(tmp_path):
     assert run("--methods", "exact,int8", "--resume") == 0
     res = json.loads((tmp_path / "frontier.json").read_text())
     assert list(res["methods"]) == ["exact", "int8"] and res["methods"]["exact"] == first  # kept, not rerun
+    assert run("--methods", "exact", "--resume", "--timed-steps", "2") == 2  # other settings: refused, not overwritten
+    assert json.loads((tmp_path / "frontier.json").read_text()) == res
     assert run("--methods", "nope") == 2
     assert run("--methods", "exact", "--budget", "-3") == 2
