@@ -10,7 +10,8 @@ import typer
 from basis_train.cli.app import make_app, run_app
 from basis_train.core.options import HEADS
 from basis_train.core.options import KERNELS as HEAD_KERNELS
-from basis_train.experiments.bench_sizes import SIZES, VARIANTS
+from basis_train.experiments.bench_sizes import FRONTIER_METHODS, SIZES, VARIANTS
+from basis_train.experiments.frontier_search import parse_budgets, parse_methods
 
 
 def _csv(text: str) -> list[str]:
@@ -41,6 +42,19 @@ def bench(
     speed_targets: Annotated[bool, typer.Option("--targets", help="instead: the fused-kernel speed targets "
                                           "(CUDA graphs), merged into OUT/targets.json [default: off]")] = False,
     seed: Annotated[int, typer.Option(help="model init and sketch seed")] = 0,
+    frontier: Annotated[bool, typer.Option("--frontier", help="instead: the memory frontier, per memory method the "
+                                           "largest batch (T=1024) and longest context (batch 1) of GPT-2 small "
+                                           "that fit each --budget, into OUT/frontier.{json,md,png} [default: off]")] = False,
+    budget: Annotated[str, typer.Option(help="--frontier's memory budgets in GiB, comma-separated, e.g. 8,16,40")] = "",
+    methods: Annotated[str, typer.Option(help=f"--frontier's methods, comma-separated, from {list(FRONTIER_METHODS)}")
+                       ] = "all",
+    timed_steps: Annotated[int, typer.Option(min=1, help="--frontier: timed steps at each answer")] = 5,
+    max_probes: Annotated[int | None, typer.Option(min=1, help="--frontier: probes per search "
+                                                               "[default: as many as a full search needs]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="--frontier: keep the methods OUT/frontier.json already "
+                                                          "has from a run with the same settings [default: off]")] = False,
+    host_limit_gib: Annotated[float | None, typer.Option(min=0.001, help="--frontier: the most host memory offload "
+                                                         "may pin [default: half of MemAvailable at the start]")] = None,
     head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
                                                   "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
 ) -> None:
@@ -68,12 +82,37 @@ def bench(
 
         report_targets(out)
         return
+    if not frontier and (budget.strip() or resume or host_limit_gib):
+        raise typer.BadParameter("--budget, --resume and --host-limit-gib are --frontier's options")
+    if frontier:
+        _frontier(budget, methods, dev, out, quick, seed, max_probes, timed_steps, resume, host_limit_gib)
+        return
     if head_kernel not in HEAD_KERNELS:
         raise typer.BadParameter(f"unknown head kernel {head_kernel!r}; choose from {list(HEAD_KERNELS)}")
     failed = run_bench(_csv(sizes), rank_list, variant_list, head_list, dev, out, steps, warmup, compile_model, quick,
                        memory_table, layer, head_bench, seed, head_kernel)
     if failed:
         typer.echo(f"{failed} measurement(s) failed; see 'error' and 'traceback' in the JSON files", err=True)
+        raise typer.Exit(1)
+
+
+def _frontier(budget: str, methods: str, dev, out: Path, quick: bool, seed: int, max_probes: int | None,
+              timed_steps: int, resume: bool, host_limit_gib: float | None) -> None:
+    from basis_train.experiments.frontier import FrontierError, run_frontier
+
+    if not budget.strip():
+        raise typer.BadParameter("--frontier needs --budget GIB[,GIB...]")
+    try:
+        budgets, names = parse_budgets(budget), parse_methods(methods, FRONTIER_METHODS)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        failed = run_frontier(budgets, out, dev, quick, {k: FRONTIER_METHODS[k] for k in names}, seed, max_probes,
+                              timed_steps, resume, host_limit_gib)
+    except FrontierError as e:
+        raise typer.BadParameter(str(e)) from None
+    if failed:
+        typer.echo(f"{failed} method(s) failed; see 'error' and 'traceback' in {out / 'frontier.json'}", err=True)
         raise typer.Exit(1)
 
 
