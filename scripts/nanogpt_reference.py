@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ def train(args) -> dict:
         "tokens_seen": t.steps * t.batch_size * m.block_size, "epoch": loader.epoch,
         "stream_fraction": t.steps * t.batch_size / loader.n_chunks, "data": dict(splits.info, source=source),
         "wall_s": wall, "ms_per_step": 1000 * wall / t.steps,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
+        # as basis-train's summary: the median interval after the first (compilation happens there)
+        "tokens_per_s": statistics.median([r["tokens_per_s"] for r in records][1:] or [records[0]["tokens_per_s"]]),
         "activation_bytes": None, "step_peak_bytes": None, "runs_per_gpu": 1, "world_size": 1,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

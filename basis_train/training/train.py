@@ -266,7 +266,7 @@ class Run:
             "head_kernel": self.model.head_kernel_ran(),
             # train_s: the training steps alone; wall_s: everything, evaluations and checkpoints too
             "train_s": self.clock.train_s, "wall_s": self.wall_s(),
-            "tokens_per_s": sum(self.clock.tokens_per_s) / len(self.clock.tokens_per_s),
+            "tokens_per_s": self.clock.steady_tokens_per_s(),  # the warm-up interval left out
             "ms_per_step": 1000 * self.clock.train_s / max(self.step, 1),
             "val_protocol": cfg.data.val_protocol, "data": self.data_info,
             # single pass means epoch 0 here: no training chunk was seen twice

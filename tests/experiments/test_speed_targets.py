@@ -33,15 +33,17 @@ def test_targets_are_the_ratios_of_the_rows_and_the_runs(tmp_path):
     runs = tmp_path / "runs"
     for name, loss in (("exact-s0", 2.640), ("exact_eager-s0", 2.655)):
         (runs / name).mkdir(parents=True)
-        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens_per_s": 1.0}))
+        # 8 x 1024 tokens in 25.6 ms a step
+        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens_per_s": 320_000.0}))
     old = [{"target": "layer", "part": "layer", "measured": 0.9}, {"target": "stale", "part": "gpt2-speed"}]
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps(old))
     new = mod.merge_targets(_speed(tmp_path), targets, runs)
     got = {t["target"].split(",")[0] + " " + t["target"][-40:]: (t["measured"], t["met"]) for t in new}
-    assert len(new) == 5  # the failed row gives no target
+    assert len(new) == 6  # the failed row gives no target
     measured = [(t["measured"], t["met"]) for t in new]
-    assert measured == [(0.9, True), (round(17 / 18, 4), True), (1.15, False), (0.46, True), (0.015, False)], got
+    assert measured == [(0.9, True), (round(17 / 18, 4), True), (1.15, False), (0.46, True), (1.28, False),
+                        (0.015, False)], got
     merged = json.loads(targets.read_text())
-    assert merged[0] == old[0] and "stale" not in {t["target"] for t in merged} and len(merged) == 6
+    assert merged[0] == old[0] and "stale" not in {t["target"] for t in merged} and len(merged) == 7
     assert all("commit abc" in t["command"] for t in new[:4])
