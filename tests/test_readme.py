@@ -15,12 +15,16 @@ README_LIMIT = 20_000  # bytes; a newcomer should reach the answers before the l
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def setup_section(text: str) -> str:
+    section = re.search(r"^## Set-up and tests\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "README.md has no '## Set-up and tests' section"
+    return section.group(1)
+
+
 def setup_commands(text: str) -> list[str]:
     """The commands of the first fenced block under the README's set-up heading, one per `&&` part,
     trailing comments dropped."""
-    section = re.search(r"^## Set-up and tests\n(.*?)(?=^## )", text, re.S | re.M)
-    assert section, "README.md has no '## Set-up and tests' section"
-    block = re.search(r"```[a-z]*\n(.*?)```", section.group(1), re.S)
+    block = re.search(r"```[a-z]*\n(.*?)```", setup_section(text), re.S)
     assert block, "the set-up section has no fenced command block"
     commands = []
     for line in block.group(1).splitlines():
@@ -55,6 +59,15 @@ def test_setup_and_test_commands_are_what_ci_runs():
     ci = ci_commands((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
     missing = [c for c in commands if c not in ci]
     assert not missing, f"README set-up commands not in .ci/run as written: {missing}"
+
+
+def test_other_test_commands_are_what_ci_runs():
+    # The set-up section's prose names further test commands (the slow tests); CI must run them as written.
+    named = re.findall(r"`(python -m pytest[^`]*)`", setup_section(README.read_text(encoding="utf-8")))
+    assert named, "the set-up section names no test command besides its block (the slow tests')"
+    ci = ci_commands((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    missing = [c for c in named if c not in ci]
+    assert not missing, f"README test commands not in .ci/run as written: {missing}"
 
 
 def test_readme_is_short():
