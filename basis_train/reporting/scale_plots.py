@@ -49,13 +49,14 @@ def _figure(n_panels: int, width: float = 7.5, height: float = 4.8) -> tuple[Fig
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
 
 
-def plot_val_loss(entries: Sequence[Mapping], ref: Protocol, path: Path) -> list[list[tuple[str, str]]]:
-    """Mean validation loss over seeds with a ±1 std band; returns each panel's (colour, style) pairs."""
+def plot_val_loss(entries: Sequence[Mapping], ref: Protocol, path: Path) -> list[tuple[list, tuple[float, float]]]:
+    """Mean validation loss over seeds with a ±1 std band; returns each panel's (colour, style) pairs
+    and its y-limits."""
     groups = panels(entries, ref)
     fig, axes = _figure(len(groups))
     used = []
     for ax, (title, es) in zip(axes, groups, strict=True):
-        styles, tops = [], []
+        styles, tops, firsts = [], [], []
         for i, e in enumerate(es):
             curves = [c for c in e["curves"].values() if c]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
@@ -74,10 +75,14 @@ def plot_val_loss(entries: Sequence[Mapping], ref: Protocol, path: Path) -> list
                                 linewidth=0)
             if len(mean) >= 4:
                 tops.append(mean[1])
-        if tops:  # the first evaluation's loss is far above the rest: start the axis at the second
+                firsts.append(mean[0])
+        if tops:
             low = min(min(e["val_mean"] for e in es if not math.isnan(e["val_mean"])), min(tops))
-            ax.set_ylim(low - 0.05 * (max(tops) - low + 0.1), max(tops) + 0.05 * (max(tops) - low + 0.1))
-        used.append(styles)
+            # A first evaluation far above the rest (near init) would flatten every curve: the axis then
+            # starts at the second; otherwise every point is shown.
+            top = max(tops) if max(firsts) - low > 2 * (max(tops) - low) else max(firsts)
+            ax.set_ylim(low - 0.05 * (top - low + 0.1), top + 0.05 * (top - low + 0.1))
+        used.append((styles, ax.get_ylim()))
         ax.set(xlabel="step", ylabel="validation loss (nats/token)", title=title)
         ax.grid(True, alpha=0.3)
         legend_outside(ax, fontsize=7)

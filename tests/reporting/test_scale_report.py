@@ -194,7 +194,7 @@ def test_every_series_of_a_panel_has_its_own_colour_and_style(tmp_path):
         fake_run(g, f"basis_R{r}-s0", "basis", r, "", 0, 4.0 + r / 1e5)
     fake_run(g, "exact-s0", "exact", None, "", 0, 4.0)
     entries, ref = _entries(g)
-    (styles,) = plot_val_loss(entries, ref, tmp_path / "v.png")
+    ((styles, _),) = plot_val_loss(entries, ref, tmp_path / "v.png")
     assert len(styles) == 12 and len(set(styles)) == 12
 
 
@@ -212,3 +212,16 @@ def test_pareto_names_every_point_with_its_speed(tmp_path):
     assert len(texts) == 7 and len(set(texts)) == 7
     assert all(t.endswith("tok/s") or t.endswith("not measured alone") for t in texts), texts
     assert {t.split(" (n=")[0] for t in texts} == {e["label"] for e in entries if e.get("step_peak_bytes_mean")}
+
+
+@pytest.mark.parametrize(("first", "shown"), [(4.3, True), (9.0, False)])
+def test_val_loss_axis_hides_only_a_first_evaluation_far_above_the_rest(tmp_path, first, shown):
+    from basis_train.reporting.scale_plots import plot_val_loss
+
+    g = tmp_path / "g"
+    curve = {250: first, 500: 3.6, 750: 3.3, 1000: 3.1}  # as BASIS R = 64 at GPT-2 small: 4.3 at step 250
+    fake_run(g, "basis_R64-s0", "basis", 64, "", 0, 3.1, curve=curve)
+    fake_run(g, "exact-s0", "exact", None, "", 0, 2.9, curve={250: 3.7, 500: 3.3, 750: 3.0, 1000: 2.9})
+    entries, ref = _entries(g)
+    ((_, (low, high)),) = plot_val_loss(entries, ref, tmp_path / "v.png")
+    assert low < 2.9 and (high > first) == shown and high > 3.6
