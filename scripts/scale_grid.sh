@@ -18,6 +18,8 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   GPUS=${GPUS:-$(seq -s, 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}
 fi
+# The committed runs (results/scale/runs, part of the tree) and any carried ones are not run again.
 SEED=(); [ -d runs/scale25 ] && SEED=(--seed-from runs/scale25)
+[ -z "${SEED[*]:-}" ] && [ -d results/scale/runs ] && SEED=(--seed-from results/scale/runs)
 python3 -m basis_train.experiments.scale_grid --grid "$GRID" --gpus "${GPUS:-}" ${SEED[@]+"${SEED[@]}"} \
   --pack "$DEST/scale25.tgz" --report "$DEST/report" "$@"

@@ -113,19 +113,26 @@ def read_run(run_dir: Path) -> RunRecord:
             v = rec.get("val_loss")
             if v is not None and "step" in rec and math.isfinite(float(v)):
                 curve[int(rec["step"])] = float(v)
-    compiled = s.get("compile", (cfg.get("train") or {}).get("compile", False))
-    return RunRecord(setting, int(s["seed"]), s, curve, run_dir, extra={"compiled": bool(compiled)})
+    train = cfg.get("train") or {}
+    mode = {"compiled": bool(s.get("compile", train.get("compile", False))),
+            "graphs": bool(train.get("cuda_graphs", True))}
+    return RunRecord(setting, int(s["seed"]), s, curve, run_dir, extra=mode)
+
+
+# How a run executed, which must change no result: the tag a run gets when it departs from the others.
+_MODE_TAGS = {"compiled": ("compiled", "eager"), "graphs": ("graphs", "no-graphs")}
 
 
 def read_runs(run_dirs: Iterable[Path]) -> list[RunRecord]:
     runs = [read_run(Path(d)) for d in run_dirs]
-    # torch.compile must change no result: a run that departs from the others' mode is tagged, so
-    # that it pairs with (and is not mistaken for) the exact run of its seed.
-    usual = Counter(r.extra.get("compiled", False) for r in runs).most_common(1)[0][0] if runs else False
-    for r in runs:
-        if r.extra.get("compiled", False) != usual:
-            tag = "compiled" if r.extra["compiled"] else "eager"
-            r.setting = replace(r.setting, tags=",".join(t for t in (r.setting.tags, tag) if t))
+    # torch.compile and CUDA graphs must change no result: a run that departs from the others' mode
+    # is tagged, so that it pairs with (and is not mistaken for) the exact run of its seed.
+    for key, (on, off) in _MODE_TAGS.items():
+        usual = Counter(r.extra.get(key) for r in runs).most_common(1)[0][0] if runs else None
+        for r in runs:
+            if r.extra.get(key) is not None and r.extra[key] != usual:
+                tag = on if r.extra[key] else off
+                r.setting = replace(r.setting, tags=",".join(t for t in (r.setting.tags, tag) if t))
     seen: dict[tuple, Path] = {}
     for r in runs:
         key = (r.setting, r.seed)

@@ -34,7 +34,9 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
     assert [j.name for j in jobs[:8]] == ["exact-s0", "basis_R1024-s0", "basis_R256-s0", "basis_R1024_all-s0",
                                           "basis_R64-s0", "basis_R4096-s0", "exact_ckpt-s0", "exact_eager-s0"]
     assert jobs[7].overrides == {"train.method": "exact", "train.compile": False, "train.seed": 0}
-    assert len(jobs) == 21 + 1 + 6 + 4 + 4 and len({j.name for j in jobs}) == len(jobs)
+    assert jobs[8].overrides == {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
+                                 "train.seed": 0}
+    assert len(jobs) == 21 + 2 + 6 + 4 + 4 and len({j.name for j in jobs}) == len(jobs)
     with_ref = sg.plan(tmp_path, base, nanogpt=True)
     assert [(j.name, j.kind) for j in with_ref[7:9]] == [("nanogpt-s0", "nanogpt"), ("exact_eager-s0", "train")]
     lr = {j.name: j.overrides["optim.lr_factor"] for j in jobs if j.group == "lr"}

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from basis_train.reporting.scale import write_report
 from basis_train.reporting.stats import paired_diff
@@ -225,3 +226,21 @@ def test_val_loss_axis_hides_only_a_first_evaluation_far_above_the_rest(tmp_path
     entries, ref = _entries(g)
     ((_, (low, high)),) = plot_val_loss(entries, ref, tmp_path / "v.png")
     assert low < 2.9 and (high > first) == shown and high > 3.6
+
+
+def test_a_run_in_another_execution_mode_is_tagged_and_paired_with_exact(tmp_path):
+    # Exact compiled and graphed (the grid), exact not compiled, exact neither: one seed, three settings.
+    from basis_train.reporting.grid_stats import read_runs
+
+    g = tmp_path / "g"
+    for name, val, train in (("exact-s0", 2.44, {"compile": True, "cuda_graphs": True}),
+                             ("basis_R256-s0", 3.04, {"compile": True, "cuda_graphs": True}),
+                             ("exact_eager-s0", 2.49, {"compile": False, "cuda_graphs": True}),
+                             ("exact_eager_nographs-s0", 2.45, {"compile": False, "cuda_graphs": False})):
+        d = fake_run(g, name, "basis" if "basis" in name else "exact", 256 if "basis" in name else None, "", 0, val)
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": train}))
+    runs = {r.run_dir.name: r for r in read_runs(sorted(g.iterdir()))}
+    assert runs["exact-s0"].setting.tags == "" and runs["basis_R256-s0"].setting.tags == ""
+    assert runs["exact_eager-s0"].setting.tags == "eager"
+    assert runs["exact_eager_nographs-s0"].setting.tags == "eager,no-graphs"
+    assert runs["exact_eager-s0"].setting.baseline == runs["exact-s0"].setting
