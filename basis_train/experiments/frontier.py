@@ -48,7 +48,7 @@ from basis_train.experiments.bench_sizes import (
     FRONTIER_RANK_QUICK,
     QUICK,
 )
-from basis_train.experiments.frontier_search import largest_fitting, parse_budgets, parse_methods
+from basis_train.experiments.frontier_search import affine_hint, largest_fitting, parse_budgets, parse_methods
 from basis_train.experiments.timing import time_step
 from basis_train.fsutil import atomic_write_bytes, atomic_write_text
 from basis_train.reporting.frontier_report import budget_key, frontier_md, frontier_png
@@ -221,12 +221,23 @@ def _run_axis(prober: Prober, axis: str, spec: dict, budgets: list[float], max_p
               timed_steps: int) -> dict:
     size = (lambda n: (n, spec["seq"])) if axis == "batch" else (lambda n: (spec["batch"], n))
     per_budget, timed = {}, {}
+    # Two small sizes first: the peak grows about linearly with the size, so a line through the largest
+    # two measured so far says where each budget's answer lies, and the search starts there.
+    for n in (spec["step"], 2 * spec["step"]):
+        if n <= spec["cap"]:
+            prober.measure(*size(n))
+
+    def measured_ok() -> list[tuple[int, int]]:
+        return [(n, r["peak_bytes"]) for (b, t), r in prober.cache.items() for n in (b if axis == "batch" else t,)
+                if size(n) == (b, t) and r["status"] == "ok"]
+
     for gib in budgets:
         def fits(n: int, limit: float = gib * GIB) -> bool:
             r = prober.measure(*size(n))
             return r["status"] == "ok" and r["peak_bytes"] <= limit
 
-        found = largest_fitting(fits, spec["cap"], spec["step"], max_probes)
+        hint = affine_hint(measured_ok(), gib * GIB, spec["step"])
+        found = largest_fitting(fits, spec["cap"], spec["step"], max_probes, hint=hint)
         r = per_budget[budget_key(gib)] = found.as_dict()
         r["stopped_by"] = sorted({prober.cache[size(n)]["status"] for n, ok in found.probes if not ok} - {"ok"})
         if found.best:

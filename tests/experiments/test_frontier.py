@@ -12,7 +12,13 @@ from basis_train.cli.bench import app
 from basis_train.core.model import build_gpt
 from basis_train.experiments import frontier
 from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS
-from basis_train.experiments.frontier_search import largest_fitting, max_probes_needed, parse_budgets, parse_methods
+from basis_train.experiments.frontier_search import (
+    affine_hint,
+    largest_fitting,
+    max_probes_needed,
+    parse_budgets,
+    parse_methods,
+)
 from basis_train.training.setup import gpt_config
 
 # The quick model (width 32, 2 layers, vocabulary 512) has about 43k parameters: float32 parameters,
@@ -88,6 +94,29 @@ def test_probe_limit_bounds_the_search_and_says_so():
         largest_fitting(lambda n: True, 512, max_probes=0)
     with pytest.raises(ValueError):
         largest_fitting(lambda n: True, 100, step=256)
+
+
+@pytest.mark.parametrize("step", [1, 256])
+@pytest.mark.parametrize("hint_error", [0, 1, -1, 3, -7, 40, -40, 10_000])
+def test_a_hinted_search_finds_the_same_boundary_and_a_good_hint_saves_probes(step, hint_error):
+    cap = 512 * step
+    for boundary in (0, 1, 2, 37, 200, 511, 512):  # the largest size (in steps) that fits; 0: none
+        hint = (boundary + hint_error) * step
+        plain = largest_fitting(lambda n, b=boundary: n <= b * step, cap, step)
+        hinted = largest_fitting(lambda n, b=boundary: n <= b * step, cap, step, hint=hint)
+        assert hinted.best == plain.best == boundary * step, (boundary, hint_error)
+        assert hinted.capped == (boundary == 512) and not hinted.exhausted
+        assert len({n for n, _ in hinted.probes}) == len(hinted.probes)  # no size asked twice
+        if hint_error in (0, 1) and 2 < boundary < 512:
+            assert len(hinted.probes) <= 3 < len(plain.probes), hinted.probes  # the answer and its neighbour
+
+
+def test_affine_hint_is_where_the_line_through_the_two_largest_sizes_meets_the_limit():
+    points = [(1, 1_000 + 300), (2, 1_000 + 600), (4, 1_000 + 1_200)]  # 1,000 fixed, 300 per unit
+    assert affine_hint(points, 1_000 + 300 * 37 + 10) == 37
+    assert affine_hint(points, 1_000 + 300 * 37 + 10, step=4) == 36  # rounded down to the step
+    assert affine_hint(points[:1], 5_000) is None and affine_hint([(1, 9), (2, 9)], 5_000) is None
+    assert affine_hint(points, 10) == 1  # below the smallest size: the search starts at the first step
 
 
 def test_parse_budgets_and_methods():
