@@ -83,7 +83,8 @@ def frontier_md(res: dict) -> str:
         (f"A method fits a budget at a size when its training step's memory is at most the budget and no step ran "
          f"out of memory. Largest batch: at context {b['seq']:,}, batch sizes up to {b['cap']:,}. Longest context: "
          f"at batch {c['batch']}, multiples of {c['step']:,} tokens up to {c['cap']:,} (the position table grows "
-         "with it). Each search doubles the size until it stops fitting, then bisects; tokens/s is the median of "
+         "with it). Each search starts where a line through the peaks measured so far meets the budget, gallops "
+         "outward to a size that fits and one that does not, then bisects; tokens/s is the median of "
          f"{s['timed_steps']} timed step(s) at the answer. Probes: sizes the search asked about (batch + context)."),
     ]
     if m.get("host_limit_bytes"):
