@@ -5,8 +5,9 @@ Sizes are multiples of `step` up to `cap` (batch sizes: step 1; contexts: step 2
 be monotone: if n fits, every smaller size fits (memory grows with the batch and the context). Without
 a hint the search doubles from `step` until a size does not fit or the cap is reached, then bisects
 between the largest size seen to fit and the smallest seen not to; with one (affine_hint: where the
-measured peaks' line meets the budget) it starts there and gallops outward before bisecting. At most `max_probes` calls of `fits`; a search
-stopped by that limit returns the largest size seen to fit, a lower bound, and says so.
+measured peaks' line meets the budget) it starts there and gallops outward before bisecting. At most
+`max_probes` calls of `fits`; a search stopped by that limit returns the largest size seen to fit, a
+lower bound, and says so.
 """
 
 from __future__ import annotations

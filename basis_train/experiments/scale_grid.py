@@ -142,6 +142,16 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
     jobs += [Job(f"basis_R1024_sgd{_sgd_name(lr)}-s0", "sgd-basis",
                  {"train.method": "basis", "sketch.rank": 1024, **SGD, "optim.lr": lr, "train.seed": 0})
              for lr in sgd_basis_lrs(grid)]
+    # The memory methods that change gradients (8-bit saved activations, alone and under BASIS). Their
+    # hooks need the model uncompiled, so they pair with exact uncompiled of the same seeds.
+    for seed in MAIN_SEEDS:
+        eager = {"train.compile": False, "train.seed": seed}
+        if seed != MAIN_SEEDS[0]:  # seed 0's is the reference group's
+            jobs.append(Job(f"exact_eager-s{seed}", "methods", {"train.method": "exact", **eager}))
+        jobs.append(Job(f"exact_int8-s{seed}", "methods",
+                        {"train.method": "exact", "train.saved_activations": "int8", **eager}))
+        jobs.append(Job(f"basis_R1024_int8-s{seed}", "methods",
+                        {"train.method": "basis", "sketch.rank": 1024, "train.saved_activations": "int8", **eager}))
     stretch = LONG_STEPS / base.train.steps  # the whole schedule stretched: warmup too
     long = {"train.steps": LONG_STEPS, "optim.warmup_steps": round(base.optim.warmup_steps * stretch)}
     for seed in (0, 1):
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override for every run, e.g. train.compile=false (repeatable)")
     ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
     ap.add_argument("--only", default="", help="comma list of groups: main-s0,reference,main-s1,main-s2,lr,sgd-exact,"
-                                               "sgd-basis,long-s0,long-s1 [default: all, in that order]")
+                                               "sgd-basis,methods,long-s0,long-s1 [default: all, in that order]")
     ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
     ap.add_argument("--pack", type=Path, help="write the finished runs (no checkpoints) to this .tgz at the end")
     ap.add_argument("--report", type=Path, help="write the scale report of the finished runs here at the end")

@@ -80,6 +80,12 @@ def _gap_cell(g: Mapping | None, digits: int = 4) -> str:
 def _gap(e: Mapping) -> str:
     if e["setting"].is_baseline:
         return "(baseline)"
+    if e["setting"].baseline.tags:  # paired with exact in its own execution mode, not the usual exact
+        return _gap_vs(e) + f" vs {e['baseline_label']}"
+    return _gap_vs(e)
+
+
+def _gap_vs(e: Mapping) -> str:
     if not e["has_baseline"]:
         return f"no baseline ({e['baseline_label']} not run)"
     g = e["gap"]

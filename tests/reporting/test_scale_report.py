@@ -244,3 +244,29 @@ def test_a_run_in_another_execution_mode_is_tagged_and_paired_with_exact(tmp_pat
     assert runs["exact_eager-s0"].setting.tags == "eager"
     assert runs["exact_eager_nographs-s0"].setting.tags == "eager,no-graphs"
     assert runs["exact_eager-s0"].setting.baseline == runs["exact-s0"].setting
+
+
+def test_a_method_run_uncompiled_pairs_with_exact_uncompiled(tmp_path):
+    # 8-bit saved activations need the model uncompiled: their cost is measured against exact
+    # uncompiled of the same seed, not against compiled exact (which differs on its own).
+    from basis_train.reporting.grid_stats import read_runs, summarize_settings
+    from basis_train.reporting.scale import main_table
+
+    g = tmp_path / "g"
+    compiled, eager = {"compile": True}, {"compile": False}
+    for seed, (e, u, q) in enumerate(((2.44, 2.49, 2.50), (2.45, 2.50, 2.52))):
+        for name, method, val, train, variant in (("exact", "exact", e, compiled, ""),
+                                                   ("basis_R256", "basis", e + 0.6, compiled, ""),
+                                                   ("exact_eager", "exact", u, eager, ""),
+                                                   ("exact_int8", "exact", q, eager, "act=int8")):
+            d = fake_run(g, f"{name}-s{seed}", method, 256 if method == "basis" else None, variant, seed, val)
+            (d / "config.yaml").write_text(yaml.safe_dump({"train": train}))
+    runs = read_runs(sorted(g.iterdir()))
+    by = {r.run_dir.name: r.setting for r in runs}
+    assert by["exact_int8-s0"].baseline == by["exact_eager-s0"]
+    assert by["exact_eager-s0"].baseline == by["exact-s0"] and by["basis_R256-s0"].baseline == by["exact-s0"]
+    gaps = {e["label"]: e["gap"]["mean"] for e in summarize_settings(runs) if e.get("gap")}
+    assert gaps["exact [act=int8,eager]"] == pytest.approx(0.015)  # (0.01 + 0.02) / 2: against uncompiled
+    assert gaps["exact [eager]"] == pytest.approx(0.05)
+    table = "\n".join(main_table(summarize_settings(runs)))
+    assert "vs exact [eager]" in table
