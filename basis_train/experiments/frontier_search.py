@@ -76,6 +76,11 @@ def largest_fitting(fits: Callable[[int], bool], cap: int, step: int = 1, max_pr
         else:
             lo, k = k, min(2 * k, k_cap)
         res.best = lo * step
+    return _bisect(probe, lo, hi, step, res)
+
+
+def _bisect(probe, lo: int, hi: int, step: int, res: SearchResult) -> SearchResult:
+    """Halve the gap between `lo` (fits; 0: none seen to) and `hi` (does not), in units of step."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ok = probe(mid)
@@ -137,14 +142,7 @@ def _galloping(fits, cap: int, step: int, max_probes: int | None, hint: int) -> 
         if lo == 0:  # not even `step` fits
             return res
     res.best = lo * step
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ok = probe(mid)
-        if ok is None:
-            break
-        lo, hi = (mid, hi) if ok else (lo, mid)
-        res.best = lo * step
-    return res
+    return _bisect(probe, lo, hi, step, res)
 
 
 def affine_hint(points: list[tuple[int, int]], limit: float, step: int = 1) -> int | None:
