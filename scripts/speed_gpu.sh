@@ -11,8 +11,9 @@ source scripts/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 python3 -m basis_train.experiments.scale_grid --grid /tmp/scale25 --tokenize-only > "$DEST/tokenize.log" 2>&1 &
 TOK=$!
-timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider -rs tests/test_gpu.py \
-  tests/core/test_sketch_kernels.py > "$DEST/tests.log" 2>&1
+# TESTS: the CUDA test files (default: all of them); TESTS_S: their time limit.
+TESTS=${TESTS:-"tests/test_gpu.py tests/core/test_sketch_kernels.py tests/core/test_head_cce_gpu.py tests/fleet"}
+timeout ${TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -rs $TESTS > "$DEST/tests.log" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tests.log")"
 wait $TOK; echo "tokenize rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tokenize.log")"
 NANO=(); [ -f .ext/nanogpt/model.py ] && NANO=(--nanogpt .ext/nanogpt/model.py)
