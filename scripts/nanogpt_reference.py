@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from basis_train.data.loaders import TrainLoader, heldout_batches  # noqa: E402
 from basis_train.experiments.scale_grid import site_glob  # noqa: E402
 from basis_train.training.config import apply_overrides, load_config  # noqa: E402
+from basis_train.training.metrics import steady_rate  # noqa: E402
 from basis_train.training.setup import load_data, lr_multiplier, resolve_device  # noqa: E402
 from basis_train.training.step import DTYPES, autocast  # noqa: E402
 
@@ -128,8 +128,7 @@ def train(args) -> dict:
         "tokens_seen": t.steps * t.batch_size * m.block_size, "epoch": loader.epoch,
         "stream_fraction": t.steps * t.batch_size / loader.n_chunks, "data": dict(splits.info, source=source),
         "wall_s": wall, "ms_per_step": 1000 * wall / t.steps,
-        # as basis-train's summary: the median interval after the first (compilation happens there)
-        "tokens_per_s": statistics.median([r["tokens_per_s"] for r in records][1:] or [records[0]["tokens_per_s"]]),
+        "tokens_per_s": steady_rate([r["tokens_per_s"] for r in records]),  # as basis-train's summary
         "activation_bytes": None, "step_peak_bytes": None, "runs_per_gpu": 1, "world_size": 1,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -1,6 +1,6 @@
 """Re-derive summary.json's tokens_per_s (and mfu) of finished runs from their metrics.jsonl with
 the current definition: the median rate of the evaluation intervals after the first, which holds
-compilation and graph capture (training/metrics.py, Throughput.steady_tokens_per_s).
+compilation and graph capture (training/metrics.py's steady_rate).
 
     python scripts/rederive_tokens_per_s.py RUN_DIR [RUN_DIR ...]
 
@@ -10,9 +10,10 @@ Prints each run's old and new value; rewrites the two fields in place (nothing e
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from basis_train.training.metrics import steady_rate
 
 
 def main(dirs: list[str]) -> None:
@@ -20,7 +21,7 @@ def main(dirs: list[str]) -> None:
         summary = json.loads((d / "summary.json").read_text())
         rates = [json.loads(x)["tokens_per_s"] for x in (d / "metrics.jsonl").read_text().splitlines()
                  if x.strip() and "tokens_per_s" in json.loads(x)]
-        new = statistics.median(rates[1:] or rates)
+        new = steady_rate(rates)
         old = summary["tokens_per_s"]
         if summary.get("mfu") is not None and old:
             summary["mfu"] = summary["mfu"] * new / old

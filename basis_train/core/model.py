@@ -212,6 +212,14 @@ class GPT(nn.Module):
     def sketched_modules(self) -> list[BasisLinear]:
         return [m for m in self.modules() if isinstance(m, BasisLinear)]
 
+    def sketch_generator(self, seed: int) -> torch.Generator:
+        """A generator seeded `seed`, on the model's device, that every sketched layer draws its
+        per-step seeds from (one stream for the model); returned for the training step to hold."""
+        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for m in self.sketched_modules():
+            m.generator = gen
+        return gen
+
     def sketchable_names(self) -> list[str]:
         """Names of the linear layers that `sketch.layers` selects (even if exact here)."""
         names = []

@@ -101,9 +101,7 @@ def _step_graph(cfg: GPTConfig, method: str, size: dict, device):
     from basis_train.training.setup import build_optimizer
 
     model = build_gpt(cfg, seed=0, method=method).to(device).train()
-    gen = torch.Generator(device=device).manual_seed(0)
-    for m in model.sketched_modules():
-        m.generator = gen
+    gen = model.sketch_generator(0)
     run_cfg = load_config(size["config"]) if size.get("config") else load_config(None)
     opt = build_optimizer(model, run_cfg, capturable=True)
     g = torch.Generator().manual_seed(0)

@@ -178,9 +178,7 @@ class Prober:
         if self._held is None or self._held[0] != key:
             self.release()  # before building the next one: the peak must not see two models
             model = build_gpt(gpt_config(cfg), seed=cfg.train.seed, method=cfg.train.method).to(self.device).train()
-            gen = torch.Generator(device=self.device).manual_seed(sketch_seed(cfg.train.seed))
-            for m in model.sketched_modules():
-                m.generator = gen
+            gen = model.sketch_generator(sketch_seed(cfg.train.seed))
             self._held = (key, model, build_optimizer(model, cfg, capturable=False), gen)
         return self._held[1:]
 

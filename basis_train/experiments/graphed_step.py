@@ -24,9 +24,7 @@ def graphed_step(model, make_opt: Callable[[], torch.optim.Optimizer], loss: Cal
     `make_opt()` must build a capturable optimiser over `model`'s parameters (AdamW needs
     capturable=True to be captured; SGD is capturable as is).
     """
-    gen = torch.Generator(device=device).manual_seed(0)
-    for m in model.sketched_modules():
-        m.generator = gen
+    gen = model.sketch_generator(0)
     opt = make_opt()
 
     def step() -> None:

@@ -199,14 +199,18 @@ class Grid:
         return plan(self.grid, self.base, nanogpt=bool(self.args.nanogpt))
 
     @staticmethod
-    def settled(job: Job, run: Path, cfg) -> bool:
+    def done(job: Job, run: Path, cfg) -> bool:
         if job.kind == "nanogpt":  # its summary has no config hash: the seed and steps say it is this one
             try:
                 s = json.loads((run / "summary.json").read_text())
             except (OSError, ValueError):
                 return False
             return s.get("seed") == cfg.train.seed and s.get("steps") == cfg.train.steps
-        return finished(run, cfg) or diverged(run, cfg)
+        return finished(run, cfg)
+
+    def settled(self, job: Job, run: Path, cfg) -> bool:
+        """Nothing left to run: finished, or diverged (a result of an lr sweep, not a run to retry)."""
+        return self.done(job, run, cfg) or diverged(run, cfg)
 
     def next_job(self):
         """The first unfinished, untaken job that fits before the deadline."""
@@ -290,8 +294,7 @@ class Grid:
             w.start()
         self.watchdog(workers)
         cfgs = [(j, self.cfg(j)) for j in self.plan() if not self.args.only or j.group in self.args.only]
-        left = [j.name for j, c in cfgs if not self.settled(j, self.grid / "runs" / j.name, c)
-                or diverged(self.grid / "runs" / j.name, c)]
+        left = [j.name for j, c in cfgs if not self.done(j, self.grid / "runs" / j.name, c)]
         gone = [j.name for j, c in cfgs if diverged(self.grid / "runs" / j.name, c)]
         self.say(f"finished {len(cfgs) - len(left)} of {len(cfgs)} planned runs"
                  + (f"; diverged (non-finite loss): {', '.join(gone)}" if gone else "")

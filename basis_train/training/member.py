@@ -83,9 +83,7 @@ class FleetMember:
         key = (cfg.train.method, dataclasses.astuple(cfg.model), dataclasses.astuple(cfg.sketch), cfg.train.dtype)
         if key not in cache:
             probe = build_gpt(gpt_config(cfg), seed=cfg.train.seed, method=cfg.train.method).to(run.device)
-            gen = torch.Generator(device=run.device).manual_seed(0)
-            for m in probe.sketched_modules():
-                m.generator = gen
+            gen = probe.sketch_generator(0)
             opt = build_optimizer(probe, cfg, capturable=False)
             step = TrainStep(probe, probe, opt, run.loader.chunks, gen, run.device, DTYPES[cfg.train.dtype], False,
                              saved_activations=cfg.train.saved_activations)

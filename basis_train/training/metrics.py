@@ -13,6 +13,14 @@ from basis_train.training.metrics_log import MetricsLog, UnwrittenMetrics
 from basis_train.training.tracker import Tracker
 
 
+def steady_rate(rates: list[float]) -> float:
+    """A run's tokens/s once warm, from its rates between evaluations: the median over the intervals
+    after the first, which holds torch.compile's compilation and the CUDA-graph capture (a mean over
+    all intervals put a 2,000-step GPT-2-small run at 0.90x its steady rate). One interval: that one."""
+    rates = rates[1:] or rates
+    return statistics.median(rates) if rates else float("nan")
+
+
 class Throughput:
     """Training time and tokens/s between evaluations; the clock stops while evaluating."""
 
@@ -36,11 +44,7 @@ class Throughput:
         return {"tokens_per_s": tok_s, "ms_per_step": 1000 * dt / max(step - self._step0, 1)}
 
     def steady_tokens_per_s(self) -> float:
-        """Tokens/s of the run once warm: the median over the intervals after the first, which holds
-        torch.compile's compilation and the CUDA-graph capture (a mean over all intervals put a
-        2,000-step GPT-2-small run at 0.90x its steady rate). A run of one interval has only that."""
-        rates = self.tokens_per_s[1:] or self.tokens_per_s
-        return statistics.median(rates) if rates else float("nan")
+        return steady_rate(self.tokens_per_s)
 
     def state_dict(self) -> dict:
         return {"train_s": self.train_s, "tokens_per_s": self.tokens_per_s}

@@ -114,9 +114,7 @@ class Run:
         self.model = build_gpt(gpt_config(cfg), seed=t.seed, method=t.method).to(self.device)
         if self.device.type == "cpu" and dist.is_main:
             warn_slow_cpu_run(self.model, cfg)
-        gen = torch.Generator(device=self.device).manual_seed(sketch_seed(t.seed, dist.proc_rank))
-        for m in self.model.sketched_modules():
-            m.generator = gen
+        gen = self.model.sketch_generator(sketch_seed(t.seed, dist.proc_rank))
         # No graph capture under DDP: its gradient all-reduce hooks and bucket rebuilding
         # on the first iterations do not survive being frozen into a captured graph. Nor in
         # float16, whose GradScaler decides on the host whether to skip each step.
