@@ -2,6 +2,11 @@
 
     python scripts/speed_gpt2.py OUT.json [--nanogpt PATH/TO/nanoGPT/model.py] [--steps 30]
     python scripts/speed_gpt2.py --targets OUT.json results/bench/targets.json [--runs GRID/runs]
+    python scripts/speed_gpt2.py OUT.json --rows 1,10,12 --profile PROFILE.txt
+
+--profile appends, for every row, torch.profiler's table of the kernels and ops of a few steps after
+the timed ones (sorted by GPU time). Pick rows without a CUDA graph: inside one, the profiler sees
+only the graph's launch.
 
 The second form turns the rows (and, with --runs, the grid's exact runs compiled and eager) into
 issue 22's targets, merged into targets.json (part "gpt2-speed"; other parts kept).
@@ -43,6 +48,24 @@ def _adamw(model, capturable: bool = False):
                              lr=6e-4, betas=(0.9, 0.95), fused=True, capturable=capturable)
 
 
+# Where --profile appends each row's table (set per row by main).
+PROFILE_TO: Path | None = None
+PROFILE_TITLE = ""
+PROFILE_STEPS = 3
+
+
+def _profile(step, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_STEPS):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with PROFILE_TO.open("a") as f:
+        f.write(f"\n## {title} ({PROFILE_STEPS} steps)\n\n{table}\n")
+
+
 def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None, graph: bool = False,
           generators=()) -> dict:
     opt = _adamw(model, capturable=graph)
@@ -77,7 +100,14 @@ def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None, grap
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
-    return {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "peak_bytes": torch.cuda.max_memory_allocated()}
+    peak = torch.cuda.max_memory_allocated()
+    if PROFILE_TO is not None:
+        try:
+            _profile(step, PROFILE_TITLE)
+        except Exception as e:  # a failed profile must not lose the row's timing
+            with PROFILE_TO.open("a") as f:
+                f.write(f"\n## {PROFILE_TITLE}: profile failed: {type(e).__name__}: {e}\n")
+    return {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "peak_bytes": peak}
 
 
 def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int, graph: bool = False) -> dict:
@@ -194,6 +224,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--rows", default="all")
+    ap.add_argument("--profile", type=Path, help="append each row's profiler table to this file")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -227,7 +258,10 @@ def main() -> None:
         keep = [int(i) for i in a.rows.split(",")]
         plan = [p for i, p in enumerate(plan) if i in keep]
     rows = []
+    global PROFILE_TO, PROFILE_TITLE
+    PROFILE_TO = a.profile
     for name, fn in plan:
+        PROFILE_TITLE = name
         torch._dynamo.reset()
         try:
             row = {"row": name, **fn()}

@@ -195,6 +195,10 @@ class Grid:
         return (job.kind == "train" and est > self.usable
                 and left >= self.timings.estimate(cfg, cfg.train.checkpoint_every) * 1.2)
 
+    def selected(self, job: Job) -> bool:
+        """Whether --only (groups or run names; empty: all) takes this job."""
+        return not self.args.only or job.group in self.args.only or job.name in self.args.only
+
     def plan(self) -> list[Job]:
         return plan(self.grid, self.base, nanogpt=bool(self.args.nanogpt))
 
@@ -219,7 +223,7 @@ class Grid:
                 return None
             left = self.deadline - time.monotonic()
             for job in self.plan():
-                if job.name in self.taken or (self.args.only and job.group not in self.args.only):
+                if job.name in self.taken or not self.selected(job):
                     continue
                 cfg, run = self.cfg(job), self.grid / "runs" / job.name
                 if self.settled(job, run, cfg):
@@ -293,7 +297,7 @@ class Grid:
         for w in workers:
             w.start()
         self.watchdog(workers)
-        cfgs = [(j, self.cfg(j)) for j in self.plan() if not self.args.only or j.group in self.args.only]
+        cfgs = [(j, self.cfg(j)) for j in self.plan() if self.selected(j)]
         left = [j.name for j, c in cfgs if not self.done(j, self.grid / "runs" / j.name, c)]
         gone = [j.name for j, c in cfgs if diverged(self.grid / "runs" / j.name, c)]
         self.say(f"finished {len(cfgs) - len(left)} of {len(cfgs)} planned runs"
@@ -340,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. train.compile=false (repeatable)")
     ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
-    ap.add_argument("--only", default="", help="comma list of groups: main-s0,reference,main-s1,main-s2,lr,sgd-exact,"
-                                               "sgd-basis,methods,long-s0,long-s1 [default: all, in that order]")
+    ap.add_argument("--only", default="", help="comma list of groups (main-s0,reference,main-s1,main-s2,lr,sgd-exact,sgd-basis,"
+                                               "methods,long-s0,long-s1) or run names (exact-s1); the grid's "
+                                               "order either way [default: all]")
     ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
     ap.add_argument("--pack", type=Path, help="write the finished runs (no checkpoints) to this .tgz at the end")
     ap.add_argument("--report", type=Path, help="write the scale report of the finished runs here at the end")

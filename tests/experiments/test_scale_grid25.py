@@ -104,6 +104,14 @@ def test_nothing_starts_that_the_budget_cannot_finish(tmp_path, small_corpus):
     assert "start " not in proc.stdout and "finished 0 of 7 planned runs" in proc.stdout
 
 
+def test_only_takes_run_names_and_groups(tmp_path, small_corpus):
+    proc = _driver(tmp_path, small_corpus, "--only", "basis_R256-s1,exact-s1,reference", "--default-s-per-step", "1000")
+    assert proc.returncode == 0, proc.stderr
+    # The grid's order, not the list's; the reference group without --nanogpt has its two eager runs.
+    assert "finished 0 of 4 planned runs" in proc.stdout
+    assert "still to run: exact_eager-s0, exact_eager_nographs-s0, exact-s1, basis_R256-s1" in proc.stdout
+
+
 def test_end_to_end_resumes_skips_and_packs(tmp_path, small_corpus):
     grid = tmp_path / "grid"
     # An interrupted run: killed after its step-2 checkpoint.
