@@ -128,10 +128,14 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
             jobs.append(Job(f"exact_eager-s{seed}", "reference",
                             {"train.method": "exact", "train.compile": False, "train.seed": seed}))
             # Not compiled ended 0.046 above compiled on an H200 (a CPU shows no such gap): the eager
-            # step's CUDA graph is the next suspect.
+            # step's CUDA graph is the next suspect, and nanoGPT's model not compiled says whether
+            # eager bf16 costs that much outside this project too.
             jobs.append(Job(f"exact_eager_nographs-s{seed}", "reference",
                             {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
                              "train.seed": seed}))
+            if nanogpt:
+                jobs.append(Job(f"nanogpt_eager-s{seed}", "reference", {"train.seed": seed, "train.compile": False},
+                                kind="nanogpt"))
     for f in LR_FACTORS:
         for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
@@ -209,7 +213,8 @@ class Grid:
                 s = json.loads((run / "summary.json").read_text())
             except (OSError, ValueError):
                 return False
-            return s.get("seed") == cfg.train.seed and s.get("steps") == cfg.train.steps
+            return (s.get("seed") == cfg.train.seed and s.get("steps") == cfg.train.steps
+                    and s.get("compile", True) == cfg.train.compile)
         return finished(run, cfg)
 
     def settled(self, job: Job, run: Path, cfg) -> bool:
@@ -248,6 +253,7 @@ class Grid:
         if job.kind == "nanogpt":
             cmd = [sys.executable, str(NANOGPT_SCRIPT), "--model-py", str(self.args.nanogpt), "--out", str(run),
                    "--config", str(self.args.config), "--seed", str(cfg.train.seed),
+                   *(() if cfg.train.compile else ("--no-compile",)),
                    *((f"--data-files={cfg.data.data_files}",) if cfg.data.data_files else ()),
                    *(("--dataset", cfg.data.dataset) if cfg.data.dataset not in (None, "files") else ())]
         else:

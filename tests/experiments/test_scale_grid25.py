@@ -46,7 +46,10 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
                                               "train.saved_activations": "int8", "train.compile": False,
                                               "train.seed": 2}
     with_ref = sg.plan(tmp_path, base, nanogpt=True)
-    assert [(j.name, j.kind) for j in with_ref[7:9]] == [("nanogpt-s0", "nanogpt"), ("exact_eager-s0", "train")]
+    assert [(j.name, j.kind) for j in with_ref[7:11]] == [("nanogpt-s0", "nanogpt"), ("exact_eager-s0", "train"),
+                                                         ("exact_eager_nographs-s0", "train"),
+                                                         ("nanogpt_eager-s0", "nanogpt")]
+    assert with_ref[10].overrides == {"train.seed": 0, "train.compile": False}
     lr = {j.name: j.overrides["optim.lr_factor"] for j in jobs if j.group == "lr"}
     assert lr == {"exact_lr0.25x-s0": 0.25, "basis_R1024_lr0.25x-s0": 0.25, "exact_lr0.5x-s0": 0.5,
                   "basis_R1024_lr0.5x-s0": 0.5, "exact_lr2x-s0": 2.0, "basis_R1024_lr2x-s0": 2.0}
@@ -184,3 +187,14 @@ def test_a_diverged_run_is_a_result_not_a_run_to_retry(tmp_path, small_corpus):
     pack(grid, tmp_path / "p.tgz")
     with tarfile.open(tmp_path / "p.tgz") as tar:
         assert "runs/exact_sgd1-s0/diverged.json" in tar.getnames()
+
+
+def test_a_compiled_nanogpt_run_is_not_taken_for_the_eager_one(tmp_path):
+    base = load_config("gpt2-small-code")
+    jobs = {j.name: j for j in sg.plan(tmp_path, base, nanogpt=True)}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"seed": 0, "steps": base.train.steps, "compile": True}))
+    for name, done in (("nanogpt-s0", True), ("nanogpt_eager-s0", False)):
+        cfg = sg.apply_overrides(base, jobs[name].overrides)
+        assert sg.Grid.done(jobs[name], run, cfg) is done
