@@ -38,3 +38,7 @@ FRONTIER_METHODS: dict[str, tuple[str, dict]] = {
 # position table). Sizes are multiples of `step` up to `cap`.
 FRONTIER_AXES = {"batch": {"seq": 1024, "cap": 512, "step": 1}, "context": {"batch": 1, "cap": 65536, "step": 256}}
 FRONTIER_AXES_QUICK = {"batch": {"seq": 32, "cap": 64, "step": 1}, "context": {"batch": 1, "cap": 1024, "step": 32}}
+# Every method also at the GPT-2-small study's size (B 8 x T 1024): its step peak and tokens/s there, the
+# points of the methods' memory-speed plot beside the study's quality runs.
+FRONTIER_REFERENCE = {"batch": 8, "seq": 1024}
+FRONTIER_REFERENCE_QUICK = {"batch": 2, "seq": 32}

@@ -46,6 +46,8 @@ from basis_train.experiments.bench_sizes import (
     FRONTIER_METHODS,
     FRONTIER_RANK,
     FRONTIER_RANK_QUICK,
+    FRONTIER_REFERENCE,
+    FRONTIER_REFERENCE_QUICK,
     QUICK,
 )
 from basis_train.experiments.frontier_search import affine_hint, largest_fitting, parse_budgets, parse_methods
@@ -250,9 +252,21 @@ def _run_axis(prober: Prober, axis: str, spec: dict, budgets: list[float], max_p
     return {"per_budget": per_budget, "measurements": {str(n): probed[n] for n in sorted(probed)}}
 
 
+def _reference_point(prober: Prober, ref: dict, timed_steps: int) -> dict:
+    """The method at one fixed size: step peak, and tokens/s where it fits the device."""
+    m = prober.measure(ref["batch"], ref["seq"])
+    out = {**ref, "status": m["status"], "peak_bytes": m.get("peak_bytes"),
+           **{k: m.get(k) for k in ("activation_bytes", "offloaded_bytes")}}
+    if m["status"] == "ok":
+        t = prober.timed(ref["batch"], ref["seq"], timed_steps)
+        out.update(timed_status=t["status"], tokens_per_s=t.get("tokens_per_s"), mfu=t.get("mfu"),
+                   time_ms=(t.get("time_ms") or {}).get("median"))
+    return out
+
+
 def run_method(mid: str, label: str, overrides: dict, budgets: list[float], device: torch.device, axes: dict,
                quick: bool = False, seed: int = 0, rank: int = FRONTIER_RANK, max_probes: int | None = None,
-               timed_steps: int = 5, host_limit: int | None = None, log=_say) -> dict:
+               timed_steps: int = 5, host_limit: int | None = None, log=_say, reference: dict | None = None) -> dict:
     """One method's frontier: {"status": ok | refused | error, "batch": ..., "context": ...}."""
     rec = {"label": label.format(rank=rank), "overrides": overrides}
 
@@ -273,6 +287,9 @@ def run_method(mid: str, label: str, overrides: dict, budgets: list[float], devi
         for axis, spec in axes.items():
             rec[axis] = _run_axis(prober, axis, spec, budgets, max_probes, timed_steps)
             prober.release()
+        if reference:
+            rec["reference"] = _reference_point(prober, reference, timed_steps)
+            prober.release()
         rec["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one broken method must not lose the others' frontiers
         rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc())
@@ -283,8 +300,9 @@ def run_method(mid: str, label: str, overrides: dict, budgets: list[float], devi
     return rec
 
 
-def _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed) -> dict:
+def _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed, reference) -> dict:
     return {"budgets_gib": budgets, "device": device.type, "quick": quick, "rank": rank, "axes": axes,
+            "reference": reference,
             "max_probes": max_probes, "timed_steps": timed_steps, "seed": seed, "config": FRONTIER_CONFIG,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
@@ -299,7 +317,8 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
     axes = FRONTIER_AXES_QUICK if quick else FRONTIER_AXES
     rank = FRONTIER_RANK_QUICK if quick else FRONTIER_RANK
     budgets = sorted(set(budgets))
-    settings = _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed)
+    reference = FRONTIER_REFERENCE_QUICK if quick else FRONTIER_REFERENCE
+    settings = _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed, reference)
     host = host_available_bytes()
     host_limit = int(host_limit_gib * GIB) if host_limit_gib else int(HOST_FRACTION * host) if host else None
     host_limit = host_limit if device.type == "cuda" else None
@@ -338,7 +357,7 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
             if mid in res["methods"]:
                 continue
             res["methods"][mid] = run_method(mid, label, overrides, budgets, device, axes, quick, seed, rank,
-                                             max_probes, timed_steps, host_limit, log)
+                                             max_probes, timed_steps, host_limit, log, reference)
             flush()
         flush()
     finally:

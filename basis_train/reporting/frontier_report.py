@@ -91,6 +91,20 @@ def frontier_md(res: dict) -> str:
         lines += ["", f"Offload is not run at sizes that would pin more than {_gib(m['host_limit_bytes'])} of host "
                       "memory (predicted from the bytes per token smaller sizes pinned; --host-limit-gib, by default half "
                       "of the host memory available at the start): such a size counts as not fitting."]
+    if ref := s.get("reference"):
+        lines += ["", f"## Every method at B {ref['batch']} x T {ref['seq']:,}", "",
+                  "| method | step peak | saved for backward | offloaded to host | tokens/s | MFU |", "|---|---|---|---|---|---|"]
+        for meth in res["methods"].values():
+            r = meth.get("reference")
+            if meth["status"] != "ok" or not r:
+                lines.append(f"| {meth['label']} | {meth['status'] if meth['status'] != 'ok' else 'not measured'} | | | | |")
+                continue
+            if r["status"] != "ok":
+                lines.append(f"| {meth['label']} | {r['status']} | | | | |")
+                continue
+            mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+            lines.append(f"| {meth['label']} | {_gib(r['peak_bytes'])} | {_gib(r.get('activation_bytes'))} "
+                         f"| {_gib(r.get('offloaded_bytes') or None)} | {_speed(r)} | {mfu} |")
     for gib in res["budgets_gib"]:
         key = budget_key(gib)
         lines += ["", f"## {key} GiB", "",

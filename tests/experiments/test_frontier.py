@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from basis_train.cli.bench import app
 from basis_train.core.model import build_gpt
 from basis_train.experiments import frontier
-from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS
+from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS, FRONTIER_REFERENCE_QUICK
 from basis_train.experiments.frontier_search import (
     affine_hint,
     largest_fitting,
@@ -185,7 +185,7 @@ def test_the_three_files_with_every_method(frontier_out):
         assert f"## {gib:g} GiB" in md
     for mid, m in res["methods"].items():
         assert m["status"] in ("ok", "refused"), (mid, m.get("error"))
-        assert md.count(f"| {m['label']} |") == len(BUDGETS)
+        assert md.count(f"| {m['label']} |") == len(BUDGETS) + 1  # and the reference size's table
         if m["status"] == "refused":
             assert m["reason"]
             continue
@@ -197,6 +197,13 @@ def test_the_three_files_with_every_method(frontier_out):
                 sizes = {int(n): p for n, p in m[axis]["measurements"].items()}
                 above = r["best"] + spec["step"]
                 assert r["capped"] or sizes[above]["peak_bytes"] > gib * 2**30  # the answer is the boundary
+    ref = FRONTIER_REFERENCE_QUICK
+    assert res["settings"]["reference"] == ref and f"## Every method at B {ref['batch']} x T {ref['seq']}" in md
+    for m in res["methods"].values():
+        if m["status"] == "ok":
+            r = m["reference"]
+            assert (r["batch"], r["seq"], r["status"]) == (ref["batch"], ref["seq"], "ok")
+            assert r["tokens_per_s"] > 0 and r["peak_bytes"] == m["batch"]["measurements"][str(ref["batch"])]["peak_bytes"]
     png = (out / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
