@@ -60,6 +60,28 @@ def method_style(i: int) -> dict:
     return style
 
 
+def md_row(cells: list[str]) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def reference_cells(meth: dict) -> list[str]:
+    """A method at the reference size: step peak, saved for backward, offloaded, tokens/s, MFU (or why not)."""
+    r = meth.get("reference")
+    if meth["status"] != "ok" or not r:
+        return [meth["status"] if meth["status"] != "ok" else "not measured", "", "", "", ""]
+    if r["status"] != "ok":
+        return [r["status"], "", "", "", ""]
+    mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+    return [_gib(r["peak_bytes"]), _gib(r.get("activation_bytes")), _gib(r.get("offloaded_bytes") or None), _speed(r), mfu]
+
+
+def peak_words(meta: dict) -> str:
+    """What the frontier's peak is, for a figure's title."""
+    if meta["peak_kind"] == "cuda_max_memory_allocated":
+        return "CUDA allocator peak"
+    return "CPU estimate of the peak (saved tensors + parameters, gradients, optimiser state), not an allocator peak"
+
+
 def _axis(m: dict, axis: str, key: str) -> dict | None:
     return ((m.get(axis) or {}).get("per_budget") or {}).get(key)
 
@@ -94,17 +116,7 @@ def frontier_md(res: dict) -> str:
     if ref := s.get("reference"):
         lines += ["", f"## Every method at B {ref['batch']} x T {ref['seq']:,}", "",
                   "| method | step peak | saved for backward | offloaded to host | tokens/s | MFU |", "|---|---|---|---|---|---|"]
-        for meth in res["methods"].values():
-            r = meth.get("reference")
-            if meth["status"] != "ok" or not r:
-                lines.append(f"| {meth['label']} | {meth['status'] if meth['status'] != 'ok' else 'not measured'} | | | | |")
-                continue
-            if r["status"] != "ok":
-                lines.append(f"| {meth['label']} | {r['status']} | | | | |")
-                continue
-            mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
-            lines.append(f"| {meth['label']} | {_gib(r['peak_bytes'])} | {_gib(r.get('activation_bytes'))} "
-                         f"| {_gib(r.get('offloaded_bytes') or None)} | {_speed(r)} | {mfu} |")
+        lines += [md_row([meth["label"], *reference_cells(meth)]) for meth in res["methods"].values()]
     for gib in res["budgets_gib"]:
         key = budget_key(gib)
         lines += ["", f"## {key} GiB", "",
@@ -147,8 +159,7 @@ def frontier_png(res: dict, f: BinaryIO) -> None:
         ax.set_ylabel(ylabel.format(**spec))
         ax.set_title(title.format(**spec))
         ax.grid(True, which="major", alpha=0.3)
-    what = "CUDA allocator peak" if res["meta"]["peak_kind"] == "cuda_max_memory_allocated" else \
-        "CPU estimate of the peak (saved tensors + parameters, gradients, optimiser state), not an allocator peak"
-    fig.suptitle(f"Memory frontier, {res['meta']['gpu'] or res['meta']['device']}: {what}", fontsize=10)
+    fig.suptitle(f"Memory frontier, {res['meta']['gpu'] or res['meta']['device']}: {peak_words(res['meta'])}",
+                 fontsize=10)
     legend_below(fig, axes, ncol=3, fontsize=8)
     fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
