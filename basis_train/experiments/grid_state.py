@@ -4,6 +4,7 @@ copy to and from another machine (experiments/scale_grid.py schedules the runs).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import tarfile
@@ -23,6 +24,16 @@ def _same_config(path: Path, cfg) -> bool:
 
 def finished(run: Path, cfg) -> bool:
     return _same_config(run / "summary.json", cfg)
+
+
+def final_loss(run: Path) -> float | None:
+    """A finished run's final validation loss; inf for one that diverged; None while unfinished."""
+    if (run / DIVERGED).is_file():
+        return math.inf
+    try:
+        return float(json.loads((run / "summary.json").read_text())["final_val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def diverged(run: Path, cfg) -> bool:

@@ -30,6 +30,7 @@ from basis_train.experiments.grid_state import (
     DIVERGED,
     Timings,
     diverged,
+    final_loss,
     finished,
     pack,
     seed_from,
@@ -103,16 +104,6 @@ def sgd_basis_lrs(grid: Path) -> list[float]:
     return lrs[max(0, best - 1): best + 2]
 
 
-def final_loss(run: Path) -> float | None:
-    """A finished run's final validation loss; inf for one that diverged; None while unfinished."""
-    if (run / DIVERGED).is_file():
-        return math.inf
-    try:
-        return float(json.loads((run / "summary.json").read_text())["final_val_loss"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
     """Every run of the grid in priority order; the SGD BASIS runs appear once exact's sweep is done.
     After seed 0's main grid, the checks of its exact baseline: nanoGPT's model on the same batches
@@ -127,9 +118,8 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
                 jobs.append(Job(f"nanogpt-s{seed}", "reference", {"train.seed": seed}, kind="nanogpt"))
             jobs.append(Job(f"exact_eager-s{seed}", "reference",
                             {"train.method": "exact", "train.compile": False, "train.seed": seed}))
-            # Not compiled ended 0.046 above compiled on an H200 (a CPU shows no such gap): the eager
-            # step's CUDA graph is the next suspect, and nanoGPT's model not compiled says whether
-            # eager bf16 costs that much outside this project too.
+            # Not compiled ended 0.046 above compiled on an H200 (not on a CPU): is it the eager step's CUDA
+            # graph, or does eager bf16 cost that much outside this project too (nanoGPT not compiled)?
             jobs.append(Job(f"exact_eager_nographs-s{seed}", "reference",
                             {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
                              "train.seed": seed}))

@@ -18,19 +18,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from basis_train.experiments.frontier import method_config
 from basis_train.fsutil import atomic_write_bytes, atomic_write_text
 from basis_train.reporting.frontier_report import DPI, GIB, md_row, method_style, peak_words, reference_cells
 from basis_train.reporting.grid_stats import MODE_TAG_NAMES, read_runs, summarize_settings
 from basis_train.reporting.plotstyle import legend_outside
 from basis_train.reporting.scale import run_dirs
-from basis_train.training.config import ConfigError
-from basis_train.training.variants import variant_of
 
 GradientKey = tuple[str, int | None, frozenset[str]]
 EXACT_KEY: GradientKey = ("exact", None, frozenset())
@@ -51,10 +47,9 @@ def gradient_key(method: str, rank: int | None, tags: str | Iterable[str]) -> Gr
     return method, rank if method == "basis" else None, frozenset(t for t in tags if t and _changes_gradients(t))
 
 
-def frontier_key(overrides: Mapping, rank: int) -> GradientKey:
-    """A frontier method's key, from the config the frontier built for it (sizes and device change no tag)."""
-    cfg = method_config(dict(overrides), torch.device("cpu"), quick=False, batch=8, seq=1024, rank=rank)
-    return gradient_key(cfg.train.method, rank, variant_of(cfg))
+def frontier_key(meth: Mapping, rank: int) -> GradientKey:
+    """A frontier method's key, from the method and tags the frontier recorded from its config."""
+    return gradient_key(meth["method"], rank, meth["variant"])
 
 
 def entry_key(entry: Mapping) -> GradientKey:
@@ -83,11 +78,10 @@ def methods_quality(res: Mapping, entries: Sequence[Mapping]) -> dict[str, str]:
             by_key.setdefault(entry_key(e), []).append(e)
     out = {}
     for mid, meth in res["methods"].items():
-        try:
-            key = frontier_key(meth["overrides"], rank)
-        except ConfigError as e:
-            out[mid] = f"config refused: {e}"
+        if "method" not in meth:  # refused by the config: nothing ran
+            out[mid] = f"config refused: {meth.get('reason', '?')}"
             continue
+        key = frontier_key(meth, rank)
         if mid == "exact":
             out[mid] = "reference"
         elif key == EXACT_KEY:

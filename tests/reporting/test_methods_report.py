@@ -5,13 +5,16 @@ and synthetic run directories."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from basis_train.experiments.bench_sizes import FRONTIER_METHODS
+from basis_train.experiments.frontier import method_config
 from basis_train.reporting import methods
 from basis_train.reporting.grid_stats import read_runs, summarize_settings
 from basis_train.reporting.scale import run_dirs
 from basis_train.reporting.stats import paired_diff
+from basis_train.training.variants import variant_of
 from tests.reporting.test_scale_report import fake_run
 
 R = 256
@@ -21,17 +24,22 @@ INT8 = [2.455, 2.47, 2.47]
 NO_POINT = {"fp8", "ckpt-every2", "basis-mlp+head+int8"}
 
 
+def _recorded(overrides) -> dict:
+    """The method and tags experiments/frontier.py's run_method records from the method's config."""
+    cfg = method_config(overrides, torch.device("cpu"), quick=False, batch=8, seq=1024, rank=R)
+    return {"method": cfg.train.method, "variant": variant_of(cfg)}
+
+
 def _frontier() -> dict:
     ms = {}
     for i, (mid, (label, overrides)) in enumerate(FRONTIER_METHODS.items()):
-        ms[mid] = {"label": label.format(rank=R), "overrides": overrides, "status": "ok",
+        ms[mid] = {"label": label.format(rank=R), "overrides": overrides, "status": "ok", **_recorded(overrides),
                    "reference": {"batch": 8, "seq": 1024, "status": "ok", "peak_bytes": (10 + i) * 2**30,
                                  "activation_bytes": (4 + i) * 2**30, "offloaded_bytes": 0, "timed_status": "ok",
                                  "tokens_per_s": 100_000.0 - 1000 * i, "mfu": 0.3, "time_ms": 80.0}}
     ms["fp8"]["reference"] = {"batch": 8, "seq": 1024, "status": "oom", "peak_bytes": None}
     ms["ckpt-every2"]["reference"].update(timed_status="oom", tokens_per_s=None, mfu=None, time_ms=None)
-    ms["basis-mlp+head+int8"] = {**ms["basis-mlp+head+int8"], "status": "refused", "reason": "no"}
-    del ms["basis-mlp+head+int8"]["reference"]
+    ms["basis-mlp+head+int8"] = {"label": ms["basis-mlp+head+int8"]["label"], "status": "refused", "reason": "no"}
     meta = {"gpu": "NVIDIA H100 80GB HBM3", "device": "cuda", "peak_kind": "cuda_max_memory_allocated",
             "peak": "CUDA allocator peak", "command": "python -m basis_train.experiments.frontier --budget 8",
             "date": "2025-01-01T00:00:00+00:00", "step": "eager TrainStep"}
@@ -68,7 +76,7 @@ def _quality(grid):
 
 
 def test_checkpointing_and_offload_have_exact_gradients_and_8bit_its_own():
-    keys = {mid: methods.frontier_key(ov, R) for mid, (_, ov) in FRONTIER_METHODS.items()}
+    keys = {mid: methods.frontier_key(_recorded(ov), R) for mid, (_, ov) in FRONTIER_METHODS.items()}
     for mid in ("exact", "ckpt", "ckpt-selective", "ckpt-every2", "offload"):
         assert keys[mid] == methods.EXACT_KEY, mid
     assert keys["int8"] == ("exact", None, frozenset({"act=int8"})) != keys["fp8"]
@@ -89,7 +97,11 @@ def test_each_method_reads_the_run_with_its_gradients(grid):
     a = paired_diff([v + 0.5 for v in EXACT[:2]], [v + 0.01 for v in EXACT[:2]])
     assert q["basis-all"] == f"{a['mean']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}], n=2"
     assert q["fp8"] == "no quality run"
-    assert q["basis-mlp+head+int8"] == f"no quality run at R = {R}"
+    assert q["basis-mlp+head+int8"] == "config refused: no"
+    res = _frontier()
+    res["methods"]["basis-all"]["variant"] = "layers=all,lam0"  # no run has these gradients
+    assert methods.methods_quality(res, summarize_settings(read_runs(run_dirs(grid))))["basis-all"] == \
+        f"no quality run at R = {R}"
 
 
 def test_pareto_names_each_point_with_its_cost(grid, tmp_path):
