@@ -13,7 +13,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m basis_train.experiments.scale_grid --grid /tmp/scale25 --tokenize-only > "$DEST/tokenize.log" 2>&1 &
 TOK=$!
 # TESTS: the CUDA test files (default: all of them); TESTS_S: their time limit.
-TESTS=${TESTS:-"tests/test_gpu.py tests/core/test_sketch_kernels.py tests/core/test_head_cce_gpu.py tests/fleet"}
+TESTS=${TESTS:-"tests/test_gpu.py tests/core/test_sketch_kernels.py tests/core/test_head.py tests/core/test_head_cce_gpu.py tests/fleet tests/experiments/test_scale_grid.py"}
 timeout ${TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -rs $TESTS > "$DEST/tests.log" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tests.log")"
 wait $TOK; echo "tokenize rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tokenize.log")"

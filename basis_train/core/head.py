@@ -81,6 +81,39 @@ def _padded(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# The sketch of dlogits, summed chunk by chunk. Its rows go to their bins with their signs: that is
+# S_c dl for the chunk's R x c count-sketch matrix S_c (one +-1 per column), and on CUDA under bf16/fp16
+# it runs as that matmul on the tensor cores, in float32 accumulation. Products with +-1 are exact, so
+# the sums are index_add's float32 sums in another order, for 2 R c V flops where index_add made
+# several passes over a float32 copy of dl and added them with atomics (on an H200 at GPT-2 small
+# that took more time than the exact dW it replaces). Above MATMUL_MAX_RANK the matmul's flops cost
+# more than those passes. Elsewhere (CPU, float32 as the paper protocol, where a float32 matmul would
+# round through TF32) the index_add; the tests add "cpu" to run the matmul on CPU in float32.
+MATMUL_MAX_RANK = 2048
+MATMUL_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _sketch_by_matmul(x: torch.Tensor, cd: torch.dtype, rank: int) -> bool:
+    if x.device.type not in MATMUL_DEVICES or rank > MATMUL_MAX_RANK:
+        return False
+    return cd in (torch.bfloat16, torch.float16) or x.device.type != "cuda"
+
+
+def sketch_matrix(bins: torch.Tensor, signs: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """The R x rows count-sketch matrix: column i holds row i's sign in row bins[i]."""
+    rows = bins.shape[0]
+    s = torch.zeros(rank, rows, dtype=dtype, device=bins.device)
+    s[bins, torch.arange(rows, device=bins.device)] = signs.to(dtype)
+    return s
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b accumulated in `acc`: 16-bit CUDA inputs on the tensor cores, others cast first."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Mean cross-entropy of x W^T against targets. `spec` is None (exact dW) or the
     SketchSpec of the BASIS estimate, sketched with `seed`."""
@@ -130,15 +163,19 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_w = torch.zeros(vp, weight.shape[1], dtype=acc, device=xc.device) if exact_w else None
             # dlogits in the compute dtype, padded; its pad columns stay zero across chunks
             dlp = torch.zeros(min(ctx.chunk, rows), vp, dtype=cd, device=xc.device) if vp != v else None
+            by_mm = False
             if need_w and ctx.spec is not None:
                 r, hashing = ctx.rank, ctx.spec.kind
                 xs, seed = sk
-                g_sketch = torch.zeros(r, weight.shape[0], dtype=acc, device=xc.device)
+                by_mm = hashing != "gaussian" and _sketch_by_matmul(xc, cd, r)
+                # by matmul, the padded width: dl's pad columns are zero, so are the sketch's (sliced off)
+                g_sketch = torch.zeros(r, vp if by_mm else v, dtype=acc, device=xc.device)
                 g_sq = torch.zeros((), dtype=acc, device=xc.device)
                 if hashing == "gaussian":
                     proj = gaussian_projection(seed, rows, r).to(acc)
                 else:
                     bins, signs = bins_and_signs(seed, rows, r, hashing)
+                    smat = sketch_matrix(bins, signs, r, cd) if by_mm else None
                     signs = signs.to(acc)
             for a, b in _chunks(rows, ctx.chunk):
                 dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
@@ -155,6 +192,9 @@ class _FusedLinearCE(torch.autograd.Function):
                     grad_x[a:b] = dlm @ wp
                 if exact_w:
                     grad_w += (dlm.t() @ xc[a:b]).to(acc)
+                elif need_w and by_mm:
+                    g_sq += torch.linalg.vector_norm(dl, dtype=acc).square()
+                    g_sketch += _mm_acc(smat[:, a:b], dlm, acc)
                 elif need_w:
                     dlf = dl.to(acc)
                     g_sq += dlf.square().sum()
@@ -165,7 +205,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_w and not exact_w:
                 # The squared norm taken back from its root, as every run so far rounded it.
                 g_sq = torch.linalg.vector_norm(g_sq.sqrt().view(1), dtype=g_sketch.dtype).square()
-                g_sketch = rescale(g_sketch, g_sq, ctx.spec)
+                g_sketch = rescale(g_sketch[:, :v], g_sq, ctx.spec)
                 grad_w = g_sketch.t() @ xs
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None

@@ -23,6 +23,16 @@ def vocab_pad(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["index_add", "matmul"])
+def sketch_by(request, monkeypatch):
+    """The BASIS head sums dlogits into their bins by index_add, or (CUDA under bf16/fp16) by a matmul
+    with the count-sketch matrix: both must give the estimate, so the tests run both on CPU."""
+    from basis_train.core import head
+
+    monkeypatch.setattr(head, "MATMUL_DEVICES", ("cpu", "cuda") if request.param == "matmul" else ())
+    return request.param
+
+
 def _data(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(ROWS, N, generator=g, dtype=dtype)
@@ -72,7 +82,7 @@ def _fused_basis(x, w, t, gen_seed, chunk, **kw):
 @pytest.mark.parametrize("hashing", ["balanced", "uniform", "gaussian"])
 @pytest.mark.parametrize("scalars,lam", [(True, 0.01), (False, 0.0)])
 @pytest.mark.parametrize("rank,chunk", [(5, 8), (1, 64), (37, 3)])
-def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk, vocab_pad):
+def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chunk, vocab_pad, sketch_by):
     x, w, t = _data(seed=1)
     kw = dict(rank=rank, sketch=hashing, invariant_scalars=scalars, lam=lam)
     ref = _unfused_basis(x, w, t, 7, **kw)
@@ -83,7 +93,7 @@ def test_basis_head_equals_unfused_basislinear(hashing, scalars, lam, rank, chun
     assert not torch.allclose(got[2], exact, atol=1e-3) or rank == ROWS  # an estimate, not dW
 
 
-def test_basis_head_at_full_rank_is_scaled_exact(vocab_pad):
+def test_basis_head_at_full_rank_is_scaled_exact(vocab_pad, sketch_by):
     # R = rows: every bin one row, scalars 1, dW = (1 - lam)^2 X^T dY (docs/paper.md section 1).
     x, w, t = _data(seed=2)
     got = _fused_basis(x, w, t, 3, 10, rank=ROWS, lam=0.01)
@@ -203,3 +213,39 @@ def test_frozen_basis_head_is_the_exact_head_and_draws_no_seed():
     F.cross_entropy(x_ref @ head.weight.t(), targets).backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert torch.equal(head.generator.get_state(), state)
+
+
+@pytest.mark.parametrize("hashing", ["balanced", "uniform"])
+def test_sketch_matrix_is_the_count_sketch(hashing):
+    from basis_train.core.head import sketch_matrix
+    from basis_train.core.sketch import bins_and_signs, count_sketch_reference, draw_seed
+
+    m = torch.randn(ROWS, V, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    seed = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(2))
+    bins, signs = bins_and_signs(seed, ROWS, 5, hashing)
+    s = sketch_matrix(bins, signs, 5, torch.float64)
+    assert ((s != 0).sum(0) == 1).all() and set(s.abs().unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(s @ m, count_sketch_reference(m, seed, 5, hashing))
+
+
+@cuda
+def test_cuda_bf16_basis_head_by_matmul_equals_index_add(monkeypatch):
+    """Under bf16 on CUDA the head sums dlogits into bins by a tensor-core matmul: the same float32 sums
+    of the same bf16 values as index_add's, in another order."""
+    from basis_train.core import head
+
+    x, w, t = (a.cuda() for a in _data(seed=6))
+
+    def run(devices):
+        monkeypatch.setattr(head, "MATMUL_DEVICES", devices)
+        layer = FusedBasisHead(N, V, chunk=8, rank=5).cuda()
+        layer.weight.data.copy_(w)
+        layer.generator = torch.Generator(device="cuda").manual_seed(11)
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = layer.loss(xr, t)
+        loss.backward()
+        return loss.detach(), xr.grad, layer.weight.grad
+
+    for a, b in zip(run(("cuda",)), run(())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
