@@ -11,9 +11,10 @@ and accumulates dX = dlogits W and dW = dlogits^T x chunk by chunk.
 The sketched (BASIS) head keeps the same tensors plus the R x N sketch of x, taken in
 forward exactly as BasisLinear takes it. It still needs x itself: the exact dX needs
 dlogits, which need the logits, which need x. Its dW estimate is built from the count
-sketch of dlogits, accumulated over chunks (an index_add of signed rows into R x V, in
-float32) together with the squared Frobenius norm of dlogits for the invariant scalar,
-then rescaled once. With the same seed it is the estimate of BasisLinear + cross_entropy.
+sketch of dlogits, accumulated over chunks in float32 (on CUDA under bf16/fp16 a tensor-core
+matmul with the chunk's R x c count-sketch matrix, elsewhere an index_add of signed rows into
+R x V) together with the squared Frobenius norm of dlogits for the invariant scalar, then
+rescaled once. With the same seed it is the estimate of BasisLinear + cross_entropy.
 
 Dtypes. Under autocast the chunk's logits are computed in the autocast dtype (bf16 or
 fp16, the same rounding as the plain head's matmul) and the softmax, log-sum-exp and loss
