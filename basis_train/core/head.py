@@ -43,6 +43,7 @@ from basis_train.core.sketch import (
     bins_and_signs,
     draw_seed,
     gaussian_projection,
+    mm_float32,
     rescale,
 )
 
@@ -97,7 +98,8 @@ MATMUL_DEVICES: tuple[str, ...] = ("cuda",)
 def _sketch_by_matmul(x: torch.Tensor, cd: torch.dtype, rank: int) -> bool:
     if x.device.type not in MATMUL_DEVICES or rank > MATMUL_MAX_RANK:
         return False
-    return cd in (torch.bfloat16, torch.float16) or x.device.type != "cuda"
+    # off CUDA (the tests) only where dl is already in the accumulation dtype: no tensor cores to keep it
+    return cd in (torch.bfloat16, torch.float16) if x.is_cuda else cd in (torch.float32, torch.float64)
 
 
 def sketch_matrix(bins: torch.Tensor, signs: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
@@ -106,13 +108,6 @@ def sketch_matrix(bins: torch.Tensor, signs: torch.Tensor, rank: int, dtype: tor
     s = torch.zeros(rank, rows, dtype=dtype, device=bins.device)
     s[bins, torch.arange(rows, device=bins.device)] = signs.to(dtype)
     return s
-
-
-def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a @ b accumulated in `acc`: 16-bit CUDA inputs on the tensor cores, others cast first."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=acc)
-    return a.to(acc) @ b.to(acc)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -176,8 +171,10 @@ class _FusedLinearCE(torch.autograd.Function):
                     proj = gaussian_projection(seed, rows, r).to(acc)
                 else:
                     bins, signs = bins_and_signs(seed, rows, r, hashing)
-                    smat = sketch_matrix(bins, signs, r, cd) if by_mm else None
-                    signs = signs.to(acc)
+                    if by_mm:
+                        smat = sketch_matrix(bins, signs, r, cd)
+                    else:
+                        signs = signs.to(acc)
             for a, b in _chunks(rows, ctx.chunk):
                 dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
                 dl.sub_(lse[a:b, None]).exp_()
@@ -195,7 +192,7 @@ class _FusedLinearCE(torch.autograd.Function):
                     grad_w += (dlm.t() @ xc[a:b]).to(acc)
                 elif need_w and by_mm:
                     g_sq += torch.linalg.vector_norm(dl, dtype=acc).square()
-                    g_sketch += _mm_acc(smat[:, a:b], dlm, acc)
+                    g_sketch += mm_float32(smat[:, a:b], dlm)
                 elif need_w:
                     dlf = dl.to(acc)
                     g_sq += dlf.square().sum()

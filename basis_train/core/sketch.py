@@ -160,11 +160,19 @@ def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, spec: SketchSpec, rank: i
     return _scaled_stats(m, seed, spec.rank if rank is None else rank, spec.kind, spec.scalars, spec.lam)[0]
 
 
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b: 16-bit CUDA inputs on the tensor cores with a float32 result (float32 accumulation
+    kept rather than rounded to 16 bits); other inputs as they are."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
 def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
     """gs^T xs. Under bf16/fp16 autocast on CUDA on tensor cores with float32 accumulation;
     float32 inputs (the paper's protocol) keep the float32 product and its TF32 setting."""
     if gs.is_cuda and grad_dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(gs.t().to(grad_dtype), xs.to(grad_dtype), out_dtype=torch.float32)
+        return mm_float32(gs.t().to(grad_dtype), xs.to(grad_dtype))
     return gs.t() @ xs
 
 

@@ -46,14 +46,13 @@ from basis_train.experiments.bench_sizes import (
     FRONTIER_REFERENCE_QUICK,
     QUICK,
 )
-from basis_train.experiments.frontier_probe import Prober, host_available_bytes, say
+from basis_train.experiments.frontier_probe import GIB, Prober, host_available_bytes, say
 from basis_train.experiments.frontier_search import affine_hint, largest_fitting, parse_budgets, parse_methods
 from basis_train.fsutil import atomic_write_bytes, atomic_write_text
 from basis_train.reporting.frontier_report import budget_key, frontier_md, frontier_png
 from basis_train.training.config import Config, ConfigError, apply_overrides, load_config
 from basis_train.training.variants import variant_of
 
-GIB = 2**30
 CUDA_PEAK = ("CUDA allocator peak: torch.cuda.max_memory_allocated() over one steady-state training step "
              "(after reset_peak_memory_stats), parameters, gradients and optimiser state included")
 CPU_ESTIMATE = ("CPU estimate, not an allocator peak: the bytes saved for backward (core/memory.py's "

@@ -132,8 +132,6 @@ def read_run(run_dir: Path) -> RunRecord:
     return RunRecord(setting, int(s["seed"]), s, curve, run_dir, extra=mode)
 
 
-
-
 def read_runs(run_dirs: Iterable[Path]) -> list[RunRecord]:
     runs = [read_run(Path(d)) for d in run_dirs]
     # torch.compile and CUDA graphs must change no result: a run that departs from the others' mode
