@@ -29,7 +29,7 @@ def run(
     draws: Annotated[int, Opt(help="estimates per batch, layer, rank and variant")] = 200,
     batches: Annotated[int, Opt(help="real training batches")] = 4,
     batch_size: Annotated[int | None, Opt(help="sequences per batch [default: the config's train.batch_size]")] = None,
-    sketch_layers: Annotated[str | None, Opt(help="mlp+head, all, or a comma list of layer names "
+    sketch_layers: Annotated[str | None, Opt(help="mlp+head, mlp, all, or a comma list of layer names "
                                                       "[default: the config's sketch.layers]")] = None,
     device: Annotated[str, Opt(help="auto, cpu or cuda")] = "auto",
     out: Annotated[Path, Opt(help="output directory (the committed results: --out results/diagnostics)")] = Path(

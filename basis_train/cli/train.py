@@ -79,7 +79,7 @@ def train_cmd(
         help="YAML config file, or a shipped config's name: paper, tiny, gpt2-small [default: paper's protocol]"),
     method: Method | None = config_flag("train.method", "basis or exact backprop"),
     rank: int | None = config_flag("sketch.rank", "sketch rank R"),
-    sketch_layers: str | None = config_flag("sketch.layers", "mlp+head | all | none"),
+    sketch_layers: str | None = config_flag("sketch.layers", "mlp+head | mlp | all | none"),
     steps: int | None = config_flag("train.steps", "training steps (with --resume: may raise a run's steps)"),
     eval_every: int | None = EVAL_EVERY,
     checkpoint_every: int | None = CHECKPOINT_EVERY,

@@ -31,6 +31,7 @@ from basis_train.core.options import (
     KERNELS,
     METHODS,
     SKETCH_LAYERS,
+    SKETCHES_HEAD,
     ModelConfig,
     SketchConfig,
 )
@@ -79,7 +80,7 @@ def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -
 
 
 def _head(cfg: GPTConfig) -> nn.Linear:
-    sketched = cfg.sketch.layers != "none" and not cfg.exact
+    sketched = cfg.sketch.layers in SKETCHES_HEAD and not cfg.exact
     if cfg.head == "plain":
         return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
     if not sketched:
@@ -226,9 +227,9 @@ class GPT(nn.Module):
         for name, m in self.named_modules():
             if not isinstance(m, nn.Linear):
                 continue
-            is_mlp_or_head = name == "lm_head" or ".mlp." in name
             layers = self.cfg.sketch.layers
-            if layers == "all" or (layers == "mlp+head" and is_mlp_or_head):
+            if (layers == "all" or (".mlp." in name and layers != "none")
+                    or (name == "lm_head" and layers in SKETCHES_HEAD)):
                 names.append(name)
         return names
 

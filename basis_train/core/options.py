@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SKETCH_LAYERS = ("none", "mlp+head", "all")
+# mlp: the MLPs without the head, whose sketch saves no memory (the fused head keeps its input for the
+# logits' recompute in backward) but whose dW estimate is noisy: it isolates what the head costs.
+SKETCH_LAYERS = ("none", "mlp", "mlp+head", "all")
+SKETCHES_HEAD = ("mlp+head", "all")
 ARCHS = ("paper", "gpt2")
 METHODS = ("basis", "exact")  # exact: the same network, every layer exact (core/model.py's build_gpt)
 HASHINGS = ("balanced", "uniform")

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from basis_train.core.model import GPT, build_gpt
+from basis_train.core.options import SKETCH_LAYERS
 from basis_train.core.sketch import draw_seed, rescale, sketch_stats
 from basis_train.data.corpus import load_tokens
 from basis_train.data.loaders import TrainLoader, make_splits
@@ -265,7 +266,7 @@ def diagnose(config: str | None = None, checkpoint: Path | None = None, after_st
         raise DiagnoseError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     cfg = load_config(config)
-    layer_choice = sketch_layers in ("mlp+head", "all", "none")
+    layer_choice = sketch_layers in SKETCH_LAYERS
     if layer_choice:
         cfg = apply_overrides(cfg, {"sketch.layers": sketch_layers})
     seed = cfg.train.seed if seed is None else seed

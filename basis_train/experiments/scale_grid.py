@@ -121,11 +121,9 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
             # Not compiled ended 0.046 above compiled on an H200 (not on a CPU): is it the eager step's CUDA
             # graph, or does eager bf16 cost that much outside this project too (nanoGPT not compiled)?
             jobs.append(Job(f"exact_eager_nographs-s{seed}", "reference",
-                            {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
-                             "train.seed": seed}))
+                            {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False, "train.seed": seed}))
             if nanogpt:
-                jobs.append(Job(f"nanogpt_eager-s{seed}", "reference", {"train.seed": seed, "train.compile": False},
-                                kind="nanogpt"))
+                jobs.append(Job(f"nanogpt_eager-s{seed}", "reference", {"train.seed": seed, "train.compile": False}, "nanogpt"))
     for f in LR_FACTORS:
         for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
@@ -152,6 +150,9 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
         for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_{LONG_STEPS}-s{seed}", f"long-s{seed}",
                             {"train.method": m, **ov, **long, "train.seed": seed}))
+    # Beyond the issue: the MLPs without the head (whose sketch saves no memory), paired with mlp+head.
+    jobs += [Job(f"basis_R1024_mlp-s{s}", "layers", {"train.method": "basis", **R1024[2], "sketch.layers": "mlp",
+                                                     "train.seed": s}) for s in MAIN_SEEDS]
     return jobs
 
 
@@ -340,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. train.compile=false (repeatable)")
     ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
-    ap.add_argument("--only", default="", help="comma list of groups (main-s0,reference,main-s1,main-s2,lr,sgd-exact,sgd-basis,"
-                                               "methods,long-s0,long-s1) or run names (exact-s1); the grid's "
-                                               "order either way [default: all]")
+    ap.add_argument("--only", default="", help="comma list of groups (main-s0, reference, lr, ...: plan's) or run "
+                                               "names (exact-s1); the grid's order either way [default: all]")
     ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
     ap.add_argument("--pack", type=Path, help="write the finished runs (no checkpoints) to this .tgz at the end")
     ap.add_argument("--report", type=Path, help="write the scale report of the finished runs here at the end")
@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # needs matplotlib and scipy; the runs matter more than a report written here
             from basis_train.reporting.scale import write_report
 
-            write_report(grid.grid, args.report, command=" ".join(["python -m basis_train.experiments.scale_grid",
-                                                                    *sys.argv[1:]]))
+            write_report(grid.grid, args.report,
+                         command=" ".join(["python -m basis_train.experiments.scale_grid", *sys.argv[1:]]))
         except (ImportError, OSError, ValueError) as e:
             grid.say(f"report not written: {type(e).__name__}: {e}")
     if args.pack:

@@ -27,6 +27,9 @@ def test_sketched_layer_selection():
     assert count(build_gpt(PAPER, 0, method="exact")) == 0
     names = build_gpt(PAPER, 0, method="exact").sketchable_names()
     assert names == ["blocks.0.mlp.fc", "blocks.0.mlp.proj", "blocks.1.mlp.fc", "blocks.1.mlp.proj", "lm_head"]
+    mlp_only = build_gpt(replace(PAPER, sketch=replace(PAPER.sketch, layers="mlp")), 0)
+    assert count(mlp_only) == 4 and not isinstance(mlp_only.lm_head, BasisLinear)
+    assert mlp_only.sketchable_names() == names[:-1]
 
 
 def test_flax_default_init_statistics():
@@ -58,7 +61,7 @@ def test_same_seed_same_weights_across_methods():
     assert not torch.equal(exact["lm_head.weight"], other["lm_head.weight"])
 
 
-@pytest.mark.parametrize("layers", ["mlp+head", "all"])
+@pytest.mark.parametrize("layers", ["mlp+head", "mlp", "all"])
 def test_rank_equal_rows_matches_exact_gradients(layers):
     cfg = GPTConfig(vocab_size=101, block_size=16, n_embd=16, n_head=2, n_layer=2, sketch=SketchConfig(layers=layers, rank=32))
     lam = cfg.sketch.lam
@@ -99,7 +102,7 @@ def test_checkpointed_blocks_same_gradients():
 
 def test_bad_config():
     with pytest.raises(ValueError, match="sketch layers"):
-        GPTConfig(sketch=SketchConfig(layers="mlp"))
+        GPTConfig(sketch=SketchConfig(layers="head"))
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=64, n_head=3)
     with pytest.raises(ValueError, match="rank"):

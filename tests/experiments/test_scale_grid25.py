@@ -31,13 +31,13 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
     jobs = sg.plan(tmp_path, base)
     groups = list(dict.fromkeys(j.group for j in jobs))
     assert groups == ["main-s0", "reference", "main-s1", "main-s2", "lr", "sgd-exact", "methods", "long-s0",
-                      "long-s1"]
+                      "long-s1", "layers"]
     assert [j.name for j in jobs[:8]] == ["exact-s0", "basis_R1024-s0", "basis_R256-s0", "basis_R1024_all-s0",
                                           "basis_R64-s0", "basis_R4096-s0", "exact_ckpt-s0", "exact_eager-s0"]
     assert jobs[7].overrides == {"train.method": "exact", "train.compile": False, "train.seed": 0}
     assert jobs[8].overrides == {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
                                  "train.seed": 0}
-    assert len(jobs) == 21 + 2 + 6 + 4 + 8 + 4 and len({j.name for j in jobs}) == len(jobs)
+    assert len(jobs) == 21 + 2 + 6 + 4 + 8 + 4 + 3 and len({j.name for j in jobs}) == len(jobs)
     methods = {j.name: j.overrides for j in jobs if j.group == "methods"}
     assert sorted(methods) == sorted(["exact_eager-s1", "exact_eager-s2", *(f"{m}-s{s}" for s in (0, 1, 2)
                                                                             for m in ("exact_int8", "basis_R1024_int8"))])
@@ -56,6 +56,10 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
     long = next(j for j in jobs if j.name == "basis_R1024_8000-s0").overrides
     assert long["train.steps"] == 8000 and long["optim.warmup_steps"] == 4 * base.optim.warmup_steps
     assert long["sketch.rank"] == 1024 and long["train.method"] == "basis"
+    # the MLPs alone, paired with mlp+head R = 1024 of the same seeds: what the head's sketch costs
+    assert {j.name: j.overrides for j in jobs if j.group == "layers"} == {
+        f"basis_R1024_mlp-s{s}": {"train.method": "basis", "sketch.rank": 1024, "sketch.layers": "mlp",
+                                  "train.seed": s} for s in (0, 1, 2)}
     sgd = [j.overrides for j in jobs if j.group == "sgd-exact"]
     assert [o["optim.lr"] for o in sgd] == [0.03, 0.1, 0.3, 1.0]
     assert all(o["optim.name"] == "sgd" and o["optim.momentum"] == 0.9 for o in sgd)

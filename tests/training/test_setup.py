@@ -32,6 +32,7 @@ def test_a_gpu_sized_config_on_the_cpu_is_said_with_its_time(monkeypatch, capsys
     ("paper", "all", ["attn.k.weight", "attn.out.weight", "attn.q.weight", "attn.v.weight", "mlp.fc.weight",
                       "mlp.proj.weight"]),
     ("gpt2", "mlp+head", ["mlp.fc.weight", "mlp.proj.weight"]),
+    ("paper", "mlp", ["mlp.fc.weight", "mlp.proj.weight"]),
     ("gpt2", "all", ["attn.out.weight", "attn.qkv.weight", "mlp.fc.weight", "mlp.proj.weight"]),
 ])
 def test_lr_scale_sketched_reaches_exactly_the_sketchable_weights(arch, layers, scaled):
@@ -46,6 +47,7 @@ def test_lr_scale_sketched_reaches_exactly_the_sketchable_weights(arch, layers, 
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)]: g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
     assert len(got) == len(names)
-    want = {f"blocks.{i}.{s}" for i in range(2) for s in scaled} | ({"lm_head.weight"} if arch == "paper" else set())
+    want = {f"blocks.{i}.{s}" for i in range(2) for s in scaled} | (
+        {"lm_head.weight"} if arch == "paper" and layers != "mlp" else set())
     assert {n for n, lr in got.items() if lr == 0.5 * cfg.optim.lr} == want
     assert all(lr == cfg.optim.lr for n, lr in got.items() if n not in want)
