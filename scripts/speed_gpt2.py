@@ -5,8 +5,8 @@
     python scripts/speed_gpt2.py OUT.json --rows 1,10,12 --profile PROFILE.txt
 
 --profile appends, for every row, torch.profiler's table of the kernels and ops of a few steps after
-the timed ones (sorted by GPU time). Pick rows without a CUDA graph: inside one, the profiler sees
-only the graph's launch.
+the timed ones (sorted by GPU time). A graphed row's table lists the kernels its replay ran (torch 2.11,
+CUDA 13) but no ops; scripts/profile_diff.py compares two rows kernel by kernel.
 
 The second form turns the rows (and, with --runs, the grid's exact runs compiled and eager) into
 issue 22's targets, merged into targets.json (part "gpt2-speed"; other parts kept).

@@ -5,7 +5,7 @@
 #   bash scripts/speed_gpu.sh            -> $OUT/tests.log, $OUT/speed_gpt2.json, $OUT/speed.log
 # ROWS=0,1,... picks speed_gpt2.py's rows (default: nanoGPT compiled and drop-in, ours graphed: exact,
 # BASIS R = 256 mlp+head and all linears). PROFILE=1 adds each row's profiler table to $OUT/profile.txt
-# (rows without a CUDA graph show kernels: e.g. ROWS=0,1,10,12,14).
+# (graphed rows list their kernels; the others their ops and host time too: e.g. ROWS=0,1,10,12,14).
 set -u
 DEST=${OUT:-out}; mkdir -p "$DEST"; START=$(date +%s)
 source scripts/device_env.sh
