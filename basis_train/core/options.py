@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# mlp: the MLPs without the head, whose sketch saves no memory (the fused head keeps its input for the
-# logits' recompute in backward) but whose dW estimate is noisy: it isolates what the head costs.
+# mlp: the MLPs only. Sketching the fused head saves no memory (it keeps its input to recompute the logits
+# in backward) but adds its noisy dW estimate: mlp against mlp+head shows what that costs.
 SKETCH_LAYERS = ("none", "mlp", "mlp+head", "all")
 SKETCHES_HEAD = ("mlp+head", "all")
 ARCHS = ("paper", "gpt2")
