@@ -13,6 +13,7 @@ VARIANTS: dict[str, tuple[dict[str, object], frozenset[str]]] = {
     "uniform": ({"sketch.hashing": "uniform"}, BASIS),
     "gaussian": ({"sketch.hashing": "gaussian"}, BASIS),
     "all": ({"sketch.layers": "all"}, BASIS),
+    "mlp": ({"sketch.layers": "mlp"}, BASIS),  # the head left exact
     "ckpt": ({"model.checkpoint_blocks": True}, BASIS | EXACT),
     "lr0.5x": ({"optim.lr_factor": 0.5}, BASIS | EXACT),
     "lr2x": ({"optim.lr_factor": 2.0}, BASIS | EXACT),

@@ -280,4 +280,6 @@ def test_variant_tags_name_what_changes_the_numbers():
     for name, (overrides, methods) in VARIANTS.items():
         for method in methods:
             tag = variant_of(apply_overrides(base, {**overrides, "train.method": method}))
-            assert tag == ("layers=all" if name == "all" else name), (name, method)
+            layers = overrides.get("sketch.layers")
+            assert tag == (f"layers={layers}" if layers else name), (name, method)
+    assert {"all", "mlp"} <= set(VARIANTS)
