@@ -33,37 +33,31 @@ TOTAL = "Self CUDA time total"  # the key under which `sections` puts a table's 
 def sections(text: str) -> dict[str, dict[str, tuple[float, int]]]:
     """{row title: {kernel or op: (self CUDA ms per step, calls per step)}, with TOTAL}."""
     out: dict[str, dict[str, tuple[float, int]]] = {}
-    title, steps, table, cols = None, 1, {}, None
+    title, steps, table, name_end = None, 1, {}, None
     for line in text.splitlines():
         if m := _TITLE.match(line):
-            title, steps, table, cols = m.group(1), int(m.group(2)), {}, None
+            title, steps, table, name_end = m.group(1), int(m.group(2)), {}, None
             out[title] = table
         elif title is None or not line.strip() or line.startswith("-"):
             continue
         elif line.startswith(TOTAL + ":"):
             table[TOTAL] = (_ms(line.split(":")[1].strip()) / steps, 0)
-        elif cols is None and "Self CUDA" in line:
-            # the header's right-aligned column names end where their values end
-            names = ["Self CPU %", "Self CPU", "CPU total %", "CPU total", "CPU time avg", "Self CUDA", "Self CUDA %",
-                     "CUDA total", "CUDA time avg", "# of Calls"]
-            ends = [line.index(n, line.index("Name") + 4) + len(n) for n in names]
-            cols = (line.index("Name") + 4, ends[names.index("Self CUDA")], ends[-1])
-        elif cols is not None and not line.startswith("Self "):
-            name_end, _, _ = cols
-            name = line[:name_end].strip()
-            cells = line[name_end:].split()
+        elif name_end is None and "Self CUDA" in line:
+            name_end = line.index("Name") + len("Name")  # names are right-aligned up to the header's "Name"
+        elif name_end is not None and not line.startswith("Self "):
+            cells = line[name_end:].split()  # Self CPU %, ..., Self CUDA (6th), ..., # of Calls (10th)
             if len(cells) != 10:
                 continue
-            name = _NUMBERED.sub(r"\1", name)
-            ms, calls = _ms(cells[5]) / steps, int(cells[9]) / steps
+            name = _NUMBERED.sub(r"\1", line[:name_end].strip())
             prev = table.get(name, (0.0, 0))
-            table[name] = (prev[0] + ms, prev[1] + calls)
+            table[name] = (prev[0] + _ms(cells[5]) / steps, prev[1] + int(cells[9]) / steps)
     return out
 
 
 def diff(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]]) -> list[tuple[str, float, float, float, float]]:
     """(name, ms a, ms b, calls a, calls b) per step, the largest change of GPU time first."""
-    rows = [(n, *(a.get(n, (0.0, 0))[0], b.get(n, (0.0, 0))[0]), a.get(n, (0.0, 0))[1], b.get(n, (0.0, 0))[1])
+    none = (0.0, 0)
+    rows = [(n, a.get(n, none)[0], b.get(n, none)[0], a.get(n, none)[1], b.get(n, none)[1])
             for n in (set(a) | set(b)) - {TOTAL}]
     return sorted(rows, key=lambda r: (-abs(r[2] - r[1]), r[0]))
 
