@@ -9,7 +9,7 @@ the timed ones (sorted by GPU time). A graphed row's table lists the kernels its
 CUDA 13) but no ops; scripts/profile_diff.py compares two rows kernel by kernel.
 
 The second form turns the rows (and, with --runs, the grid's exact runs compiled and eager) into
-issue 22's targets, merged into targets.json (part "gpt2-speed"; other parts kept).
+issue 22's targets, merged into targets.json (part "gpt2-speed", one set per GPU; other parts kept).
 
 Every row trains B 8 x T 1024 under bf16 autocast with fused AdamW (lr 6e-4, betas 0.9/0.95,
 weight decay 0.1 on matrices), gradient clipping 1.0 and torch.compile of the model, on one
@@ -179,32 +179,52 @@ def targets(speed: dict, runs: Path | None = None) -> list[dict]:
                     "at_least": True, "measured": round(mfu, 4), "met": mfu >= 0.45, "command": cmd,
                     "part": "gpt2-speed"})
     if runs is not None:
-        s = {n: json.loads((runs / n / "summary.json").read_text())
-             for n in ("exact-s0", "exact_eager-s0") if (runs / n / "summary.json").is_file()}
-        if "exact-s0" in s and NANO_ROW in rows:  # the run's warm step against nanoGPT's compiled step
-            run_ms = 1000 * B * T / s["exact-s0"]["tokens_per_s"]
-            m = run_ms / rows[NANO_ROW]["ms"]
-            out.append({"target": "basis-train exact run on gpt2-small-code (seed 0, warm tokens/s in its summary.json) "
-                                  "/ nanoGPT model.py compiled step (ms; at most 1)", "limit": 1.0,
-                        "measured": round(m, 4), "met": m <= 1.0, "part": "gpt2-speed",
-                        "command": "TIME_BUDGET=540 bash scripts/scale_grid.sh (run exact-s0; results/scale/) and "
-                                   + cmd, "ms": {"basis-train run": round(run_ms, 3), NANO_ROW: round(rows[NANO_ROW]["ms"], 3)}})
-        if len(s) == 2:
-            d = s["exact-s0"]["final_val_loss"] - s["exact_eager-s0"]["final_val_loss"]
-            out.append({"target": "2,000-step exact gpt2-small run (seed 0): |compiled - eager| final held-out "
-                                  "loss (nats)", "limit": 0.01, "measured": round(abs(d), 4),
+        out += _run_targets(runs, rows, meta, cmd)
+    for t in out:
+        t["gpu"] = meta["gpu"]
+    return out
+
+
+def _summaries(runs: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("exact*-s*/summary.json"))}
+
+
+def _run_targets(runs: Path, rows: dict, meta: dict, cmd: str) -> list[dict]:
+    """The grid's runs: an exact run's warm step against nanoGPT's compiled step, only from a run on
+    the rows' GPU; and exact compiled against not compiled (seed 0), each run's GPU named."""
+    s, out = _summaries(runs), []
+    same_gpu = [n for n in s if n.startswith("exact-s") and s[n].get("gpu", meta["gpu"]) == meta["gpu"]]
+    if same_gpu and NANO_ROW in rows:
+        name = min(same_gpu, key=lambda n: int(n.rsplit("-s", 1)[1]))
+        run_ms = 1000 * B * T / s[name]["tokens_per_s"]
+        m = run_ms / rows[NANO_ROW]["ms"]
+        out.append({"target": f"basis-train exact run on gpt2-small-code ({name}, warm tokens/s in its summary.json) "
+                              "/ nanoGPT model.py compiled step (ms; at most 1)", "limit": 1.0,
+                    "measured": round(m, 4), "met": m <= 1.0, "part": "gpt2-speed",
+                    "command": f"bash scripts/scale_grid.sh (run {name}; results/scale/) and " + cmd,
+                    "ms": {"basis-train run": round(run_ms, 3), NANO_ROW: round(rows[NANO_ROW]["ms"], 3)}})
+    for eager, how in (("exact_eager-s0", "not compiled, CUDA graph"), ("exact_eager_nographs-s0", "neither")):
+        if "exact-s0" in s and eager in s:
+            pair = {n: s[n] for n in ("exact-s0", eager)}
+            d = pair["exact-s0"]["final_val_loss"] - pair[eager]["final_val_loss"]
+            out.append({"target": f"2,000-step exact gpt2-small run (seed 0): |compiled + graph - {how}| final "
+                                  "held-out loss (nats)", "limit": 0.01, "measured": round(abs(d), 4),
                         "met": abs(d) <= 0.01, "part": "gpt2-speed",
-                        "command": "TIME_BUDGET=540 bash scripts/scale_grid.sh (runs exact-s0, exact_eager-s0; "
-                                   "results/scale/)",
-                        "final_val_loss": {k: v["final_val_loss"] for k, v in s.items()},
-                        "tokens_per_s": {k: v.get("tokens_per_s") for k, v in s.items()}})
+                        "command": f"bash scripts/scale_grid.sh (runs exact-s0, {eager}; results/scale/)",
+                        "final_val_loss": {k: v["final_val_loss"] for k, v in pair.items()},
+                        "run_gpus": {k: v.get("gpu") for k, v in pair.items()},
+                        "tokens_per_s": {k: v.get("tokens_per_s") for k, v in pair.items()}})
     return out
 
 
 def merge_targets(speed_json: Path, targets_json: Path, runs: Path | None) -> list[dict]:
-    new = targets(json.loads(speed_json.read_text()), runs)
+    """The speed rows' targets replace those of the same GPU; another GPU's stay beside them."""
+    speed = json.loads(speed_json.read_text())
+    new, gpu = targets(speed, runs), speed["meta"]["gpu"]
     old = json.loads(targets_json.read_text()) if targets_json.is_file() else []
-    merged = [t for t in old if t.get("part") != "gpt2-speed"] + new
+    # rows written before they named their GPU name it in their command
+    merged = [t for t in old if t.get("part") != "gpt2-speed" or t.get("gpu", "") != gpu
+              and gpu not in t.get("command", "")] + new
     targets_json.write_text(json.dumps(merged, indent=1) + "\n")
     return new
 

@@ -38,6 +38,8 @@ class Protocol:
 # How a run executed, which must change no result: the tag a run gets when it departs from the others.
 _MODE_TAGS = {"compiled": ("compiled", "eager"), "graphs": ("graphs", "no-graphs")}
 MODE_TAG_NAMES = frozenset(t for pair in _MODE_TAGS.values() for t in pair)
+# Other implementations trained on the same batches (scripts/nanogpt_reference.py).
+REFERENCE_METHODS = frozenset({"nanogpt"})
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,11 @@ class Setting:
         """Exact of the same protocol. A method run in another execution mode (not compiled, say, as
         saved-activation hooks require) pairs with exact in that mode, so that the mode's own effect
         is not charged to the method; plain exact in another mode pairs with the usual exact, which
-        is the check that the mode changes no result."""
+        is the check that the mode changes no result. So does an outside reference in any mode: it
+        checks the exact run the study's gaps are measured against."""
         tags = [t for t in self.tags.split(",") if t]
         mode = [t for t in tags if t in MODE_TAG_NAMES]
-        if self.method == "exact" and len(mode) == len(tags):
+        if self.method in REFERENCE_METHODS or (self.method == "exact" and len(mode) == len(tags)):
             mode = []
         return Setting(self.protocol, "exact", None, ",".join(mode))
 
@@ -196,9 +199,13 @@ def summarize_settings(runs: Sequence[RunRecord], level: float = 0.95) -> list[d
     """One entry per configuration, in table order, with its paired gaps to its baseline.
 
     tokens/s and MFU average only runs that had their GPU to themselves (runs_per_gpu 1): a shared
-    GPU's speed measures the sharing. Gap curves cover the evaluation steps every paired seed logged.
+    GPU's speed measures the sharing. Speed and step peak depend on the GPU, so an entry's means
+    (`step_peak_bytes_mean`, `tokens_per_s_mean`, `mfu_mean`) take the runs on the grid's most common
+    GPU (`gpu`) and `by_gpu` holds them per GPU; the losses and saved bytes pool every GPU. Gap
+    curves cover the evaluation steps every paired seed logged.
     """
     ref = reference_protocol(runs)
+    gpu = reference_gpu(runs)
     groups: dict[Setting, dict[int, RunRecord]] = {}
     for r in sorted(runs, key=lambda r: (_sort_key(r.setting, ref), r.seed)):
         groups.setdefault(r.setting, {})[r.seed] = r
@@ -206,7 +213,7 @@ def summarize_settings(runs: Sequence[RunRecord], level: float = 0.95) -> list[d
     for setting, by_seed in groups.items():
         final = {s: r.summary["final_val_loss"] for s, r in by_seed.items()}
         final = {s: (math.nan if v is None else float(v)) for s, v in final.items()}
-        alone = [r.summary for r in by_seed.values() if (r.summary.get("runs_per_gpu") or 1) == 1]
+        by_gpu = _by_gpu(by_seed.values())
         val = mean_ci(list(final.values()), level)
         entry = {
             "setting": setting, "label": label(setting, ref), "method": setting.method, "rank": setting.rank,
@@ -216,9 +223,8 @@ def summarize_settings(runs: Sequence[RunRecord], level: float = 0.95) -> list[d
             "final": final,
             "act_bytes_mean": _mean(r.summary.get("activation_bytes") for r in by_seed.values()),
             "act_breakdown_mean": _breakdown(r.summary for r in by_seed.values()),
-            "step_peak_bytes_mean": _mean(r.summary.get("step_peak_bytes") for r in by_seed.values()),
-            "tokens_per_s_mean": _mean(s.get("tokens_per_s") for s in alone),
-            "mfu_mean": _mean(s.get("mfu") for s in alone),
+            "gpu": gpu, "by_gpu": by_gpu,
+            **{k: (by_gpu.get(gpu) or {}).get(k) for k in ("step_peak_bytes_mean", "tokens_per_s_mean", "mfu_mean")},
             "stream_fraction_mean": _mean(r.summary.get("stream_fraction") for r in by_seed.values()),
             "curves": {s: r.curve for s, r in by_seed.items()},
             "baseline_label": label(setting.baseline, ref), "has_baseline": False, "gap": None, "gap_curve": {},
@@ -238,6 +244,26 @@ def summarize_settings(runs: Sequence[RunRecord], level: float = 0.95) -> list[d
             theirs = {s: c[step] for s, c in base["curves"].items() if step in c}
             if set(mine) & set(theirs):
                 e["gap_curve"][step] = _gap(mine, theirs, level)
+    return out
+
+
+def reference_gpu(runs: Sequence[RunRecord]) -> str | None:
+    """The GPU most runs ran on (None: no run recorded one, as on CPU)."""
+    gpus = Counter(r.summary.get("gpu") for r in runs if r.summary.get("gpu"))
+    return gpus.most_common(1)[0][0] if gpus else None
+
+
+def _by_gpu(records: Iterable[RunRecord]) -> dict[str | None, dict]:
+    """Per GPU: how many runs, the mean step peak, and tokens/s and MFU of those alone on it."""
+    groups: dict[str | None, list[Mapping]] = {}
+    for r in records:
+        groups.setdefault(r.summary.get("gpu"), []).append(r.summary)
+    out = {}
+    for gpu, ss in groups.items():
+        alone = [s for s in ss if (s.get("runs_per_gpu") or 1) == 1]
+        out[gpu] = {"n": len(ss), "step_peak_bytes_mean": _mean(s.get("step_peak_bytes") for s in ss),
+                    "tokens_per_s_mean": _mean(s.get("tokens_per_s") for s in alone),
+                    "mfu_mean": _mean(s.get("mfu") for s in alone)}
     return out
 
 

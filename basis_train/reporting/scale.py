@@ -32,7 +32,7 @@ GIB = 2 ** 30
 MIB = 2 ** 20
 COLUMNS = ("label", "method", "rank", "variant", "sketch_layers", "optimizer", "lr", "lr_factor", "steps",
            "data_order", "stream_fraction", "seed", "final_val_loss", "final_train_loss", "activation_bytes",
-           "step_peak_bytes", "tokens_per_s", "mfu", "wall_s", "runs_per_gpu", "tokens_seen", "epoch", "run_dir")
+           "step_peak_bytes", "tokens_per_s", "mfu", "wall_s", "gpu", "runs_per_gpu", "tokens_seen", "epoch", "run_dir")
 
 
 def run_dirs(grid: Path) -> list[Path]:
@@ -109,6 +109,23 @@ def main_table(entries: Sequence[Mapping]) -> list[str]:
     return lines
 
 
+def gpu_table(entries: Sequence[Mapping]) -> list[str]:
+    """Step peak, tokens/s and MFU per configuration and GPU, where the grid ran on more than one."""
+    gpus = sorted({g for e in entries for g in e.get("by_gpu", {}) if g}, key=lambda g: g != entries[0]["gpu"])
+    if len(gpus) < 2:
+        return []
+    lines = ["", "## Speed and step peak by GPU", "",
+             "| configuration | GPU | runs | step peak GiB | tokens/s | MFU |", "|---|---|---|---|---|---|"]
+    for e in entries:
+        for g in gpus:
+            d = e["by_gpu"].get(g)
+            if d:
+                peak, mfu = d["step_peak_bytes_mean"], d["mfu_mean"]
+                lines.append(f"| {e['label']} | {g} | {d['n']} | {_f(peak and peak / GIB, '.2f')} | "
+                             f"{_f(d['tokens_per_s_mean'], ',.0f')} | {_f(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} |")
+    return lines
+
+
 def gap_tables(entries: Sequence[Mapping]) -> list[str]:
     """Per protocol: rows = evaluation steps, columns = its configurations' paired gaps to exact."""
     out = []
@@ -175,7 +192,10 @@ def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str
              "same seeds (same initial weights and batches); negative means lower validation loss. CIs: Student's "
              "t over seeds (paired). Activation: bytes saved for backward by one training step; step peak: CUDA "
              "memory peak of one step above the allocations before it; tokens/s and MFU: means over the runs that "
-             "had their GPU to themselves (results.csv: runs_per_gpu = 1).", "",
+             "had their GPU to themselves (results.csv: runs_per_gpu = 1)"
+             + (f"; step peak, tokens/s and MFU: the runs on {entries[0]['gpu']}, the GPU most runs used."
+                if entries and entries[0].get("gpu") else "."),
+             *gpu_table(entries), "",
              "## Paired gap to exact at every evaluation (95% CI over seeds)", *gap_tables(entries)]
     lr = lr_tables(entries)
     if lr:

@@ -31,19 +31,25 @@ def _speed(tmp_path):
 def test_targets_are_the_ratios_of_the_rows_and_the_runs(tmp_path):
     mod = _script()
     runs = tmp_path / "runs"
-    for name, loss in (("exact-s0", 2.640), ("exact_eager-s0", 2.655)):
+    # exact-s0 ran on another GPU than the rows: its speed is not compared with them, exact-s1's is
+    for name, loss, gpu in (("exact-s0", 2.640, "NVIDIA H100"), ("exact_eager-s0", 2.655, "NVIDIA H100"),
+                            ("exact_eager_nographs-s0", 2.643, "NVIDIA H200"), ("exact-s1", 2.7, "NVIDIA H200")):
         (runs / name).mkdir(parents=True)
         # 8 x 1024 tokens in 25.6 ms a step
-        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens_per_s": 320_000.0}))
-    old = [{"target": "layer", "part": "layer", "measured": 0.9}, {"target": "stale", "part": "gpt2-speed"}]
+        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "tokens_per_s": 320_000.0,
+                                                             "gpu": gpu}))
+    old = [{"target": "layer", "part": "layer", "measured": 0.9}, {"target": "stale", "part": "gpt2-speed",
+                                                                     "command": "x (commit y, NVIDIA H200, torch z)"},
+           {"target": "other gpu", "part": "gpt2-speed", "gpu": "NVIDIA H100"}]
     targets = tmp_path / "targets.json"
     targets.write_text(json.dumps(old))
     new = mod.merge_targets(_speed(tmp_path), targets, runs)
     got = {t["target"].split(",")[0] + " " + t["target"][-40:]: (t["measured"], t["met"]) for t in new}
-    assert len(new) == 6  # the failed row gives no target
+    assert len(new) == 7  # the failed row gives no target
     measured = [(t["measured"], t["met"]) for t in new]
     assert measured == [(0.9, True), (round(17 / 18, 4), True), (1.15, False), (0.46, True), (1.28, False),
-                        (0.015, False)], got
+                        (0.015, False), (0.003, True)], got
+    assert "exact-s1" in new[4]["target"] and new[6]["run_gpus"]["exact_eager_nographs-s0"] == "NVIDIA H200"
     merged = json.loads(targets.read_text())
-    assert merged[0] == old[0] and "stale" not in {t["target"] for t in merged} and len(merged) == 7
-    assert all("commit abc" in t["command"] for t in new[:4])
+    assert [t["target"] for t in merged[:2]] == ["layer", "other gpu"] and len(merged) == 9
+    assert all("commit abc" in t["command"] for t in new[:4]) and {t["gpu"] for t in new} == {"NVIDIA H200"}

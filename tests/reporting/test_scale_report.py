@@ -270,3 +270,36 @@ def test_a_method_run_uncompiled_pairs_with_exact_uncompiled(tmp_path):
     assert gaps["exact [eager]"] == pytest.approx(0.05)
     table = "\n".join(main_table(summarize_settings(runs)))
     assert "vs exact [eager]" in table
+
+
+def test_an_outside_reference_pairs_with_the_usual_exact_in_any_mode(tmp_path):
+    # nanoGPT's model not compiled checks the exact run the gaps are measured against, not our
+    # exact run in its mode (which has its own gap to check).
+    from basis_train.reporting.grid_stats import read_runs, summarize_settings
+
+    g = tmp_path / "g"
+    for name, method, val, compiled in (("exact-s0", "exact", 2.44, True), ("exact_eager-s0", "exact", 2.49, False),
+                                        ("nanogpt-s0", "nanogpt", 2.45, True),
+                                        ("nanogpt_eager-s0", "nanogpt", 2.46, False)):
+        fake_run(g, name, method, None, "", 0, val, compile=compiled)
+    runs = read_runs(sorted(g.iterdir()))
+    by = {r.run_dir.name: r.setting for r in runs}
+    assert by["nanogpt_eager-s0"].tags == "eager" and by["nanogpt_eager-s0"].baseline == by["exact-s0"]
+    gaps = {e["label"]: e["gap"]["mean"] for e in summarize_settings(runs) if e.get("gap")}
+    assert gaps["nanogpt [eager]"] == pytest.approx(0.02) and gaps["exact [eager]"] == pytest.approx(0.05)
+
+
+def test_speed_and_step_peak_come_from_one_gpu_and_are_listed_per_gpu(tmp_path):
+    # Two seeds on one GPU kind, one on another, slower and with another step peak: the main table's
+    # speed and peak are the common GPU's alone, and the per-GPU table shows both.
+    g = tmp_path / "grid"
+    for s, gpu in enumerate(("H100", "H100", "H200")):
+        # fake_run's tokens/s: 1000 (seed + 1)
+        fake_run(g, f"exact-s{s}", "exact", None, "", s, 4.0, step_peak=(4 if gpu == "H100" else 3) * 2**30, gpu=gpu)
+    write_report(g, tmp_path / "res")
+    md = (tmp_path / "res" / "summary.md").read_text()
+    assert _line(md, "| exact |").endswith("| 4.00 | 1,500 | – |")  # seeds 0-1 on the H100
+    assert "| exact | H100 | 2 | 4.00 | 1,500 | – |" in md and "| exact | H200 | 1 | 3.00 | 3,000 | – |" in md
+    assert "the runs on H100, the GPU most runs used" in md
+    rows = list(csv.DictReader((tmp_path / "res" / "results.csv").open()))
+    assert sorted(r["gpu"] for r in rows) == ["H100", "H100", "H200"]
