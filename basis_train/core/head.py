@@ -13,8 +13,9 @@ forward exactly as BasisLinear takes it. It still needs x itself: the exact dX n
 dlogits, which need the logits, which need x. Its dW estimate is built from the count
 sketch of dlogits, accumulated over chunks in float32 (on CUDA under bf16/fp16 a tensor-core
 matmul with the chunk's R x c count-sketch matrix, elsewhere an index_add of signed rows into
-R x V) together with the squared Frobenius norm of dlogits for the invariant scalar, then
-rescaled once. With the same seed it is the estimate of BasisLinear + cross_entropy.
+R x V) together with the squared Frobenius norm of dlogits for the invariant scalar. That scalar
+multiplies the R x N sketch of x rather than the R x V one (the same product, no R x V copy). With the
+same seed it is the estimate of BasisLinear + cross_entropy.
 
 Dtypes. Under autocast the chunk's logits are computed in the autocast dtype (bf16 or
 fp16, the same rounding as the plain head's matmul) and the softmax, log-sum-exp and loss
@@ -44,7 +45,7 @@ from basis_train.core.sketch import (
     draw_seed,
     gaussian_projection,
     mm_float32,
-    rescale,
+    rescale_factor,
 )
 
 
@@ -203,8 +204,9 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_w and not exact_w:
                 # The squared norm taken back from its root, as every run so far rounded it.
                 g_sq = torch.linalg.vector_norm(g_sq.sqrt().view(1), dtype=g_sketch.dtype).square()
-                g_sketch = rescale(g_sketch[:, :v], g_sq, ctx.spec)
-                grad_w = g_sketch.t() @ xs
+                g_sketch = g_sketch[:, :v]
+                # rescale's factor is one scalar: on the R x N sketch of x, no R x V copy of g_sketch
+                grad_w = g_sketch.t() @ (xs * rescale_factor(g_sketch, g_sq, ctx.spec))
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None
         return grad_x, grad_w, None, None, None, None

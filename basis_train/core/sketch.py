@@ -143,6 +143,14 @@ def rescale(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchSpec) ->
     return _rescaled(sketch, full_sumsq, spec.lam, spec.scalars)
 
 
+def rescale_factor(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchSpec) -> torch.Tensor:
+    """The 0-d factor `rescale` multiplies `sketch` by: a product of sketches can take it on its
+    smaller side (the BASIS head: R x N for x rather than R x V for the dlogits)."""
+    one = torch.ones((), dtype=sketch.dtype, device=sketch.device)
+    factor = full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + SCALE_EPS) if spec.scalars else one
+    return factor * (1.0 - spec.lam) if spec.lam else factor
+
+
 def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
                   colsum: bool = False):
     # The kernel's fused rescale saves the dozen small launches of `_rescaled` and the partial sums.

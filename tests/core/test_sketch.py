@@ -223,3 +223,16 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(low, backend="aot_eager")
     for a, b in zip(run(low, compiled), run(low, compiled)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scalars", [True, False])
+@pytest.mark.parametrize("lam", [0.0, 0.01])
+def test_rescale_factor_is_what_rescale_multiplies_by(scalars, lam):
+    from basis_train.core.sketch import SketchSpec, rescale, rescale_factor
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    full = torch.tensor(41.5, dtype=torch.float64)
+    spec = SketchSpec(rank=8, scalars=scalars, lam=lam)
+    # (s c)(1 - lam) against s (c (1 - lam)): one float64 rounding apart, 2**-53 relative each
+    torch.testing.assert_close(s * rescale_factor(s, full, spec), rescale(s, full, spec), rtol=1e-15, atol=0)
