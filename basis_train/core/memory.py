@@ -227,3 +227,38 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device) -> int | N
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def live_bytes_peak(fn: Callable[[], object]) -> int:
+    """Peak, over `fn()`, of the bytes held by storages its ops allocate, on any device and without an
+    allocator's rounding or caching: the tensor-level counterpart of `step_peak_bytes` (a CPU has no
+    CUDA allocator to ask). Eager ops only; a storage counts from its first op until it is freed."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    live = {"now": 0, "peak": 0}
+    seen: set[int] = set()
+
+    def free(key: int, n: int) -> None:
+        live["now"] -= n
+        seen.discard(key)
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # in-place ops and views return one of their inputs' storages: nothing new
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and (st := t.untyped_storage()).data_ptr() not in seen | inputs:
+                    seen.add(st.data_ptr())
+                    live["now"] += st.nbytes()
+                    live["peak"] = max(live["peak"], live["now"])
+                    weakref.finalize(st, free, st.data_ptr(), st.nbytes())
+            return out
+
+    with _Count():
+        fn()
+    return live["peak"]

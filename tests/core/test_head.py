@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
-from basis_train.core.memory import SavedTensorMeter
+from basis_train.core.memory import SavedTensorMeter, live_bytes_peak
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear, SketchSpec
@@ -251,38 +251,6 @@ def test_cuda_bf16_basis_head_by_matmul_equals_index_add(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-class _LiveBytes:
-    """Bytes of the storages the ops inside it allocate that are still alive, and their peak."""
-
-    def __init__(self) -> None:
-        import weakref
-
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        meter = self
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in meter._seen:
-                        st = t.untyped_storage()  # a new storage: in-place ops and views return a seen one
-                        meter._seen.add(st.data_ptr())
-                        meter.live += st.nbytes()
-                        meter.peak = max(meter.peak, meter.live)
-                        weakref.finalize(st, meter._free, st.data_ptr(), st.nbytes())
-                return out
-
-        self.mode = _Mode()
-
-    def _free(self, key: int, n: int) -> None:
-        self.live -= n
-        self._seen.discard(key)
-
-
 def test_basis_head_backward_holds_one_r_by_v_sketch_beyond_exact(sketch_by):
     # The BASIS head's backward needs the R x V float32 sketch of the dlogits where exact accumulates
     # dW; the invariant scalar is one number, applied to the R x N sketch of x, so no R x V copy of the
@@ -296,8 +264,5 @@ def test_basis_head_backward_holds_one_r_by_v_sketch_beyond_exact(sketch_by):
     for name, spec in (("exact", None), ("basis", SketchSpec(rank=rank))):
         seed = torch.tensor(7) if spec else None
         loss = fused_linear_cross_entropy(x, w, t, chunk, spec, seed)
-        meter = _LiveBytes()
-        with meter.mode:
-            torch.autograd.grad(loss, (x, w))
-        peaks[name] = meter.peak
+        peaks[name] = live_bytes_peak(lambda loss=loss: torch.autograd.grad(loss, (x, w)))
     assert peaks["basis"] - peaks["exact"] < rank * v * 4, (peaks, rank * v * 4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from basis_train.core.memory import CATEGORIES, SavedTensorMeter
+from basis_train.core.memory import CATEGORIES, SavedTensorMeter, live_bytes_peak
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
 from basis_train.core.sketch import BasisLinear
@@ -194,3 +194,18 @@ def test_a_selective_checkpoints_kept_outputs_have_their_own_categories(arch):
     blocks = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
     assert {n: cats[f"{n}:out"] for n in blocks} == {n: "mlp_hidden" if n.endswith(".mlp.fc") else "width_d"
                                                      for n in blocks}
+
+
+def test_live_bytes_peak_counts_the_storages_alive_at_once():
+    x = torch.ones(1000)  # allocated before: not counted, even when an in-place op returns it
+
+    def step():
+        a = torch.empty(250)  # 1,000 bytes
+        b = a * 2  # 2,000 alive
+        del a  # 1,000
+        c = torch.cat([b, b])  # 1,000 + 2,000: the peak
+        del b, c  # 0
+        x.add_(1)  # in place: nothing new
+        return x[:10] + torch.zeros(10)[:5].sum()  # a view, then two small new storages
+
+    assert live_bytes_peak(step) == 3000
