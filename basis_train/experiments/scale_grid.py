@@ -3,10 +3,11 @@
     TIME_BUDGET=540 python -m basis_train.experiments.scale_grid --grid /tmp/scale25 [--gpus 0,1]
 
 Each call starts the unfinished runs that its budget can finish, in priority order (the main grid's
-seed-0 pairs first), one per GPU; finished runs (summary.json of the same config) are skipped, runs
-with a checkpoint resume. Near the deadline the running ones get SIGTERM, checkpoint and stop; the next
-call resumes them on the same (warm) machine. `--seed-from DIR` first copies in the finished runs of a
-previous machine, `--pack FILE` tars the finished ones (no checkpoints) for the trip back.
+seed-0 pairs first), one per GPU (`--gpus 0,0`: two on GPU 0, each recording runs_per_gpu 2); finished
+runs (summary.json of the same config) are skipped, runs with a checkpoint resume. Near the deadline
+the running ones get SIGTERM, checkpoint and stop; the next call resumes them on the same (warm)
+machine. `--seed-from DIR` first copies in the finished runs of a previous machine, `--pack FILE` tars
+the finished ones (no checkpoints) for the trip back.
 
 Only the standard library and basis_train's config and training code are imported (the GPU
 machine's Python has no typer): each run is a child process of this module (`--child`).
@@ -167,12 +168,11 @@ class Grid:
         self.deadline = time.monotonic() + args.budget - MARGIN_S
         self.timings = Timings(self.grid / "timings.jsonl", args.default_s_per_step, args.startup_s)
         self.usable = args.budget - MARGIN_S
-        self.lock, self.taken, self.procs, self.warned = threading.Lock(), set(), {}, set()
-        self.stopping = False
+        self.lock, self.taken, self.procs, self.warned, self.stopping = threading.Lock(), set(), {}, set(), False
+        self.per_gpu = {g: args.gpus.split(",").count(g) for g in args.gpus.split(",")} if args.gpus else {}
 
     def say(self, msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
+        print(line := f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
         with (self.grid / "grid.log").open("a") as f:
             f.write(line + "\n")
 
@@ -250,7 +250,8 @@ class Grid:
         else:
             cmd = [sys.executable, "-m", "basis_train.experiments.scale_grid", "--child",
                    str(run / "requested.yaml"), str(run)] + (["--resume"] if resume else [])
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        env = dict(os.environ, BASIS_TRAIN_RUNS_PER_GPU=str(self.per_gpu.get(gpu, 1)),
+                   **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
         self.say(f"start {job.name} ({job.group}, {'resume, ' if resume else ''}{todo} steps"
                  f"{f', GPU {gpu}' if gpu is not None else ''}; estimate {self.timings.estimate(cfg, todo, job.kind):.0f}s)")
         t = time.monotonic()
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", help="fineweb-edu instead of files")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run, e.g. train.compile=false (repeatable)")
-    ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each")
+    ap.add_argument("--gpus", default=os.environ.get("GPUS", ""), help="comma list: one run at a time on each, 0,0: two")
     ap.add_argument("--only", default="", help="comma list of groups (main-s0, reference, lr, ...: plan's) or run "
                                                "names (exact-s1); the grid's order either way [default: all]")
     ap.add_argument("--seed-from", type=Path, help="copy finished runs from this grid (or runs/) directory first")
@@ -349,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-s-per-step", type=float, default=0.08, help="estimate before any run finished")
     ap.add_argument("--startup-s", type=float, default=60.0, help="start-up of a run (data, compile) in estimates")
     ap.add_argument("--keep-checkpoints", action="store_true")
-    ap.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py (kept outside the repository): adds the "
-                                                 "outside reference run after seed 0's main grid")
+    ap.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py (kept out of the repository): the outside reference")
     ap.add_argument("--tokenize-only", action="store_true", help="build the corpus's token cache and stop")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)

@@ -111,6 +111,19 @@ def test_nothing_starts_that_the_budget_cannot_finish(tmp_path, small_corpus):
     assert "start " not in proc.stdout and "finished 0 of 7 planned runs" in proc.stdout
 
 
+def test_a_gpu_named_twice_runs_two_at_once_and_they_say_so(tmp_path, small_corpus):
+    # Two runs sharing a GPU are slower than alone: summary.json records it, and the scale report leaves
+    # their speed out. (The tiny config trains on the CPU; the GPU's name only travels in the environment.)
+    proc = _driver(tmp_path, small_corpus, "--only", "exact-s0,basis_R256-s0", "--gpus", "7,7")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    starts = [i for i, ln in enumerate(lines) if "] start " in ln and "GPU 7" in ln]
+    first_done = next(i for i, ln in enumerate(lines) if "] done: " in ln)
+    assert len(starts) == 2 and max(starts) < first_done, proc.stdout  # both started before either ended
+    runs = [json.loads((tmp_path / "grid" / "runs" / n / "summary.json").read_text()) for n in ("exact-s0", "basis_R256-s0")]
+    assert [r["runs_per_gpu"] for r in runs] == [2, 2]
+
+
 def test_only_takes_run_names_and_groups(tmp_path, small_corpus):
     proc = _driver(tmp_path, small_corpus, "--only", "basis_R256-s1,exact-s1,reference", "--default-s-per-step", "1000")
     assert proc.returncode == 0, proc.stderr
