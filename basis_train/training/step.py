@@ -106,6 +106,11 @@ class TrainStep:
         self.dispatch(idx)
         self.loss_n += 1
 
+    def drop_forwards(self) -> None:
+        """Let go of the forwards (a DDP wrapper among them) once training is over, so that the
+        process group is freed where its owner closes it (training/train.py)."""
+        self.forward = self.eager_forward = None
+
     @property
     def graph(self):
         """The captured step's graph once there is one (None: the step runs eagerly)."""

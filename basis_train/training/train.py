@@ -317,6 +317,8 @@ def train(cfg: Config, out: Path | str | None = None, *, resume: bool = False, o
             run.close()
             # DDP's reducer must not hold the last reference to the process group: freed
             # there (GIL held, e.g. with an exception's traceback) the group's teardown can
-            # deadlock against its own worker threads, as seen with gloo after an interrupt.
-            run.forward = run.train_step.forward = None
+            # deadlock against its own worker threads, as seen with gloo after an interrupt, or
+            # abort the process at exit ("terminate called without an active exception").
+            run.forward = None
+            run.train_step.drop_forwards()
         dist.close()

@@ -287,3 +287,38 @@ def test_rank_above_the_rows_of_a_step_warns_and_records_the_rank_that_ran(tmp_p
     # batch_size 1 x block_size 16 rows: the sketch cannot have more bins than that
     assert summary["rank"] == 16 and summary["rank_requested"] == 100
     assert "warning: sketch.rank 100 >= the 16 rows of a step" in err and "BASIS saves nothing" in err, err
+
+
+def test_the_ddp_wrapper_is_gone_when_the_process_group_closes(tmp_path, tiny_config, monkeypatch):
+    # DDP's reducer holds the process group: alive when the group is destroyed, it is freed later
+    # (at exit), where gloo's teardown can abort the process. Every reference must be dropped first.
+    import gc
+    import weakref
+
+    from basis_train.training import distributed
+    from basis_train.training import train as train_mod
+    from basis_train.training.config import load_config
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    refs, alive_at_close = [], []
+
+    def wrap(self, model):
+        w = Wrapper(model)
+        refs.append(weakref.ref(w))
+        return w
+
+    def close(self):
+        gc.collect()
+        alive_at_close.append([r() is not None for r in refs])
+
+    monkeypatch.setattr(distributed.Dist, "wrap", wrap)
+    monkeypatch.setattr(distributed.Dist, "close", close)
+    train_mod.train(load_config(tiny_config), tmp_path / "out", progress=False)
+    assert alive_at_close == [[False]]
