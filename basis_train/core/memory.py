@@ -252,11 +252,16 @@ def live_bytes_peak(fn: Callable[[], object]) -> int:
             inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
                       if isinstance(t, torch.Tensor)}
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and (st := t.untyped_storage()).data_ptr() not in seen | inputs:
-                    seen.add(st.data_ptr())
-                    live["now"] += st.nbytes()
-                    live["peak"] = max(live["peak"], live["now"])
-                    weakref.finalize(st, free, st.data_ptr(), st.nbytes())
+                if not isinstance(t, torch.Tensor):
+                    continue
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr in seen or ptr in inputs:
+                    continue
+                seen.add(ptr)
+                live["now"] += st.nbytes()
+                live["peak"] = max(live["peak"], live["now"])
+                weakref.finalize(st, free, ptr, st.nbytes())
             return out
 
     with _Count():

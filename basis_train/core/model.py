@@ -31,7 +31,7 @@ from basis_train.core.options import (
     KERNELS,
     METHODS,
     SKETCH_LAYERS,
-    SKETCHES_HEAD,
+    SKETCHED_KINDS,
     ModelConfig,
     SketchConfig,
 )
@@ -80,7 +80,7 @@ def _linear(cfg: GPTConfig, n_in: int, n_out: int, bias: bool, sketched: bool) -
 
 
 def _head(cfg: GPTConfig) -> nn.Linear:
-    sketched = cfg.sketch.layers in SKETCHES_HEAD and not cfg.exact
+    sketched = "head" in SKETCHED_KINDS[cfg.sketch.layers] and not cfg.exact
     if cfg.head == "plain":
         return _linear(cfg, cfg.n_embd, cfg.vocab_size, False, sketched)
     if not sketched:
@@ -93,7 +93,7 @@ def _head(cfg: GPTConfig) -> nn.Linear:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        sk = cfg.sketch.layers == "all"
+        sk = "attn" in SKETCHED_KINDS[cfg.sketch.layers]
         d = cfg.n_embd
         self.n_head = cfg.n_head
         if cfg.arch == "gpt2":  # one product for q, k and v: one sketchable layer
@@ -115,7 +115,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        sk = cfg.sketch.layers != "none"
+        sk = "mlp" in SKETCHED_KINDS[cfg.sketch.layers]
         hidden = cfg.mlp_ratio * cfg.n_embd
         self.fc = _linear(cfg, cfg.n_embd, hidden, True, sk)
         self.proj = _linear(cfg, hidden, cfg.n_embd, True, sk)
@@ -227,9 +227,8 @@ class GPT(nn.Module):
         for name, m in self.named_modules():
             if not isinstance(m, nn.Linear):
                 continue
-            layers = self.cfg.sketch.layers
-            if (layers == "all" or (".mlp." in name and layers != "none")
-                    or (name == "lm_head" and layers in SKETCHES_HEAD)):
+            kind = "head" if name == "lm_head" else "mlp" if ".mlp." in name else "attn"
+            if kind in SKETCHED_KINDS[self.cfg.sketch.layers]:
                 names.append(name)
         return names
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The kinds of linear layer (attention's, the MLPs', the head) each `sketch.layers` choice sketches.
 # mlp: the MLPs only. Sketching the fused head saves no memory (it keeps its input to recompute the logits
 # in backward) but adds its noisy dW estimate: mlp against mlp+head shows what that costs.
-SKETCH_LAYERS = ("none", "mlp", "mlp+head", "all")
-SKETCHES_HEAD = ("mlp+head", "all")
+SKETCHED_KINDS = {"none": (), "mlp": ("mlp",), "mlp+head": ("mlp", "head"), "all": ("attn", "mlp", "head")}
+SKETCH_LAYERS = tuple(SKETCHED_KINDS)
 ARCHS = ("paper", "gpt2")
 METHODS = ("basis", "exact")  # exact: the same network, every layer exact (core/model.py's build_gpt)
 HASHINGS = ("balanced", "uniform")

@@ -130,10 +130,14 @@ def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "ba
     return sk, sumsq, m.sum(0, dtype=acc) if colsum else None
 
 
-def _rescaled(sketch: torch.Tensor, full_sumsq: torch.Tensor, lam: float, scalars: bool) -> torch.Tensor:
+def _invariant_scalar(sketch: torch.Tensor, full_sumsq: torch.Tensor) -> torch.Tensor:
     # One scalar for the whole matrix.
+    return full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + SCALE_EPS)
+
+
+def _rescaled(sketch: torch.Tensor, full_sumsq: torch.Tensor, lam: float, scalars: bool) -> torch.Tensor:
     if scalars:
-        sketch = sketch * (full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + SCALE_EPS))
+        sketch = sketch * _invariant_scalar(sketch, full_sumsq)
     return sketch * (1.0 - lam) if lam else sketch
 
 
@@ -146,8 +150,8 @@ def rescale(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchSpec) ->
 def rescale_factor(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchSpec) -> torch.Tensor:
     """The 0-d factor `rescale` multiplies `sketch` by: a product of sketches can take it on its
     smaller side (the BASIS head: R x N for x rather than R x V for the dlogits)."""
-    one = torch.ones((), dtype=sketch.dtype, device=sketch.device)
-    factor = full_sumsq.sqrt() / (torch.linalg.vector_norm(sketch) + SCALE_EPS) if spec.scalars else one
+    factor = (_invariant_scalar(sketch, full_sumsq) if spec.scalars
+              else torch.ones((), dtype=sketch.dtype, device=sketch.device))
     return factor * (1.0 - spec.lam) if spec.lam else factor
 
 
