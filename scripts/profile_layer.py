@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from basis_train.core.sketch import BasisLinear  # noqa: E402
+from basis_train.core.basis_linear import BasisLinear  # noqa: E402
 
 
 def parse_args():

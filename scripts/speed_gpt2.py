@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from basis_train.core import flops, graphs
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 
 B, T = 8, 1024
 SMALL = GPTConfig(arch="gpt2", vocab_size=50257, block_size=T, n_embd=768, n_head=12, n_layer=12, head_chunk=1024)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from basis_train.core.sketch import BasisLinear
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.training.config import apply_overrides, dump_config, load_config
 from basis_train.training.train import Run
 

@@ -37,16 +37,10 @@ import torch
 from torch import nn
 
 from basis_train.core import head_cce, memory
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.options import DEFAULT_CHUNK, KERNELS
-from basis_train.core.sketch import (
-    BasisLinear,
-    SketchSpec,
-    bins_and_signs,
-    draw_seed,
-    gaussian_projection,
-    mm_float32,
-    rescale_factor,
-)
+from basis_train.core.sketch import SketchSpec, draw_seed, gaussian_projection, mm_float32, rescale_factor
+from basis_train.core.sketch_ops import bins_and_signs, sketch_op
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,7 +129,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if spec is not None:
                 r = min(spec.rank, rows)
                 # As BasisLinear: the sketch reads x as given, before any autocast cast.
-                xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
+                xs = sketch_op(x.detach(), seed, r, spec)
                 saved += [xs, seed]
                 if not torch.compiler.is_compiling():  # the meter runs eagerly
                     memory.mark(xs, "sketches")

@@ -136,7 +136,7 @@ class SavedTensorMeter:
                 self._storages[key] = (_marks.get(_storage_key(t)) or self._category(t, output), nbytes)
 
     def _category(self, t: torch.Tensor, output: bool = False) -> str:
-        from basis_train.core.sketch import BasisLinear
+        from basis_train.core.basis_linear import BasisLinear
 
         name, module = self._stack[-1] if self._stack else ("", None)
         if output:

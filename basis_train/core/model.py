@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.head import FusedBasisHead, FusedHead
 from basis_train.core.options import (
     ARCHS,
@@ -36,7 +37,7 @@ from basis_train.core.options import (
     SketchConfig,
 )
 from basis_train.core.saved_activations import selective_contexts
-from basis_train.core.sketch import BasisLinear, check_rank, draw_seed
+from basis_train.core.sketch import check_rank, draw_seed
 
 _GPT2_STD = 0.02
 # trunc_normal_ at +-2 std has std 0.8796...; Flax's lecun_normal divides it out.

@@ -29,13 +29,10 @@ A *sketch kind* is what summarises a matrix: a count-sketch with one of the hash
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from basis_train.core import feistel as fe
 from basis_train.core.kernels import KernelRoute
@@ -44,7 +41,7 @@ from basis_train.core.options import HASHINGS, SKETCH_KINDS
 # Only in the rescale's denominator, as the reference.
 SCALE_EPS = 1e-8
 # Matrices the fused kernels take; float64 (the tests' references) stays in PyTorch.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = KernelRoute("basis_train.core.kernels.sketch_gather", "BASIS uses its slower PyTorch sketch")
 
 
@@ -80,13 +77,13 @@ def gaussian_projection(seed: torch.Tensor, rows: int, rank: int) -> torch.Tenso
     return (z / math.sqrt(rank)).view(rank, rows).float()
 
 
-def _acc_dtype(m: torch.Tensor) -> torch.dtype:
+def acc_dtype(m: torch.Tensor) -> torch.dtype:
     return torch.float64 if m.dtype == torch.float64 else torch.float32
 
 
 def count_sketch_reference(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "balanced") -> torch.Tensor:
     """S @ m for a (B, C) matrix, accumulated in float32 (float64 stays float64)."""
-    acc = _acc_dtype(m)
+    acc = acc_dtype(m)
     rows = m.shape[0]
     if kind == "gaussian":
         return gaussian_projection(seed, rows, rank).to(acc) @ m.to(acc)
@@ -98,7 +95,7 @@ def count_sketch_reference(m: torch.Tensor, seed: torch.Tensor, rank: int, kind:
 
 def _gather_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int) -> torch.Tensor:
     # Slot j holds row q[j] and feeds bin j mod R: a gather and a reshaped sum, no atomics.
-    acc = _acc_dtype(m)
+    acc = acc_dtype(m)
     rows, cols = m.shape
     q = sketch_permutation(seed, rows)
     gathered = m.index_select(0, q).to(acc) * sketch_signs(seed, rows, acc)[q, None]
@@ -109,7 +106,7 @@ def _gather_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int) -> torch.Tens
 
 
 def _kernels_for(m: torch.Tensor, kind: str):
-    if kind == "balanced" and m.dtype in _KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0:
+    if kind == "balanced" and m.dtype in KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0:
         return KERNELS.on(m.device.type)
     return None
 
@@ -119,7 +116,7 @@ def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "ba
     possible; S m equals `count_sketch_reference` up to float32 summation order."""
     if kernels := _kernels_for(m, kind):
         return kernels.sketch_stats(m, seed, rank, colsum)
-    acc = _acc_dtype(m)
+    acc = acc_dtype(m)
     if m.shape[0] == 0:
         sk = m.new_zeros(rank, m.shape[1], dtype=acc)
     elif kind == "balanced":
@@ -155,7 +152,7 @@ def rescale_factor(sketch: torch.Tensor, full_sumsq: torch.Tensor, spec: SketchS
     return factor * (1.0 - spec.lam) if spec.lam else factor
 
 
-def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
+def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float,
                   colsum: bool = False):
     # The kernel's fused rescale saves the dozen small launches of `_rescaled` and the partial sums.
     kernels = _kernels_for(m, kind)
@@ -169,7 +166,7 @@ def _scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, sca
 def scaled_sketch(m: torch.Tensor, seed: torch.Tensor, spec: SketchSpec, rank: int | None = None) -> torch.Tensor:
     """The rescaled sketch of one matrix, what each pass of BasisLinear keeps or multiplies;
     `rank`: the R that runs where it is clamped below `spec.rank` (min(R, rows))."""
-    return _scaled_stats(m, seed, spec.rank if rank is None else rank, spec.kind, spec.scalars, spec.lam)[0]
+    return scaled_stats(m, seed, spec.rank if rank is None else rank, spec.kind, spec.scalars, spec.lam)[0]
 
 
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -178,14 +175,6 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a @ b
-
-
-def _weight_grad(gs: torch.Tensor, xs: torch.Tensor, grad_dtype: torch.dtype) -> torch.Tensor:
-    """gs^T xs. Under bf16/fp16 autocast on CUDA on tensor cores with float32 accumulation;
-    float32 inputs (the paper's protocol) keep the float32 product and its TF32 setting."""
-    if gs.is_cuda and grad_dtype in (torch.bfloat16, torch.float16):
-        return mm_float32(gs.t().to(grad_dtype), xs.to(grad_dtype))
-    return gs.t() @ xs
 
 
 @dataclass(frozen=True)
@@ -205,162 +194,6 @@ class SketchSpec:
             raise ValueError(f"sketch must be one of {SKETCH_KINDS}, got {self.kind!r}")
         if not 0.0 <= float(self.lam) < 1.0:
             raise ValueError(f"lam must be in [0, 1), got {self.lam!r}")
-
-
-# The sketches as torch.library custom ops: torch.compile keeps one graph around them (no graph
-# break at a BASIS layer) and treats them as opaque kernels, so the Triton path runs compiled too.
-@torch.library.custom_op("basis::scaled_sketch", mutates_args=())
-def _sketch_op(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool, lam: float) -> torch.Tensor:
-    return _scaled_stats(m, seed, rank, kind, scalars, lam)[0]
-
-
-@_sketch_op.register_fake
-def _(m, seed, rank, kind, scalars, lam):
-    return m.new_empty(rank, m.shape[1], dtype=_acc_dtype(m))
-
-
-@torch.library.custom_op("basis::scaled_sketch_colsum", mutates_args=())
-def _sketch_colsum_op(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str, scalars: bool,
-                      lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    sk, cs = _scaled_stats(m, seed, rank, kind, scalars, lam, colsum=True)
-    return sk, cs
-
-
-@_sketch_colsum_op.register_fake
-def _(m, seed, rank, kind, scalars, lam):
-    acc = _acc_dtype(m)
-    return m.new_empty(rank, m.shape[1], dtype=acc), m.new_empty(m.shape[1], dtype=acc)
-
-
-@torch.library.custom_op("basis::bins_and_signs", mutates_args=())
-def _bins_signs_op(seed: torch.Tensor, rows: int, rank: int, hashing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Opaque to torch.compile: the balanced bins' cycle walk loops a data-dependent number of times.
-    return sketch_bins(seed, rows, rank, hashing), sketch_signs(seed, rows, torch.float32)
-
-
-@_bins_signs_op.register_fake
-def _(seed, rows, rank, hashing):
-    return seed.new_empty(rows, dtype=torch.int64), seed.new_empty(rows, dtype=torch.float32)
-
-
-def bins_and_signs(seed: torch.Tensor, rows: int, rank: int, hashing: str = "balanced"):
-    """(bin of every row, its sign as float32): `sketch_bins` and `sketch_signs` in one op."""
-    return torch.ops.basis.bins_and_signs(seed, rows, rank, hashing)
-
-
-@torch.library.custom_op("basis::fresh_seed", mutates_args=())
-def _fresh_seed_op(like: torch.Tensor, salt: int) -> torch.Tensor:
-    # An opaque draw from torch's global generator: AOTAutograd saves its output for backward
-    # rather than re-running it (it recomputes only cheap pure ops), and the per-layer salt keeps
-    # two layers fed the same input from being merged into one draw.
-    return draw_seed(like.device)
-
-
-@_fresh_seed_op.register_fake
-def _(like, salt):
-    return like.new_empty((), dtype=torch.int64)
-
-
-class BasisLinearFunction(torch.autograd.Function):
-    """Exact forward, exact dX and db, count-sketched dW. Inputs are 2-D (rows, features)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, seed, spec: SketchSpec):
-        # R_safe = min(R, B); at least one bin so that an empty batch gives an empty sketch.
-        r = max(1, min(spec.rank, x.shape[0]))
-        # The sketch reads x as given (under autocast the matmul below may read a bf16
-        # cast of it) and always sums in float32.
-        xs = torch.ops.basis.scaled_sketch(x.detach(), seed, r, spec.kind, spec.scalars, spec.lam)
-        ctx.save_for_backward(xs, seed, weight)
-        ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias = r, spec, x.dtype, bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xs, seed, weight = ctx.saved_tensors
-        r, spec, x_dtype, has_bias = ctx.rank, ctx.spec, ctx.x_dtype, ctx.has_bias
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x_dtype)
-        need_b = has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            # One pass over dY: its sketch, its norm and (for the bias) its column sums.
-            args = (grad_out, seed, r, spec.kind, spec.scalars, spec.lam)
-            if need_b:
-                gs, colsum = torch.ops.basis.scaled_sketch_colsum(*args)
-                grad_b = colsum.to(weight.dtype)
-            else:
-                gs = torch.ops.basis.scaled_sketch(*args)
-            grad_w = _weight_grad(gs, xs, grad_out.dtype).to(weight.dtype)
-        elif need_b:
-            grad_b = grad_out.sum(0, dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-_salts = itertools.count()
-
-
-class BasisLinear(nn.Linear):
-    """Drop-in `nn.Linear` whose weight gradient is a BASIS estimate while training.
-
-    Same parameters and state_dict as nn.Linear. In eval mode, under no_grad, or when the
-    weight needs no gradient it is an ordinary linear layer (nothing to estimate, so no sketch).
-
-    `sketch` is a kind from SKETCH_KINDS. `seed`, when set, is used instead of drawing one
-    from `generator`: activation checkpointing sets it so that the recompute of a forward
-    sketches with that forward's seed (see model.py).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        rank: int = 32,
-        sketch: str = "balanced",
-        invariant_scalars: bool = True,
-        lam: float = 0.01,
-        device=None,
-        dtype=None,
-    ) -> None:
-        spec = SketchSpec(rank, sketch, bool(invariant_scalars), float(lam))
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.spec = spec
-        self.generator: torch.Generator | None = None
-        self.seed: torch.Tensor | None = None
-        self._salt = next(_salts)
-
-    # The spec's fields under the names the rest of the package reads.
-    rank = property(lambda self: self.spec.rank)
-    sketch = property(lambda self: self.spec.kind)
-    invariant_scalars = property(lambda self: self.spec.scalars)
-    lam = property(lambda self: self.spec.lam)
-
-    def sketching(self) -> bool:
-        """Whether a forward now draws a sketch (training, grad on, a weight that wants a gradient)."""
-        return self.training and torch.is_grad_enabled() and self.weight.requires_grad
-
-    def take_seed(self, x: torch.Tensor) -> torch.Tensor:
-        """This forward's sketch seed: the one set from outside (the training step or a
-        checkpointed block's recompute), else a fresh draw: eagerly from `generator`, or under
-        torch.compile as an opaque op on the global generator that no recompute re-runs."""
-        if self.seed is not None:
-            return self.seed
-        if torch.compiler.is_compiling():
-            return torch.ops.basis.fresh_seed(x, self._salt)
-        return draw_seed(x.device, self.generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sketching():
-            return F.linear(x, self.weight, self.bias)
-        y = BasisLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.take_seed(x), self.spec)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, rank={self.rank}, sketch={self.sketch}, "
-            f"invariant_scalars={self.invariant_scalars}, lam={self.lam}"
-        )
 
 
 def check_rank(rank) -> None:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from basis_train.core import flops
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.memory import SavedTensorMeter, step_peak_bytes
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 from basis_train.experiments.bench_sizes import LAYER, LAYER_QUICK, QUICK, SIZES
 from basis_train.experiments.graphed_step import graphed_step
 from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets

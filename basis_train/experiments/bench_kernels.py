@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from basis_train.core import graphs
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
-from basis_train.core.sketch import BasisLinear
 from basis_train.fsutil import atomic_write_text
 
 LAYER = (8192, 768, 3072)

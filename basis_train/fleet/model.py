@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.model import GPT
-from basis_train.core.sketch import BasisLinear, SketchSpec, draw_seed
+from basis_train.core.sketch import SketchSpec, draw_seed
 from basis_train.fleet.head import FleetFusedCE, head_kernels_for
 from basis_train.fleet.sketch import FleetSketch, dw_product, dy_side, kept_side
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch._dynamo
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.train import train
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.setup import build_optimizer, param_groups
 

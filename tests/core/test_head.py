@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.head import FusedBasisHead, FusedHead, fused_linear_cross_entropy
 from basis_train.core.memory import SavedTensorMeter, live_bytes_peak
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear, SketchSpec
+from basis_train.core.sketch import SketchSpec
 
 ROWS, N, V = 37, 12, 53  # 37 rows: the last chunk is short for every chunk size used
 
@@ -218,7 +219,8 @@ def test_frozen_basis_head_is_the_exact_head_and_draws_no_seed():
 @pytest.mark.parametrize("hashing", ["balanced", "uniform"])
 def test_sketch_matrix_is_the_count_sketch(hashing):
     from basis_train.core.head import sketch_matrix
-    from basis_train.core.sketch import bins_and_signs, count_sketch_reference, draw_seed
+    from basis_train.core.sketch import count_sketch_reference, draw_seed
+    from basis_train.core.sketch_ops import bins_and_signs
 
     m = torch.randn(ROWS, V, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     seed = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(2))

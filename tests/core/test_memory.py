@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.memory import CATEGORIES, SavedTensorMeter, live_bytes_peak
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 
 ROWS, N, M = 16, 8, 24
 

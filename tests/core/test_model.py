@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPT, GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 
 PAPER = GPTConfig()
 

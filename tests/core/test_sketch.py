@@ -5,14 +5,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.memory import SavedTensorMeter
-from basis_train.core.sketch import (
-    BasisLinear,
-    count_sketch_reference,
-    sketch_bins,
-    sketch_permutation,
-    sketch_stats,
-)
+from basis_train.core.sketch import count_sketch_reference, sketch_bins, sketch_permutation, sketch_stats
 
 F64 = torch.float64
 

@@ -7,9 +7,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from basis_train.core import sketch
+from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
-from basis_train.core.sketch import BasisLinear
 
 
 @pytest.mark.parametrize("shape", [(0, 6), (2, 0, 6)])

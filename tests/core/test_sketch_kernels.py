@@ -8,7 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from basis_train.core import sketch
-from basis_train.core.sketch import BasisLinear, SketchSpec, count_sketch_reference, rescale, sketch_bins, sketch_signs
+from basis_train.core.basis_linear import BasisLinear
+from basis_train.core.sketch import SketchSpec, count_sketch_reference, rescale, sketch_bins, sketch_signs
 
 from tolerance import assert_fp32_sum_close
 
@@ -165,6 +166,35 @@ def test_gpu_layer_uses_kernel_and_graph_replays_continue_the_eager_stream():
     for a, b in zip(got, expected):
         assert_close(a, b)
     assert not torch.equal(got[0], got[1])
+
+
+@cuda
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_layer_has_inductor_launch_the_sketch_kernels_and_matches_eager(bias):
+    """Under torch.compile the sketches are triton_ops: Inductor's own code launches their kernels
+    (no opaque basis::scaled_sketch call left in it), and one seed gives eager's estimate."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer = BasisLinear(96, 80, bias=bias, rank=16).cuda()
+    layer.seed = torch.tensor(12345, device="cuda")
+    x = torch.randn(300, 96, device="cuda", requires_grad=True)
+
+    def step(module):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).square().sum().backward()
+        return [t.clone() for t in (x.grad, *(p.grad for p in layer.parameters()))]
+
+    eager = step(layer)
+    got, codes = run_and_get_code(step, torch.compile(layer))
+    code = "\n".join(codes)
+    assert "_gather_kernel" in code and "_finish_kernel" in code
+    assert not re.search(r"ops\.basis\.scaled_sketch(_colsum)?\.default", code)
+    for a, b in zip(got, eager, strict=True):
+        assert_close(a, b)
 
 
 # --- the slot table and the launch shapes of the gather ---------------------------------

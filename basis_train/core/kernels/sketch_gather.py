@@ -225,29 +225,37 @@ def launch_shape(rows: int, cols: int, rank: int, cfg: dict[str, int] | None = N
                 splits=triton.cdiv(per_bin, steps), steps=steps)
 
 
-def slot_table(seed: torch.Tensor, rows: int, block: int | None = None) -> torch.Tensor:
+def _launcher(traceable: bool):
+    # torch.library.wrap_triton in the body of a triton_op (sketch_ops.py): torch.compile traces the
+    # launch and Inductor emits it from its own code; run eagerly it is the plain kernel. Elsewhere the
+    # plain kernel, without the wrapper's dispatch.
+    return torch.library.wrap_triton if traceable else (lambda kernel: kernel)
+
+
+def slot_table(seed: torch.Tensor, rows: int, block: int | None = None, traceable: bool = False) -> torch.Tensor:
     """int32 table: entry (row << 1) | sign_bit at slot pi(row); slot j feeds bin j mod R."""
     if rows >= MAX_ROWS:
         raise ValueError(f"the v2 sketch kernels take fewer than 2**30 rows, got {rows}")
     block = block or _tuning()["table_block"]
     table = torch.empty(rows, device=seed.device, dtype=torch.int32)
-    _slot_table_kernel[(triton.cdiv(rows, block),)](seed, table, rows, BITS=fe.domain_bits(rows), BLOCK=block)
+    _launcher(traceable)(_slot_table_kernel)[(triton.cdiv(rows, block),)](seed, table, rows, BITS=fe.domain_bits(rows),
+                                                                           BLOCK=block)
     return table
 
 
-def _gather(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool, sknorm: bool):
+def _gather(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool, sknorm: bool, traceable: bool = False):
     """Launch the table and gather kernels. (sketch partials [splits, R, C], squared-norm partials,
     column-sum partials [parts, C] or None, sketch-norm partials or None (unsplit only), shape)."""
     rows, cols = m.shape
     cfg = _tuning()
-    table = slot_table(seed, rows, cfg["table_block"])
+    table = slot_table(seed, rows, cfg["table_block"], traceable)
     sh = launch_shape(rows, cols, rank, cfg)
     splits, n_tiles = sh["splits"], sh["n_rb"] * sh["n_cb"]
     out = torch.empty(splits, rank, cols, device=m.device, dtype=torch.float32)
     sumsq = torch.empty(splits * n_tiles, device=m.device, dtype=torch.float32)
     cs = torch.empty(splits * sh["n_rb"], cols, device=m.device, dtype=torch.float32) if colsum else None
     skn = torch.empty(n_tiles, device=m.device, dtype=torch.float32) if sknorm and splits == 1 else None
-    _gather_kernel[(sh["n_rb"], sh["n_cb"], splits)](
+    _launcher(traceable)(_gather_kernel)[(sh["n_rb"], sh["n_cb"], splits)](
         m, table, out, sumsq, out if cs is None else cs, sumsq if skn is None else skn, rows, cols, m.stride(0),
         rank, sh["steps"], BLOCK_R=sh["block_r"], BLOCK_K=sh["block_k"], BLOCK_C=sh["block_c"],
         COLSUM=colsum, SKNORM=skn is not None, num_warps=cfg["warps"],
@@ -273,22 +281,23 @@ _FINISH_BLOCK_N = 1024
 
 
 def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, scalars: bool, lam: float, eps: float,
-                 colsum: bool = False):
+                 colsum: bool = False, traceable: bool = False):
     """(sketch._scale(S m, ||m||_F^2, lam, scalars), column sums of m or None), in at most four
     launches (table, gather, split reduction when the bins' steps are split, finish) instead of
-    a dozen small torch ops after the kernel."""
+    a dozen small torch ops after the kernel. `traceable`: launched through wrap_triton (sketch_ops.py's
+    triton_op bodies)."""
     m = _contiguous_rows(m)
     rows, cols = m.shape
-    out, sumsq, cs, skn, sh = _gather(m, seed, rank, colsum, sknorm=scalars)
+    out, sumsq, cs, skn, sh = _gather(m, seed, rank, colsum, sknorm=scalars, traceable=traceable)
     sketch = out[0]
     if sh["splits"] > 1:
         sketch = torch.empty(rank, cols, device=m.device, dtype=torch.float32)
         grid = (triton.cdiv(rank, _FINISH_BLOCK_R), triton.cdiv(cols, _FINISH_BLOCK_C))
         skn = torch.empty(grid[0] * grid[1], device=m.device, dtype=torch.float32)
-        _reduce_splits_kernel[grid](out, sketch, skn, rank, cols, sh["splits"],
+        _launcher(traceable)(_reduce_splits_kernel)[grid](out, sketch, skn, rank, cols, sh["splits"],
                                     BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
     colsums = torch.empty(cols, device=m.device, dtype=torch.float32) if colsum else None
-    _finish_kernel[(triton.cdiv(cols, _FINISH_BLOCK_C),)](
+    _launcher(traceable)(_finish_kernel)[(triton.cdiv(cols, _FINISH_BLOCK_C),)](
         sketch, sumsq, sumsq.numel(), sumsq if skn is None else skn, 0 if skn is None else skn.numel(),
         sketch if cs is None else cs, 0 if cs is None else cs.shape[0], sketch if colsums is None else colsums,
         rank, cols, 1.0 - lam, eps, SCALARS=scalars, COLSUM=colsum,
