@@ -167,8 +167,12 @@ def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_pt
                    eps, SCALARS: tl.constexpr, COLSUM: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """In place: sketch *= (1 - lam) * ||m||_F / (||S m||_F + eps) (the invariant scalars, as
-    sketch._scale), and the column sums of m from their partials."""
-    cb = tl.program_id(0)
+    sketch._scale), and the column sums of m from their partials. One BLOCK_R x BLOCK_C tile per
+    program: a grid over columns alone left a 256 x 3072 sketch to 24 programs (9 us a call on an
+    H100, results/bench/h100_gpt2/speed/profile.txt). Every program sums the partials itself, in one
+    order, so every tile gets the same factor."""
+    rb = tl.program_id(0)
+    cb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < cols
     if SCALARS:
@@ -176,12 +180,11 @@ def _finish_kernel(sk_ptr, sumsq_ptr, n_sumsq, sknorm_ptr, n_sknorm, cs_parts_pt
         factor = tl.sqrt(sumsq) / (tl.sqrt(_fixed_order_sum(sknorm_ptr, n_sknorm, BLOCK_N)) + eps) * shrink
     else:
         factor = shrink
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        offs = r[:, None] * cols + c[None, :]
-        mask = (r < rank)[:, None] & cmask[None, :]
-        tl.store(sk_ptr + offs, tl.load(sk_ptr + offs, mask=mask, other=0.0) * factor, mask=mask)
-    if COLSUM:
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = r[:, None] * cols + c[None, :]
+    mask = (r < rank)[:, None] & cmask[None, :]
+    tl.store(sk_ptr + offs, tl.load(sk_ptr + offs, mask=mask, other=0.0) * factor, mask=mask)
+    if COLSUM and rb == 0:
         cs = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for p in range(0, n_cs):
             cs += tl.load(cs_parts_ptr + p * cols + c, mask=cmask, other=0.0)
@@ -297,7 +300,7 @@ def scaled_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, scalars: bool, 
         _launcher(traceable)(_reduce_splits_kernel)[grid](out, sketch, skn, rank, cols, sh["splits"],
                                     BLOCK_R=_FINISH_BLOCK_R, BLOCK_C=_FINISH_BLOCK_C)
     colsums = torch.empty(cols, device=m.device, dtype=torch.float32) if colsum else None
-    _launcher(traceable)(_finish_kernel)[(triton.cdiv(cols, _FINISH_BLOCK_C),)](
+    _launcher(traceable)(_finish_kernel)[(triton.cdiv(rank, _FINISH_BLOCK_R), triton.cdiv(cols, _FINISH_BLOCK_C))](
         sketch, sumsq, sumsq.numel(), sumsq if skn is None else skn, 0 if skn is None else skn.numel(),
         sketch if cs is None else cs, 0 if cs is None else cs.shape[0], sketch if colsums is None else colsums,
         rank, cols, 1.0 - lam, eps, SCALARS=scalars, COLSUM=colsum,
