@@ -59,31 +59,26 @@ def _triton_sketch_colsum(m: torch.Tensor, seed: torch.Tensor, rank: int, scalar
     return sk, cs
 
 
-_triton_ops_defined = False
-
-
-@torch.compiler.assume_constant_result
-def _triton_ops_on(device_type: str) -> bool:
-    """Whether sketches of tensors on `device_type` run as the basis::*_triton ops: on CUDA where the
-    fused kernels load. Those are torch.library.triton_op: torch.compile traces their bodies, so
-    Inductor launches the Triton kernels from its own generated code instead of an opaque op's
-    Python body (its launches and allocations: about 250 us a call under the profiler on an H100,
-    results/bench/h100_gpt2/speed). Defined on the first call, so that a process that meets no CUDA
-    tensor never imports Triton; under torch.compile the answer is a constant of the graph."""
-    global _triton_ops_defined
-    if device_type != "cuda" or KERNELS.on(device_type) is None:
+def _define_triton_ops() -> bool:
+    """Define the basis::*_triton ops where CUDA is and the fused kernels load (importing Triton).
+    They are torch.library.triton_op: torch.compile traces their bodies, so Inductor launches the
+    Triton kernels from its own generated code instead of an opaque op's Python body (its launches
+    and allocations: about 250 us a call under the profiler on an H100, results/bench/h100_gpt2/speed)."""
+    if not torch.cuda.is_available() or KERNELS.on("cuda") is None:
         return False
-    if not _triton_ops_defined:
-        torch.library.triton_op("basis::scaled_sketch_triton", _triton_sketch, mutates_args=())
-        torch.library.triton_op("basis::scaled_sketch_colsum_triton", _triton_sketch_colsum, mutates_args=())
-        _triton_ops_defined = True
+    torch.library.triton_op("basis::scaled_sketch_triton", _triton_sketch, mutates_args=())
+    torch.library.triton_op("basis::scaled_sketch_colsum_triton", _triton_sketch_colsum, mutates_args=())
     return True
+
+
+# Decided once, at import: a constant to torch.compile; without CUDA the kernel module is never loaded.
+_TRITON_OPS = _define_triton_ops()
 
 
 def _fused(m: torch.Tensor, kind: str) -> bool:
     # sketch.py's _kernels_for, on CUDA only.
-    return (kind == "balanced" and m.dtype in KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0
-            and _triton_ops_on(m.device.type))
+    return (_TRITON_OPS and m.is_cuda and kind == "balanced" and m.dtype in KERNEL_DTYPES and m.dim() == 2
+            and m.shape[0] > 0)
 
 
 def sketch_op(m: torch.Tensor, seed: torch.Tensor, rank: int, spec: SketchSpec) -> torch.Tensor:
