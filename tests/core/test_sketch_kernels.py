@@ -267,6 +267,20 @@ def test_interpreted_matches_reference_under_other_launch_shapes(interpreted, mo
     check_stats(interpreted, torch.randn(rows, cols), torch.tensor(4242), rank)
 
 
+def test_cached_launch_shapes_follow_the_tuning_override(interpreted, monkeypatch):
+    # Launch shapes are cached per matrix shape; the environment's override must be part of the key.
+    interpreted._shape.cache_clear()
+    seen, real = [], interpreted.launch_shape
+    monkeypatch.setattr(interpreted, "launch_shape", lambda *a: seen.append(a[3]["programs"]) or real(*a))
+    m, seed = torch.randn(300, 130), torch.tensor(5)
+    monkeypatch.delenv("BASIS_SKETCH_V2", raising=False)
+    for _ in range(2):
+        interpreted.sketch_stats(m, seed, 4)
+    monkeypatch.setenv("BASIS_SKETCH_V2", "programs=100000")
+    interpreted.sketch_stats(m, seed, 4)
+    assert seen == [264, 100000]  # computed once per override, then read from the cache
+
+
 def test_v2_tuning_rejects_unknown_keys(monkeypatch):
     from basis_train.core.kernels import sketch_gather
 

@@ -27,6 +27,7 @@ masked int64 arithmetic.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -228,6 +229,15 @@ def launch_shape(rows: int, cols: int, rank: int, cfg: dict[str, int] | None = N
                 splits=triton.cdiv(per_bin, steps), steps=steps)
 
 
+@functools.lru_cache(maxsize=1024)
+def _shape(rows: int, cols: int, rank: int, tuning: str) -> tuple[dict[str, int], dict[str, int]]:
+    # (_tuning(), launch_shape) per matrix shape, `tuning` (the environment's override) in the key:
+    # launch_shape's Python took 33 us a call on a 2-core CPU, paid by every uncompiled sketch op.
+    # The dicts are shared: read only.
+    cfg = _tuning()
+    return cfg, launch_shape(rows, cols, rank, cfg)
+
+
 def _launcher(traceable: bool):
     # torch.library.wrap_triton in the body of a triton_op (sketch_ops.py): torch.compile traces the
     # launch and Inductor emits it from its own code; run eagerly it is the plain kernel. Elsewhere the
@@ -250,9 +260,8 @@ def _gather(m: torch.Tensor, seed: torch.Tensor, rank: int, colsum: bool, sknorm
     """Launch the table and gather kernels. (sketch partials [splits, R, C], squared-norm partials,
     column-sum partials [parts, C] or None, sketch-norm partials or None (unsplit only), shape)."""
     rows, cols = m.shape
-    cfg = _tuning()
+    cfg, sh = _shape(rows, cols, rank, os.environ.get("BASIS_SKETCH_V2", ""))
     table = slot_table(seed, rows, cfg["table_block"], traceable)
-    sh = launch_shape(rows, cols, rank, cfg)
     splits, n_tiles = sh["splits"], sh["n_rb"] * sh["n_cb"]
     out = torch.empty(splits, rank, cols, device=m.device, dtype=torch.float32)
     sumsq = torch.empty(splits * n_tiles, device=m.device, dtype=torch.float32)
