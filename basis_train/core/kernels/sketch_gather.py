@@ -232,7 +232,7 @@ def launch_shape(rows: int, cols: int, rank: int, cfg: dict[str, int] | None = N
 @functools.lru_cache(maxsize=1024)
 def _shape(rows: int, cols: int, rank: int, tuning: str) -> tuple[dict[str, int], dict[str, int]]:
     # (_tuning(), launch_shape) per matrix shape, `tuning` (the environment's override) in the key:
-    # launch_shape's Python took 33 us a call on a 2-core CPU, paid by every uncompiled sketch op.
+    # launch_shape's Python took about 30 us a call on a 2-core CPU, paid by every uncompiled sketch op.
     # The dicts are shared: read only.
     cfg = _tuning()
     return cfg, launch_shape(rows, cols, rank, cfg)
