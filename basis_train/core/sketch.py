@@ -41,7 +41,7 @@ from basis_train.core.options import HASHINGS, SKETCH_KINDS
 # Only in the rescale's denominator, as the reference.
 SCALE_EPS = 1e-8
 # Matrices the fused kernels take; float64 (the tests' references) stays in PyTorch.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = KernelRoute("basis_train.core.kernels.sketch_gather", "BASIS uses its slower PyTorch sketch")
 
 
@@ -105,10 +105,14 @@ def _gather_sketch(m: torch.Tensor, seed: torch.Tensor, rank: int) -> torch.Tens
     return gathered.view(per_bin, rank, cols).sum(0)
 
 
+def kernels_take(m: torch.Tensor, kind: str) -> bool:
+    """Whether the fused kernels can sketch `m` (a non-empty 2-D matrix of a kernel dtype, balanced
+    bins), wherever they load."""
+    return kind == "balanced" and m.dtype in _KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0
+
+
 def _kernels_for(m: torch.Tensor, kind: str):
-    if kind == "balanced" and m.dtype in KERNEL_DTYPES and m.dim() == 2 and m.shape[0] > 0:
-        return KERNELS.on(m.device.type)
-    return None
+    return KERNELS.on(m.device.type) if kernels_take(m, kind) else None
 
 
 def sketch_stats(m: torch.Tensor, seed: torch.Tensor, rank: int, kind: str = "balanced", colsum: bool = False):

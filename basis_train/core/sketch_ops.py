@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from basis_train.core.sketch import (
-    KERNEL_DTYPES,
     KERNELS,
     SCALE_EPS,
     SketchSpec,
     acc_dtype,
     draw_seed,
+    kernels_take,
     scaled_stats,
     sketch_bins,
     sketch_signs,
@@ -76,9 +76,7 @@ _TRITON_OPS = _define_triton_ops()
 
 
 def _fused(m: torch.Tensor, kind: str) -> bool:
-    # sketch.py's _kernels_for, on CUDA only.
-    return (_TRITON_OPS and m.is_cuda and kind == "balanced" and m.dtype in KERNEL_DTYPES and m.dim() == 2
-            and m.shape[0] > 0)
+    return _TRITON_OPS and m.is_cuda and kernels_take(m, kind)
 
 
 def sketch_op(m: torch.Tensor, seed: torch.Tensor, rank: int, spec: SketchSpec) -> torch.Tensor:
