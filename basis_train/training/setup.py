@@ -123,7 +123,11 @@ def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimiz
             # A captured CUDA graph bakes in a float lr; a device tensor it reads at replay.
             g["lr"] = torch.tensor(g["lr"], device=next(model.parameters()).device)
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        # SGD's foreach update reads a tensor lr on the host (alpha=-lr), which a CUDA graph cannot capture
+        # (cudaErrorStreamCaptureUnsupported); its fused kernel reads the lr where it lies.
+        tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g in groups)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               fused=tensor_lr or None)
     # One fused kernel for the whole update on CUDA (what GPT-2 recipes use); foreach elsewhere.
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,

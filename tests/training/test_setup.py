@@ -51,3 +51,31 @@ def test_lr_scale_sketched_reaches_exactly_the_sketchable_weights(arch, layers, 
         {"lm_head.weight"} if arch == "paper" and layers != "mlp" else set())
     assert {n for n, lr in got.items() if lr == 0.5 * cfg.optim.lr} == want
     assert all(lr == cfg.optim.lr for n, lr in got.items() if n not in want)
+
+
+def test_sgd_holding_a_device_lr_is_fused_and_steps_as_with_a_float_lr():
+    """A captured CUDA graph reads a scheduled lr from a tensor, and SGD's foreach update reads a tensor
+    lr on the host (alpha=-lr), an error inside a capture: SGD holding one is fused, reading it where it
+    lies, and updates the weights as the foreach SGD with the same float lr does."""
+    import torch
+    from torch.testing import assert_close
+
+    from basis_train.core.model import build_gpt
+    from basis_train.training.setup import build_optimizer, set_lr
+
+    cfg = apply_overrides(load_config("tiny"), {"optim.name": "sgd", "optim.momentum": 0.9, "optim.lr": 0.1,
+                                                "optim.weight_decay": 0.0, "optim.schedule": "cosine"})
+    models = [build_gpt(gpt_config(cfg), seed=0, method="exact") for _ in range(2)]
+    graphed, plain = (build_optimizer(m, cfg, capturable=c) for m, c in zip(models, (True, False)))
+    assert all(isinstance(g["lr"], torch.Tensor) and g["fused"] for g in graphed.param_groups)
+    assert not any(g["fused"] for g in plain.param_groups)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    for factor in (0.3, 1.0, 0.7):  # the momentum buffers' first step and two after it, lr moving
+        for model, opt in zip(models, (graphed, plain)):
+            set_lr(opt, factor)
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(*(m.parameters() for m in models)):
+        # the same float32 operations per element, possibly fused into multiply-adds: a few roundings
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
