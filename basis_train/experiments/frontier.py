@@ -47,7 +47,7 @@ from basis_train.experiments.bench_sizes import (
     QUICK,
 )
 from basis_train.experiments.frontier_probe import GIB, Prober, host_available_bytes, say
-from basis_train.experiments.frontier_search import affine_hint, largest_fitting, parse_budgets, parse_methods
+from basis_train.experiments.frontier_search import bracket_hint, largest_fitting, parse_budgets, parse_methods
 from basis_train.fsutil import atomic_write_bytes, atomic_write_text
 from basis_train.reporting.frontier_report import budget_key, frontier_md, frontier_png
 from basis_train.training.config import Config, ConfigError, apply_overrides, load_config
@@ -89,8 +89,9 @@ def _run_axis(prober: Prober, axis: str, spec: dict, budgets: list[float], max_p
               timed_steps: int) -> dict:
     size = (lambda n: (n, spec["seq"])) if axis == "batch" else (lambda n: (spec["batch"], n))
     per_budget, timed = {}, {}
-    # Two small sizes first: the peak grows about linearly with the size, so a line through the largest
-    # two measured so far says where each budget's answer lies, and the search starts there.
+    # Two small sizes first: the peak grows about linearly with the size, so a line through the measured
+    # sizes around a budget (or the largest two) says where its answer lies: the search starts there and
+    # asks the line again after every probe.
     for n in (spec["step"], 2 * spec["step"]):
         if n <= spec["cap"]:
             prober.measure(*size(n))
@@ -104,8 +105,10 @@ def _run_axis(prober: Prober, axis: str, spec: dict, budgets: list[float], max_p
             r = prober.measure(*size(n))
             return r["status"] == "ok" and r["peak_bytes"] <= limit
 
-        hint = affine_hint(measured_ok(), gib * GIB, spec["step"])
-        found = largest_fitting(fits, spec["cap"], spec["step"], max_probes, hint=hint)
+        def hint(limit: float = gib * GIB) -> int | None:
+            return bracket_hint(measured_ok(), limit, spec["step"])
+
+        found = largest_fitting(fits, spec["cap"], spec["step"], max_probes, hint=hint(), rehint=hint)
         r = per_budget[budget_key(gib)] = found.as_dict()
         r["stopped_by"] = sorted({prober.cache[size(n)]["status"] for n, ok in found.probes if not ok} - {"ok"})
         if found.best:

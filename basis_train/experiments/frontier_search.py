@@ -4,8 +4,9 @@ that it is tested on made-up predicates (tests/experiments/test_frontier.py).
 Sizes are multiples of `step` up to `cap` (batch sizes: step 1; contexts: step 256). `fits(n)` must
 be monotone: if n fits, every smaller size fits (memory grows with the batch and the context). Without
 a hint the search doubles from `step` until a size does not fit or the cap is reached, then bisects
-between the largest size seen to fit and the smallest seen not to; with one (affine_hint: where the
-measured peaks' line meets the budget) it starts there and gallops outward before bisecting. At most
+between the largest size seen to fit and the smallest seen not to; with one (bracket_hint: where the
+measured peaks' line meets the budget) it starts there and gallops outward before bisecting, taking
+the hint again from each new measurement. At most
 `max_probes` calls of `fits`; a search stopped by that limit returns the largest size seen to fit, a
 lower bound, and says so.
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# Rehints a search takes at most: each restarts the gallop, so a misleading source stays cheap.
+MAX_REHINTS = 3
 
 
 @dataclass
@@ -40,13 +44,17 @@ def max_probes_needed(cap: int, step: int = 1) -> int:
 
 
 def largest_fitting(fits: Callable[[int], bool], cap: int, step: int = 1, max_probes: int | None = None,
-                    hint: int | None = None) -> SearchResult:
+                    hint: int | None = None, rehint: Callable[[], int | None] | None = None) -> SearchResult:
     """The largest multiple of `step` in [step, cap] for which the monotone `fits` holds (see the module).
     With a `hint` (a size the answer is expected near), the search starts there and gallops outward
     (distances 1, 2, 4, ... steps) until it has a size that fits and one that does not, then bisects:
-    about 2 log2(error) + 2 probes instead of 2 log2(answer). A wrong hint costs probes, never the answer."""
-    if hint is not None:
-        return _galloping(fits, cap, step, max_probes, hint)
+    about 2 log2(error) + 2 probes instead of 2 log2(answer). A wrong hint costs probes, never the answer.
+    `rehint()`, asked after each probe of a hinted search, may name a better start from what the probes
+    measured (bracket_hint): a size inside the bracket still open and not yet asked is probed next in
+    place of the gallop's or bisection's step, at most every other probe. A bad one costs probes (at
+    most twice the hinted search's bound), never the answer."""
+    if hint is not None or rehint is not None:  # from `step` upward, the gallop is the doubling below
+        return _galloping(fits, cap, step, max_probes, step if hint is None else hint, rehint)
     if step < 1 or cap < step:
         raise ValueError(f"need 1 <= step <= cap, got step {step}, cap {cap}")
     k_cap = cap // step
@@ -91,58 +99,78 @@ def _bisect(probe, lo: int, hi: int, step: int, res: SearchResult) -> SearchResu
     return res
 
 
-def _galloping(fits, cap: int, step: int, max_probes: int | None, hint: int) -> SearchResult:
+def _galloping(fits, cap: int, step: int, max_probes: int | None, hint: int, rehint=None) -> SearchResult:
     k_cap = cap // step
     if step < 1 or k_cap < 1:
         raise ValueError(f"need 1 <= step <= cap, got step {step}, cap {cap}")
     limit = 2 * max_probes_needed(cap, step) + 2 if max_probes is None else max_probes
+    if rehint is not None and max_probes is None:
+        limit *= 2
     res = SearchResult(best=0)
-    seen: dict[int, bool] = {}
+    seen: set[int] = set()
 
     def probe(k: int) -> bool | None:
-        if k in seen:
-            return seen[k]
         if len(res.probes) >= limit:
             res.exhausted = True
             return None
-        seen[k] = ok = bool(fits(k * step))
+        seen.add(k)
+        ok = bool(fits(k * step))
         res.probes.append((k * step, ok))
         return ok
 
+    def suggested(lo: int, hi: int | None) -> int | None:
+        """rehint's size in steps, if it lies in the open bracket (lo, hi) and was not asked."""
+        r = rehint() if rehint is not None else None
+        k = None if r is None else r // step
+        return k if k is not None and lo < k <= k_cap and (hi is None or k < hi) and k not in seen else None
+
     k = min(max(hint // step, 1), k_cap)
-    lo, hi = 0, None  # in units of step: lo fits (0: nothing seen to), hi does not (None: none seen)
     ok = probe(k)
     if ok is None:
         return res
-    if ok:
-        lo, d = k, 1
-        while hi is None:
-            if lo == k_cap:
-                res.best, res.capped = k_cap * step, True
-                return res
-            nxt = min(lo + d, k_cap)
-            ok = probe(nxt)
-            if ok is None:
-                res.best = lo * step
-                return res
-            lo, hi = (nxt, None) if ok else (lo, nxt)
-            d *= 2
-    else:
-        hi, d = k, 1
-        while lo == 0 and hi > 1:
-            nxt = max(hi - d, 1)
-            ok = probe(nxt)
-            if ok is None:
-                return res
-            if ok:
-                lo = nxt
-            else:
-                hi = nxt
-            d *= 2
-        if lo == 0:  # not even `step` fits
+    # lo fits (0: nothing seen to), hi does not (None: none seen); every probe lies in the open bracket
+    # (lo, hi), so none is asked twice. From the hint, and from each rehint taken, the step gallops
+    # (distances 1, 2, 4, ...) the way its probe points: up from a size that fits, down from one that
+    # does not, until the answer is bracketed on that side; then it bisects.
+    lo, hi = (k, None) if ok else (0, k)
+    way, d, rehints, took = (1 if ok else -1), 1, 0, False
+    while hi is None or hi - lo > 1:
+        if hi is None and lo == k_cap:
+            res.best, res.capped = k_cap * step, True
             return res
+        nxt = None if took or rehints >= MAX_REHINTS else suggested(lo, hi)
+        if nxt is not None:
+            rehints, took = rehints + 1, True
+        elif way > 0:
+            nxt, d, took = min(lo + d, k_cap if hi is None else hi - 1), 2 * d, False
+        elif way < 0:
+            nxt, d, took = max(hi - d, lo + 1), 2 * d, False
+        else:
+            nxt, took = (lo + hi) // 2, False
+        ok = probe(nxt)
+        if ok is None:
+            break
+        if took:  # gallop on from the rehinted size, the way it points
+            way, d = (1 if ok else -1), 1
+        elif way and ok != (way > 0):  # the gallop crossed the answer: bracketed, bisect
+            way = 0
+        lo, hi = (nxt, hi) if ok else (lo, nxt)
     res.best = lo * step
-    return _bisect(probe, lo, hi, step, res)
+    return res
+
+
+def bracket_hint(points: list[tuple[int, int]], limit: float, step: int = 1) -> int | None:
+    """Where the measured peaks' line crosses `limit` between the largest size measured at or under it and
+    the smallest measured above it; with none above (or none under), affine_hint's line through the two
+    largest. A peak flat at small sizes (fixed costs) and growing beyond them misleads the second, not
+    the first, once one size above the limit has been measured."""
+    pts = sorted(dict(points).items())
+    under = [q for q in pts if q[1] <= limit]
+    over = [q for q in pts if q[1] > limit]
+    if not (under and over) or over[0][0] <= under[-1][0]:
+        return affine_hint(points, limit, step)
+    (n1, p1), (n2, p2) = under[-1], over[0]
+    return max(step, int((n1 + (limit - p1) * (n2 - n1) / (p2 - p1)) // step * step))
 
 
 def affine_hint(points: list[tuple[int, int]], limit: float, step: int = 1) -> int | None:

@@ -14,6 +14,7 @@ from basis_train.experiments import frontier
 from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS, FRONTIER_REFERENCE_QUICK
 from basis_train.experiments.frontier_search import (
     affine_hint,
+    bracket_hint,
     largest_fitting,
     max_probes_needed,
     parse_budgets,
@@ -117,6 +118,81 @@ def test_affine_hint_is_where_the_line_through_the_two_largest_sizes_meets_the_l
     assert affine_hint(points, 1_000 + 300 * 37 + 10, step=4) == 36  # rounded down to the step
     assert affine_hint(points[:1], 5_000) is None and affine_hint([(1, 9), (2, 9)], 5_000) is None
     assert affine_hint(points, 10) == 1  # below the smallest size: the search starts at the first step
+
+
+def _axis(peak, budgets, cap, step, rehinted):
+    """frontier._run_axis's loop on a made-up peak: two small sizes, then each budget's search hinted by
+    the measured peaks; (answers, probes per budget)."""
+    measured = {n: peak(n) for n in (step, 2 * step)}
+
+    def fits(n, limit):
+        measured[n] = peak(n)
+        return measured[n] <= limit
+
+    answers, probes = [], []
+    for limit in budgets:
+        def hint(limit=limit):
+            return bracket_hint(list(measured.items()), limit, step)
+
+        res = largest_fitting(lambda n, limit=limit: fits(n, limit), cap, step, hint=hint(),
+                              rehint=hint if rehinted else None)
+        assert len({n for n, _ in res.probes}) == len(res.probes) and not res.exhausted
+        answers.append(res.best)
+        probes.append(len(res.probes))
+    return answers, probes
+
+
+@pytest.mark.parametrize("step,cap", [(1, 512), (256, 65536)])
+def test_a_search_that_takes_its_hint_again_finds_the_same_sizes_with_fewer_probes(step, cap):
+    """Checkpointing's peak on the GPU: flat over the small sizes (parameters, optimiser state and the step's
+    transients) and linear beyond, so the line through the first two sizes points at the cap. The search
+    that asks the measured line again after each probe finds every answer in a few probes."""
+    def peak(n):
+        return max(2_200 + n // step, 1_900 + 70 * n // step)  # about flat up to 4 steps, then 70 a step
+
+    budgets = (8_000, 16_000, 36_000)
+    truth = [min(cap, (b - 1_900) // 70 * step) for b in budgets]
+    once, probes_once = _axis(peak, budgets, cap, step, rehinted=False)
+    again, probes_again = _axis(peak, budgets, cap, step, rehinted=True)
+    assert once == again == truth
+    assert probes_again[0] <= 5 < probes_once[0], (probes_again, probes_once)
+    assert sum(probes_again) < sum(probes_once) / 2, (probes_again, probes_once)
+
+
+@pytest.mark.parametrize("bad", ["below", "above", "edge", "creep", "none"])
+def test_a_misleading_rehint_costs_probes_never_the_answer(bad):
+    cap = 512
+    for boundary in (0, 1, 2, 37, 200, 511, 512):
+        for hint in (1, boundary, 300, 512):
+            state = {"fit": 0}
+
+            def fits(n, b=boundary, state=state):
+                if n <= b:
+                    state["fit"] = max(state["fit"], n)
+                return n <= b
+
+            def rehint(state=state, boundary=boundary):
+                state["n"] = state.get("n", 0) + 1  # a different wrong size each time
+                # creep: one past the largest size seen to fit, which taken every time would cost a probe a size
+                return {"below": 1 + state["n"], "above": cap - state["n"], "edge": boundary + 2,
+                        "creep": state["fit"] + 1, "none": None}[bad]
+
+            plain = largest_fitting(lambda n, b=boundary: n <= b, cap, hint=hint)
+            res = largest_fitting(fits, cap, hint=hint, rehint=rehint)
+            assert res.best == plain.best == boundary and not res.exhausted, (bad, boundary, hint)
+            assert res.capped == (boundary == cap)
+            assert len({n for n, _ in res.probes}) == len(res.probes)
+            assert len(res.probes) <= 2 * (2 * max_probes_needed(cap) + 2), (bad, boundary, hint, res.probes)
+
+
+def test_bracket_hint_interpolates_between_the_sizes_around_the_limit():
+    flat_then_linear = [(1, 2_200), (2, 2_200), (512, 1_900 + 70 * 512)]
+    assert affine_hint(flat_then_linear[:2], 8_000) is None  # no growth seen: no line
+    n = bracket_hint(flat_then_linear, 8_000)
+    assert 2 < n < 512 and abs(n - (2 + (8_000 - 2_200) * 510 / (37_740 - 2_200))) < 1
+    assert bracket_hint(flat_then_linear, 8_000, step=4) == n // 4 * 4
+    points = [(1, 1_300), (2, 1_600), (4, 2_200)]  # nothing measured above the limit: the two largest's line
+    assert bracket_hint(points, 1_000 + 300 * 37 + 10) == affine_hint(points, 1_000 + 300 * 37 + 10) == 37
 
 
 def test_parse_budgets_and_methods():
