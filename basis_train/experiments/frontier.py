@@ -91,7 +91,7 @@ def _run_axis(prober: Prober, axis: str, spec: dict, budgets: list[float], max_p
     per_budget, timed = {}, {}
     # Two small sizes first: the peak grows about linearly with the size, so a line through the measured
     # sizes around a budget (or the largest two) says where its answer lies: the search starts there and
-    # asks the line again after every probe.
+    # asks the line again as its probes measure more.
     for n in (spec["step"], 2 * spec["step"]):
         if n <= spec["cap"]:
             prober.measure(*size(n))
