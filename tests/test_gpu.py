@@ -146,20 +146,6 @@ def test_graphed_cuda_run_matches_cpu_run(tmp_path):
     assert gm[-1]["val_loss"] < gm[0]["val_loss"]  # and it learns
 
 
-def test_graphed_sgd_run_with_a_schedule_matches_the_uncaptured_run(tmp_path):
-    """A captured step reads a scheduled lr from a device tensor, which SGD's foreach update would read
-    on the host (an error inside a capture): such an SGD is fused (setup.build_optimizer)."""
-    cfg = {"train.method": "exact", "optim.name": "sgd", "optim.momentum": 0.9, "optim.schedule": "cosine",
-           "optim.warmup_steps": 2, "train.steps": 20, "train.eval_every": 10}
-    graphed = Run(_cfg(**cfg), tmp_path / "graphed", progress=False).run()
-    plain = Run(_cfg(**cfg, **{"train.cuda_graphs": False}), tmp_path / "plain", progress=False).run()
-    assert graphed["cuda_graphs"] and not plain["cuda_graphs"]
-    gm, pm = (_read(tmp_path / d)[1] for d in ("graphed", "plain"))
-    for a, b in zip(gm, pm, strict=True):  # fused and foreach SGD: the same float32 update, rounded apart
-        assert_close(a["train_loss"], b["train_loss"], rtol=1e-4, atol=0)
-        assert_close(a["val_loss"], b["val_loss"], rtol=1e-4, atol=0)
-
-
 def test_bench_times_the_graphed_step(tmp_path):
     from typer.testing import CliRunner
 
