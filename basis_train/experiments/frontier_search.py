@@ -49,87 +49,41 @@ def largest_fitting(fits: Callable[[int], bool], cap: int, step: int = 1, max_pr
     With a `hint` (a size the answer is expected near), the search starts there and gallops outward
     (distances 1, 2, 4, ... steps) until it has a size that fits and one that does not, then bisects:
     about 2 log2(error) + 2 probes instead of 2 log2(answer). A wrong hint costs probes, never the answer.
-    `rehint()`, asked after each probe of a hinted search, may name a better start from what the probes
-    measured (bracket_hint): a size inside the bracket still open and not yet asked is probed next in
-    place of the gallop's or bisection's step, at most every other probe. A bad one costs probes (at
-    most twice the hinted search's bound), never the answer."""
-    if hint is not None or rehint is not None:  # from `step` upward, the gallop is the doubling below
-        return _galloping(fits, cap, step, max_probes, step if hint is None else hint, rehint)
+    Without one it starts at `step`, where galloping upward is doubling.
+    `rehint()`, asked after each probe, may name a better start from what the probes measured
+    (bracket_hint): a size inside the bracket still open is probed next in place of the gallop's or
+    bisection's step, at most every other probe. A bad one costs probes (at most twice the hinted
+    search's bound), never the answer."""
     if step < 1 or cap < step:
         raise ValueError(f"need 1 <= step <= cap, got step {step}, cap {cap}")
-    k_cap = cap // step
-    limit = max_probes_needed(cap, step) if max_probes is None else max_probes
-    if limit < 1:
+    if max_probes is None:  # the doubling's bound; a gallop from a hint's, and twice that with rehints
+        needed = max_probes_needed(cap, step)
+        max_probes = (needed if hint is None and rehint is None else 2 * needed + 2) * (2 if rehint else 1)
+    if max_probes < 1:
         raise ValueError(f"max_probes must be >= 1, got {max_probes}")
-    res = SearchResult(best=0)
-
-    def probe(k: int) -> bool | None:
-        if len(res.probes) >= limit:
-            res.exhausted = True
-            return None
-        ok = bool(fits(k * step))
-        res.probes.append((k * step, ok))
-        return ok
-
-    lo, hi, k = 0, None, 1  # in units of step: lo fits (0: nothing seen to), hi does not
-    while hi is None:
-        ok = probe(k)
-        if ok is None:
-            return res
-        if not ok:
-            hi = k
-        elif k == k_cap:
-            res.best, res.capped = k_cap * step, True
-            return res
-        else:
-            lo, k = k, min(2 * k, k_cap)
-        res.best = lo * step
-    return _bisect(probe, lo, hi, step, res)
-
-
-def _bisect(probe, lo: int, hi: int, step: int, res: SearchResult) -> SearchResult:
-    """Halve the gap between `lo` (fits; 0: none seen to) and `hi` (does not), in units of step."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ok = probe(mid)
-        if ok is None:
-            break
-        lo, hi = (mid, hi) if ok else (lo, mid)
-        res.best = lo * step
-    return res
-
-
-def _galloping(fits, cap: int, step: int, max_probes: int | None, hint: int, rehint=None) -> SearchResult:
     k_cap = cap // step
-    if step < 1 or k_cap < 1:
-        raise ValueError(f"need 1 <= step <= cap, got step {step}, cap {cap}")
-    limit = 2 * max_probes_needed(cap, step) + 2 if max_probes is None else max_probes
-    if rehint is not None and max_probes is None:
-        limit *= 2
     res = SearchResult(best=0)
-    seen: set[int] = set()
 
     def probe(k: int) -> bool | None:
-        if len(res.probes) >= limit:
+        if len(res.probes) >= max_probes:
             res.exhausted = True
             return None
-        seen.add(k)
         ok = bool(fits(k * step))
         res.probes.append((k * step, ok))
         return ok
 
     def suggested(lo: int, hi: int | None) -> int | None:
-        """rehint's size in steps, if it lies in the open bracket (lo, hi) and was not asked."""
+        """rehint's size in steps, if it lies in the open bracket (lo, hi)."""
         r = rehint() if rehint is not None else None
         k = None if r is None else r // step
-        return k if k is not None and lo < k <= k_cap and (hi is None or k < hi) and k not in seen else None
+        return k if k is not None and lo < k <= k_cap and (hi is None or k < hi) else None
 
-    k = min(max(hint // step, 1), k_cap)
+    k = min(max((step if hint is None else hint) // step, 1), k_cap)
     ok = probe(k)
     if ok is None:
         return res
     # lo fits (0: nothing seen to), hi does not (None: none seen); every probe lies in the open bracket
-    # (lo, hi), so none is asked twice. From the hint, and from each rehint taken, the step gallops
+    # (lo, hi), so none is asked twice. From the start, and from each rehint taken, the step gallops
     # (distances 1, 2, 4, ...) the way its probe points: up from a size that fits, down from one that
     # does not, until the answer is bracketed on that side; then it bisects.
     lo, hi = (k, None) if ok else (0, k)
@@ -155,7 +109,7 @@ def _galloping(fits, cap: int, step: int, max_probes: int | None, hint: int, reh
         elif way and ok != (way > 0):  # the gallop crossed the answer: bracketed, bisect
             way = 0
         lo, hi = (nxt, hi) if ok else (lo, nxt)
-    res.best = lo * step
+        res.best = lo * step
     return res
 
 

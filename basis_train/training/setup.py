@@ -117,15 +117,15 @@ def param_groups(model, cfg: Config) -> list[dict]:
 def build_optimizer(model, cfg: Config, capturable: bool) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = param_groups(model, cfg)
+    # A captured CUDA graph bakes in a float lr; a device tensor it reads at replay.
+    tensor_lr = capturable and o.schedule != "constant"
     for g in groups:
         g["base_lr"] = g["lr"]
-        if capturable and o.schedule != "constant":
-            # A captured CUDA graph bakes in a float lr; a device tensor it reads at replay.
+        if tensor_lr:
             g["lr"] = torch.tensor(g["lr"], device=next(model.parameters()).device)
     if o.name == "sgd":
         # SGD's foreach update reads a tensor lr on the host (alpha=-lr), which a CUDA graph cannot capture
         # (cudaErrorStreamCaptureUnsupported); its fused kernel reads the lr where it lies.
-        tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g in groups)
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                fused=tensor_lr or None)
     # One fused kernel for the whole update on CUDA (what GPT-2 recipes use); foreach elsewhere.
