@@ -26,7 +26,7 @@ model: {block_size: 32, n_embd: 64, n_head: 2, n_layer: 2}
 sketch: {rank: 8}
 optim: {name: adamw, lr: 1.0e-3, schedule: cosine, warmup_steps: 2, weight_decay: 0.1}
 train: {steps: 6, batch_size: 2, eval_every: 3, checkpoint_every: 3, device: cpu}
-data: {heldout_every: 16, heldout_min_tokens: 2000, eval_batch_size: 16, single_pass: true}
+data: {heldout_every: 60, heldout_min_tokens: 2000, eval_batch_size: 16, single_pass: true}
 """
 
 
