@@ -67,16 +67,12 @@ class Job:
     kind: str = "train"  # or "nanogpt": scripts/nanogpt_reference.py on the same batches
 
 
-def _sgd_name(lr: float) -> str:
-    return f"{lr:g}"
-
-
 def sgd_sweep(grid: Path, lrs=SGD_LRS) -> tuple[list[float], dict[float, float]]:
     """(the exact SGD lrs to run, final losses of those finished). An end of the sweep that is the
     best so far gets a neighbour 3.16x further out, up to SGD_EXTEND of them, so the best is inside."""
     lrs, n0 = sorted(lrs), len(lrs)
     while True:
-        done = {lr: v for lr in lrs if (v := final_loss(grid / "runs" / f"exact_sgd{_sgd_name(lr)}-s0")) is not None}
+        done = {lr: v for lr in lrs if (v := final_loss(grid / "runs" / f"exact_sgd{lr:g}-s0")) is not None}
         if len(done) < len(lrs):
             return lrs, done
         best = min(done, key=done.get)
@@ -130,9 +126,9 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
             jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
                                                             "train.seed": 0}))
     lrs, _ = sgd_sweep(grid)
-    jobs += [Job(f"exact_sgd{_sgd_name(lr)}-s0", "sgd-exact", {"train.method": "exact", **SGD, "optim.lr": lr,
+    jobs += [Job(f"exact_sgd{lr:g}-s0", "sgd-exact", {"train.method": "exact", **SGD, "optim.lr": lr,
                                                                "train.seed": 0}) for lr in lrs]
-    jobs += [Job(f"basis_R1024_sgd{_sgd_name(lr)}-s0", "sgd-basis",
+    jobs += [Job(f"basis_R1024_sgd{lr:g}-s0", "sgd-basis",
                  {"train.method": "basis", "sketch.rank": 1024, **SGD, "optim.lr": lr, "train.seed": 0})
              for lr in sgd_basis_lrs(grid)]
     # The memory methods that change gradients (8-bit saved activations, alone and under BASIS). Their
@@ -167,7 +163,8 @@ class Grid:
         self.base = apply_overrides(load_config(args.config), args.overrides)
         self.deadline = time.monotonic() + args.budget - MARGIN_S
         self.timings = Timings(self.grid / "timings.jsonl", args.default_s_per_step, args.startup_s)
-        self.usable = args.budget - MARGIN_S
+        # What the longest call could finish: a run beyond it may be started partway (see fits).
+        self.longest = max(args.budget, args.call_s) - MARGIN_S
         self.lock, self.taken, self.procs, self.warned, self.stopping = threading.Lock(), set(), {}, set(), False
         self.per_gpu = {g: args.gpus.split(",").count(g) for g in args.gpus.split(",")} if args.gpus else {}
 
@@ -181,13 +178,14 @@ class Grid:
 
     def fits(self, job: Job, cfg, todo: int, left: float) -> bool:
         """Whether to start a run with `left` seconds to the deadline: if it finishes by then; or,
-        for a run longer than any one call (the 8,000-step ones, on a slow trainer), if it reaches
-        its next checkpoint, from which the next call on the same warm machine resumes it (the
-        nanoGPT reference keeps no checkpoint)."""
+        for a run longer than any one call could be (--call-s: the 8,000-step ones, on a slow trainer),
+        if it reaches its next checkpoint, from which the next call on the same warm machine resumes it
+        (the nanoGPT reference keeps no checkpoint). A run that a full call could finish waits for one:
+        started at the end of a short call, it would be stopped, and lost with the machine."""
         est = self.timings.estimate(cfg, todo, job.kind)
         if est <= left:
             return True
-        return (job.kind == "train" and est > self.usable
+        return (job.kind == "train" and est > self.longest
                 and left >= self.timings.estimate(cfg, cfg.train.checkpoint_every) * 1.2)
 
     def selected(self, job: Job) -> bool:
@@ -350,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-s-per-step", type=float, default=0.08, help="estimate before any run finished")
     ap.add_argument("--startup-s", type=float, default=60.0, help="start-up of a run (data, compile) in estimates")
     ap.add_argument("--keep-checkpoints", action="store_true")
+    ap.add_argument("--call-s", type=float, default=600.0, help="the longest call the machine gives (s): runs that"
+                    " no call can finish start if they reach a checkpoint")
     ap.add_argument("--nanogpt", type=Path, help="nanoGPT's model.py (kept out of the repository): the outside reference")
     ap.add_argument("--tokenize-only", action="store_true", help="build the corpus's token cache and stop")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)

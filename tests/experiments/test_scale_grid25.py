@@ -1,11 +1,13 @@
 """Issue 25's grid driver: its plan and priorities, the SGD sweep's second phase, the time budget,
 resuming and skipping across calls, the pack for the trip back; a tiny end to end run on CPU."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -109,6 +111,30 @@ def test_nothing_starts_that_the_budget_cannot_finish(tmp_path, small_corpus):
     proc = _driver(tmp_path, small_corpus, "--only", "main-s0", "--default-s-per-step", "1000")
     assert proc.returncode == 0, proc.stderr
     assert "start " not in proc.stdout and "finished 0 of 7 planned runs" in proc.stdout
+
+
+def _grid(tmp_path, budget, s_per_step):
+    args = argparse.Namespace(grid=tmp_path / "grid", config="gpt2-small-code", overrides={}, budget=budget,
+                              default_s_per_step=s_per_step, startup_s=5.0, gpus="", call_s=600.0)
+    return sg.Grid(args)
+
+
+def test_a_run_that_a_full_call_could_finish_waits_for_one(tmp_path):
+    """At the end of a short call a 2,000-step run was started, stopped at the deadline with its
+    checkpoint, and lost with the machine: a run is started partway only if no call could finish it."""
+    grid = _grid(tmp_path, budget=125, s_per_step=0.04)  # 80 s usable; the run: 5 + 2000 x 0.04 = 85 s
+    job = sg.Job("basis_R64-s2", "main-s2", {"train.method": "basis", "sketch.rank": 64, "train.seed": 2})
+    cfg = grid.cfg(job)
+    left = grid.deadline - time.monotonic()
+    assert 79 < left <= 80
+    assert not grid.fits(job, cfg, 2000, left)
+    assert grid.fits(job, cfg, 2000, left=85.0)
+    assert not grid.fits(job, cfg, 8000, left=300.0)  # 325 s: a full call (555 s) finishes it
+    assert grid.fits(job, cfg, 8000, left=330.0)
+    slow = _grid(tmp_path, budget=125, s_per_step=0.1)  # 8,000 steps: 805 s, more than any call
+    # started partway only with time to reach its checkpoint at step 500: 5 + 500 x 0.1 = 55 s, x 1.2 margin
+    assert not slow.fits(job, cfg, 8000, left=65.0)
+    assert slow.fits(job, cfg, 8000, left=66.1)
 
 
 def test_a_gpu_named_twice_runs_two_at_once_and_they_say_so(tmp_path, small_corpus):
