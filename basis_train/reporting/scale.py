@@ -27,6 +27,7 @@ from basis_train.reporting.grid_stats import (
     summarize_settings,
 )
 from basis_train.reporting.report import config_label
+from basis_train.reporting.step_equivalent import equivalence_table
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -196,7 +197,8 @@ def summary_md(entries: Sequence[Mapping], runs: Sequence[RunRecord], title: str
              + (f"; step peak, tokens/s and MFU: the runs on {entries[0]['gpu']}, the GPU most runs used."
                 if entries and entries[0].get("gpu") else "."),
              *gpu_table(entries), "",
-             "## Paired gap to exact at every evaluation (95% CI over seeds)", *gap_tables(entries)]
+             "## Paired gap to exact at every evaluation (95% CI over seeds)", *gap_tables(entries),
+             *equivalence_table(entries)]
     lr = lr_tables(entries)
     if lr:
         lines += ["", "## Learning-rate sensitivity", *lr]
