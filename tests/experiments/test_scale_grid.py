@@ -21,6 +21,8 @@ from basis_train.training.config import ConfigError, apply_overrides, config_fro
 from basis_train.training.setup import build_optimizer, lr_multiplier, set_lr
 
 runner = CliRunner()
+# heldout_every 60: two of the corpus's files held out (the loader lowers k until 2,000 tokens); scoring
+# 50,257 logits a token over more of them was most of each tiny run's time.
 TINY_CODE = """
 model: {block_size: 32, n_embd: 64, n_head: 2, n_layer: 2}
 sketch: {rank: 8}

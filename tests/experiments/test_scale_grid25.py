@@ -126,7 +126,7 @@ def test_a_run_that_a_full_call_could_finish_waits_for_one(tmp_path):
     job = sg.Job("basis_R64-s2", "main-s2", {"train.method": "basis", "sketch.rank": 64, "train.seed": 2})
     cfg = grid.cfg(job)
     left = grid.deadline - time.monotonic()
-    assert 79 < left <= 80
+    assert left <= 80
     assert not grid.fits(job, cfg, 2000, left)
     assert grid.fits(job, cfg, 2000, left=85.0)
     assert not grid.fits(job, cfg, 8000, left=300.0)  # 325 s: a full call (555 s) finishes it
