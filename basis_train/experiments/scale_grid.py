@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -31,13 +30,13 @@ from basis_train.experiments.grid_state import (
     DIVERGED,
     Timings,
     diverged,
-    final_loss,
     finished,
     pack,
     seed_from,
     stale,
     steps_done,
 )
+from basis_train.experiments.sgd_sweep import SGD, sgd_basis_lrs, sgd_sweep
 from basis_train.training.config import apply_overrides, dump_config, load_config
 
 MAIN_SEEDS = (0, 1, 2)
@@ -49,12 +48,10 @@ MAIN = [("exact", "exact", {}), ("basis_R1024", "basis", {"sketch.rank": 1024}),
         ("exact_ckpt", "exact", {"model.checkpoint_blocks": True})]
 EXACT, R1024 = MAIN[0], MAIN[1]
 LR_FACTORS = (0.25, 0.5, 2.0)
-# SGD with momentum 0.9, the paper's optimiser, a factor of about 3 apart. No weight decay: PyTorch's
-# SGD couples it to the gradient, so the AdamW runs' 0.1 would mean a different thing.
-SGD_LRS = (0.03, 0.1, 0.3, 1.0)
-SGD = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.weight_decay": 0.0}
-SGD_EXTEND = 2  # at most this many extra exact lrs when the best sits at an end of the sweep
 LONG_STEPS = 8000
+# An evaluation scores all 1.6M held-out tokens (3 s on an H100): every 250 steps, 30% of a long run. It
+# changes no training (tests/training/test_train.py), only how often the gap is read.
+LONG_EVAL_EVERY = 1000
 NANOGPT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nanogpt_reference.py"
 MARGIN_S = 45  # left at the end of the budget to stop runs, write the report and pack
 
@@ -65,40 +62,6 @@ class Job:
     group: str  # main-s0, reference, lr, sgd-exact, sgd-basis, long-s0, ...
     overrides: dict
     kind: str = "train"  # or "nanogpt": scripts/nanogpt_reference.py on the same batches
-
-
-def sgd_sweep(grid: Path, lrs=SGD_LRS) -> tuple[list[float], dict[float, float]]:
-    """(the exact SGD lrs to run, final losses of those finished). An end of the sweep that is the
-    best so far gets a neighbour 3.16x further out, up to SGD_EXTEND of them, so the best is inside."""
-    lrs, n0 = sorted(lrs), len(lrs)
-    while True:
-        done = {lr: v for lr in lrs if (v := final_loss(grid / "runs" / f"exact_sgd{lr:g}-s0")) is not None}
-        if len(done) < len(lrs):
-            return lrs, done
-        best = min(done, key=done.get)
-        if len(lrs) - n0 >= SGD_EXTEND or best not in (lrs[0], lrs[-1]):
-            return lrs, done
-        lrs = sorted([*lrs, ladder_step(best, up=best == lrs[-1])])
-
-
-def ladder_step(lr: float, up: bool) -> float:
-    """The next value of the 1-3-10 ladder (0.3 -> 1 -> 3 -> 10) above or below `lr`."""
-    exp = math.floor(math.log10(lr) + 1e-9)
-    mantissa = round(lr / 10 ** exp, 6)
-    if up:
-        step = 3.0 if mantissa < 3 else 10 / 3
-    else:
-        step = 1 / 3 if mantissa > 1 else 0.3
-    return float(f"{lr * step:.2g}")
-
-
-def sgd_basis_lrs(grid: Path) -> list[float]:
-    """Exact's best SGD lr and its two neighbours in the sweep, once the sweep is finished."""
-    lrs, done = sgd_sweep(grid)
-    if len(done) < len(lrs):
-        return []
-    best = lrs.index(min(done, key=done.get))
-    return lrs[max(0, best - 1): best + 2]
 
 
 def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
@@ -123,11 +86,10 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
                 jobs.append(Job(f"nanogpt_eager-s{seed}", "reference", {"train.seed": seed, "train.compile": False}, "nanogpt"))
     for f in LR_FACTORS:
         for name, m, ov in (EXACT, R1024):
-            jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f,
-                                                            "train.seed": 0}))
+            jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f, "train.seed": 0}))
     lrs, _ = sgd_sweep(grid)
-    jobs += [Job(f"exact_sgd{lr:g}-s0", "sgd-exact", {"train.method": "exact", **SGD, "optim.lr": lr,
-                                                               "train.seed": 0}) for lr in lrs]
+    jobs += [Job(f"exact_sgd{lr:g}-s0", "sgd-exact", {"train.method": "exact", **SGD, "optim.lr": lr, "train.seed": 0})
+             for lr in lrs]
     jobs += [Job(f"basis_R1024_sgd{lr:g}-s0", "sgd-basis",
                  {"train.method": "basis", "sketch.rank": 1024, **SGD, "optim.lr": lr, "train.seed": 0})
              for lr in sgd_basis_lrs(grid)]
@@ -142,7 +104,8 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
         jobs.append(Job(f"basis_R1024_int8-s{seed}", "methods",
                         {"train.method": "basis", "sketch.rank": 1024, "train.saved_activations": "int8", **eager}))
     stretch = LONG_STEPS / base.train.steps  # the whole schedule stretched: warmup too
-    long = {"train.steps": LONG_STEPS, "optim.warmup_steps": round(base.optim.warmup_steps * stretch)}
+    long = {"train.steps": LONG_STEPS, "optim.warmup_steps": round(base.optim.warmup_steps * stretch),
+            "train.eval_every": LONG_EVAL_EVERY}
     for seed in (0, 1):
         for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_{LONG_STEPS}-s{seed}", f"long-s{seed}",

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from basis_train.experiments import scale_grid as sg
+from basis_train.experiments import sgd_sweep as sw
 from basis_train.training.config import load_config
 
 TINY = """
@@ -57,6 +58,7 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
                   "basis_R1024_lr0.5x-s0": 0.5, "exact_lr2x-s0": 2.0, "basis_R1024_lr2x-s0": 2.0}
     long = next(j for j in jobs if j.name == "basis_R1024_8000-s0").overrides
     assert long["train.steps"] == 8000 and long["optim.warmup_steps"] == 4 * base.optim.warmup_steps
+    assert long["train.eval_every"] == 1000 and base.train.eval_every == 250
     assert long["sketch.rank"] == 1024 and long["train.method"] == "basis"
     # the MLPs alone, paired with mlp+head R = 1024 of the same seeds: what the head's sketch costs
     assert {j.name: j.overrides for j in jobs if j.group == "layers"} == {
@@ -70,9 +72,9 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
 def test_sgd_basis_waits_for_the_sweep_then_takes_the_best_and_its_neighbours(tmp_path):
     for lr, loss in ((0.03, 5.0), (0.1, 4.5), (0.3, 4.7)):
         _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
-    assert sg.sgd_basis_lrs(tmp_path) == []  # lr 1 not finished
+    assert sw.sgd_basis_lrs(tmp_path) == []  # lr 1 not finished
     _finish(tmp_path, "exact_sgd1-s0", 6.0)
-    assert sg.sgd_basis_lrs(tmp_path) == [0.03, 0.1, 0.3]
+    assert sw.sgd_basis_lrs(tmp_path) == [0.03, 0.1, 0.3]
     names = [j.name for j in sg.plan(tmp_path, load_config("gpt2-small-code")) if j.group == "sgd-basis"]
     assert names == ["basis_R1024_sgd0.03-s0", "basis_R1024_sgd0.1-s0", "basis_R1024_sgd0.3-s0"]
 
@@ -80,22 +82,22 @@ def test_sgd_basis_waits_for_the_sweep_then_takes_the_best_and_its_neighbours(tm
 def test_a_best_lr_at_the_end_of_the_sweep_extends_it(tmp_path):
     for lr, loss in ((0.03, 5.0), (0.1, 4.8), (0.3, 4.6), (1.0, 4.4)):
         _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
-    lrs, _ = sg.sgd_sweep(tmp_path)
-    assert lrs == [0.03, 0.1, 0.3, 1.0, 3.0] and sg.sgd_basis_lrs(tmp_path) == []
+    lrs, _ = sw.sgd_sweep(tmp_path)
+    assert lrs == [0.03, 0.1, 0.3, 1.0, 3.0] and sw.sgd_basis_lrs(tmp_path) == []
     _finish(tmp_path, "exact_sgd3-s0", 4.5)
-    assert sg.sgd_basis_lrs(tmp_path) == [0.3, 1.0, 3.0]
+    assert sw.sgd_basis_lrs(tmp_path) == [0.3, 1.0, 3.0]
 
 
 def test_the_lr_ladder():
-    assert [sg.ladder_step(x, up=True) for x in (0.03, 0.1, 0.3, 1.0, 3.0)] == [0.1, 0.3, 1.0, 3.0, 10.0]
-    assert [sg.ladder_step(x, up=False) for x in (0.03, 0.1, 0.3, 1.0)] == [0.01, 0.03, 0.1, 0.3]
+    assert [sw.ladder_step(x, up=True) for x in (0.03, 0.1, 0.3, 1.0, 3.0)] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert [sw.ladder_step(x, up=False) for x in (0.03, 0.1, 0.3, 1.0)] == [0.01, 0.03, 0.1, 0.3]
 
 
 def test_the_extension_stops_after_two(tmp_path):
     for lr, loss in ((0.03, 5.0), (0.1, 4.8), (0.3, 4.6), (1.0, 4.4), (3.0, 4.3), (10.0, 4.2)):
         _finish(tmp_path, f"exact_sgd{lr:g}-s0", loss)
-    assert sg.sgd_sweep(tmp_path)[0] == [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
-    assert sg.sgd_basis_lrs(tmp_path) == [3.0, 10.0]
+    assert sw.sgd_sweep(tmp_path)[0] == [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+    assert sw.sgd_basis_lrs(tmp_path) == [3.0, 10.0]
 
 
 def _driver(tmp_path, corpus, *args, budget=600, env=None):
@@ -210,7 +212,7 @@ def test_set_reads_yaml_values(value):
 def test_a_diverged_run_is_a_result_not_a_run_to_retry(tmp_path, small_corpus):
     """Exact SGD at too high an lr stops on a non-finite loss: diverged.json, the worst loss of the
     sweep, skipped by later calls, packed and named in the report."""
-    from basis_train.experiments.grid_state import diverged, pack, settled_dirs
+    from basis_train.experiments.grid_state import diverged, final_loss, pack, settled_dirs
 
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
@@ -222,10 +224,10 @@ def test_a_diverged_run_is_a_result_not_a_run_to_retry(tmp_path, small_corpus):
     run.mkdir(parents=True)
     sg.dump_config(cfg, run / "requested.yaml")
     assert sg.child(run / "requested.yaml", run, resume=False) == 3
-    assert diverged(run, cfg) and not diverged(run, base) and sg.final_loss(run) == float("inf")
+    assert diverged(run, cfg) and not diverged(run, base) and final_loss(run) == float("inf")
     for lr, loss in ((0.03, 5.0), (0.1, 4.5), (0.3, 4.7)):
         _finish(grid, f"exact_sgd{lr:g}-s0", loss)
-    assert sg.sgd_basis_lrs(grid) == [0.03, 0.1, 0.3]
+    assert sw.sgd_basis_lrs(grid) == [0.03, 0.1, 0.3]
     assert run in settled_dirs(grid / "runs")
     pack(grid, tmp_path / "p.tgz")
     with tarfile.open(tmp_path / "p.tgz") as tar:

@@ -65,6 +65,20 @@ def test_exact_is_paired_and_saves_more(tmp_path, tiny_config):
     assert e_metrics[1]["train_loss"] != b_metrics[1]["train_loss"]
 
 
+def test_evaluating_changes_no_training(tmp_path, tiny_config):
+    """The 8,000-step grid runs evaluate every 1,000 steps instead of every 250: that must change
+    nothing but which losses get logged (BASIS, so the sketch's random stream is in play too)."""
+    for every in (1, 6):
+        res = train("--config", tiny_config, "--out", tmp_path / f"e{every}", "--steps", 6, "--eval-every", every)
+        assert res.exit_code == 0, res.output
+    (often, m_often), (once, m_once) = read(tmp_path / "e1"), read(tmp_path / "e6")
+    assert [m["step"] for m in m_often] == [1, 2, 3, 4, 5, 6] and [m["step"] for m in m_once] == [6]
+    assert often["final_val_loss"] == once["final_val_loss"]
+    weights = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["model"] for d in ("e1", "e6")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_says_what_it_is_doing(tmp_path, tiny_config):
     out = tmp_path / "talk"
     res = runner.invoke(train_app, ["--config", str(tiny_config), "--out", str(out), "--steps", "4"])
