@@ -13,6 +13,7 @@ stop flag is agreed on often enough for the final checkpoint to fit in that wind
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -114,6 +115,10 @@ class Dist:
 
     def close(self) -> None:
         if self.owns_group and tdist.is_initialized():
+            # DDP sits in reference cycles (its gradient hooks), so dropping the last names
+            # (training/train.py) does not free it: collected at exit instead, with the group
+            # it holds, gloo's teardown can abort the process. Collected here, it goes first.
+            gc.collect()
             tdist.destroy_process_group()
 
 

@@ -336,3 +336,28 @@ def test_the_ddp_wrapper_is_gone_when_the_process_group_closes(tmp_path, tiny_co
     monkeypatch.setattr(distributed.Dist, "close", close)
     train_mod.train(load_config(tiny_config), tmp_path / "out", progress=False)
     assert alive_at_close == [[False]]
+
+
+def test_closing_collects_cycles_before_destroying_the_group(monkeypatch):
+    """DDP is freed only by the cycle collector: Dist.close must run it before the group goes."""
+    import gc
+    import weakref
+
+    from basis_train.training import distributed
+
+    class Holder:
+        pass
+
+    seen = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
+    gc.disable()  # no collection but close's own between here and the check
+    try:
+        h = Holder()
+        h.me = h  # a cycle, as DDP's hooks make one: dropping the name does not free it
+        ref = weakref.ref(h)
+        del h
+        monkeypatch.setattr(distributed.tdist, "destroy_process_group", lambda: seen.append(ref() is None))
+        distributed.Dist(world_size=2, owns_group=True).close()
+    finally:
+        gc.enable()
+    assert seen == [True]
