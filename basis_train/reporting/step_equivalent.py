@@ -54,7 +54,7 @@ def equivalence_table(entries: Sequence[Mapping]) -> list[str]:
         steps = e["setting"].protocol.steps
         frac = [h[0] / steps for h in hits.values() if h is not None]
         # a mean only where every seed's loss was reached: one unreached seed would bias it down
-        mean = sum(frac) / len(frac) if frac and len(frac) == len(hits) else None
+        mean = sum(frac) / len(frac) if len(frac) == len(hits) else None
         mine, theirs = e.get("tokens_per_s_mean"), base.get("tokens_per_s_mean")
         time = mean * mine / theirs if mean is not None and mine and theirs else None
         rows.append(f"| {e['label']} | {len(hits)} | {' / '.join(_cell(hits[s]) for s in sorted(hits))} | "
