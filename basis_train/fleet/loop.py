@@ -206,7 +206,8 @@ class Fleet:
                     if self.step % t.eval_every == 0 or self.step == t.steps:
                         self.log_evaluation()
                     if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                        self.save()
+                        with self.clock.paused():  # as in a single run (training/train.py)
+                            self.save()
                     if stop.flag:
                         self.save()
                         raise Interrupted(f"interrupted at step {self.step}; the members' checkpoints are saved")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -22,22 +23,35 @@ def steady_rate(rates: list[float]) -> float:
 
 
 class Throughput:
-    """Training time and tokens/s between evaluations; the clock stops while evaluating."""
+    """Training time and tokens/s between evaluations; the clock stops while evaluating and while
+    `paused` (a checkpoint written between evaluations)."""
 
     def __init__(self, tokens_per_step: int, device: torch.device) -> None:
         self.tokens_per_step, self.device = tokens_per_step, device
         self.train_s = 0.0
         self.tokens_per_s: list[float] = []
-        self._t0, self._step0 = 0.0, 0
+        self._t0, self._step0, self._banked = 0.0, 0, 0.0
 
     def start(self, step: int) -> None:
-        self._t0, self._step0 = time.perf_counter(), step
+        self._t0, self._step0, self._banked = time.perf_counter(), step, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # the steps queued so far belong to the time before
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def paused(self):
+        self._sync()
+        self._banked += time.perf_counter() - self._t0
+        try:
+            yield
+        finally:
+            self._t0 = time.perf_counter()
 
     def lap(self, step: int) -> dict:
         """Close the interval since `start` (syncing the GPU, so it is honest)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - self._t0
+        self._sync()
+        dt = self._banked + time.perf_counter() - self._t0
         self.train_s += dt
         tok_s = (step - self._step0) * self.tokens_per_step / dt if dt > 0 else float("nan")
         self.tokens_per_s.append(tok_s)

@@ -129,6 +129,28 @@ def drop_timing(recs):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
 
 
+def test_checkpoints_between_evaluations_are_off_the_fleet_clock(tmp_path, monkeypatch):
+    """As a single run's (tests/training/test_throughput.py): checkpoints written between two evaluations
+    are not training time."""
+    import time
+
+    from basis_train.training.checkpoint import Checkpoints
+
+    real_save = Checkpoints.save
+
+    def slow_save(self, *a, **k):
+        time.sleep(0.5)
+        return real_save(self, *a, **k)
+
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    cfgs = configs(TRIO[1:], **{"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 1})
+    members = [(c, tmp_path / f"m{i}") for i, c in enumerate(cfgs)]
+    train_fleet(members, splits=random_splits(), progress=False)
+    summary = json.loads((tmp_path / "m0" / "summary.json").read_text())
+    # 3 checkpoints of 2 members, 3 s, fall inside the interval; 4 steps of this fleet take far less
+    assert summary["train_s"] < 1.5, summary["train_s"]
+
+
 def test_killed_fleet_resumes_to_the_same_runs(tmp_path, monkeypatch):
     """A fleet killed after its step-6 checkpoint continues to the same numbers (on CPU, bit for bit),
     and a member's checkpoint continues as a single run. Head chunks of 16 rows (64 rows a step):

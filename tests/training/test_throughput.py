@@ -1,6 +1,9 @@
 """summary.json's tokens_per_s is the run's warm rate: the first interval between evaluations holds
 torch.compile's compilation and the CUDA-graph capture and is left out."""
 
+import json
+import time
+
 import torch
 
 from basis_train.training.metrics import Throughput
@@ -24,3 +27,56 @@ def test_one_interval_is_all_there_is():
 
 def test_a_slow_interval_later_does_not_drag_the_rate():
     assert _clock([1.0, 100.0, 100.0, 10.0, 100.0]).steady_tokens_per_s() == 100.0
+
+
+class _FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_paused_is_not_training_time(monkeypatch):
+    """A checkpoint written between two evaluations (the 8,000-step runs: every 500 steps, evaluated
+    every 1,000) is not training: it must not lower the interval's tokens/s."""
+    import basis_train.training.metrics as metrics
+
+    fake = _FakeTime()
+    monkeypatch.setattr(metrics, "time", fake)
+    clock = Throughput(tokens_per_step=100, device=torch.device("cpu"))
+    clock.start(0)
+    fake.now = 2.0  # 10 steps
+    with clock.paused():
+        fake.now = 30.0  # the checkpoint
+    fake.now = 32.0  # 10 more steps
+    lap = clock.lap(20)
+    assert lap == {"tokens_per_s": 500.0, "ms_per_step": 200.0}
+    assert clock.train_s == 4.0
+    clock.start(20)  # a new interval banks nothing from the last
+    fake.now = 33.0
+    assert clock.lap(25)["tokens_per_s"] == 500.0
+
+
+def test_checkpoints_between_evaluations_are_off_the_clock(tmp_path, tiny_config, monkeypatch):
+    """The run's loop pauses its clock while it writes a checkpoint that no evaluation follows."""
+    from typer.testing import CliRunner
+
+    from basis_train.cli.train import train_app
+    from basis_train.training.checkpoint import Checkpoints
+
+    real_save = Checkpoints.save
+
+    def slow_save(self, *a, **k):
+        time.sleep(1.0)
+        return real_save(self, *a, **k)
+
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    out = tmp_path / "ck"
+    res = CliRunner().invoke(train_app, ["--quiet", "--config", str(tiny_config), "--out", str(out), "--steps", "4",
+                                         "--eval-every", "4", "--checkpoint-every", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    # 3 s of checkpoints fall inside the one interval (steps 1-3); 4 steps of the tiny model take far less
+    assert summary["train_s"] < 1.5, summary["train_s"]
+    assert summary["wall_s"] > 3.0
