@@ -74,6 +74,9 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = True
     saved_activations: str = "keep"  # keep | offload | int8 | fp8 (core/options.py's SAVED_ACTIVATIONS)
+    # TF32 for a CUDA run's float32 matmuls (off: as the paper's T4). Under 16-bit autocast it reaches the
+    # BASIS head's dW product from its float32 sketches (an exact step has no float32 matmul).
+    tf32: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ HASH_OMIT_DEFAULTS: dict[str, object] = {
     "optim.lr_factor": 1.0, "optim.schedule": "constant", "optim.warmup_steps": 0,
     "optim.min_lr_ratio": 0.1, "data.single_pass": False, "model.arch": "paper", "optim.grad_clip": 0.0,
     "model.checkpoint_policy": "full", "model.checkpoint_every": 1, "train.saved_activations": "keep",
+    "train.tf32": False,
 }
 
 

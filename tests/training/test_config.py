@@ -283,3 +283,12 @@ def test_variant_tags_name_what_changes_the_numbers():
             layers = overrides.get("sketch.layers")
             assert tag == (f"layers={layers}" if layers else name), (name, method)
     assert {"all", "mlp"} <= set(VARIANTS)
+
+
+def test_tf32_off_keeps_the_hash_and_on_is_another_run():
+    """Every run before `train.tf32` ran with TF32 off: off keeps their hash; on can change the numbers."""
+    from basis_train.training.config import apply_overrides, config_hash, load_config
+
+    bf16 = apply_overrides(load_config(None), {"train.dtype": "bfloat16"})
+    assert config_hash(apply_overrides(bf16, {"train.tf32": False})) == config_hash(bf16)
+    assert config_hash(apply_overrides(bf16, {"train.tf32": True})) != config_hash(bf16)

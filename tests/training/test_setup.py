@@ -79,3 +79,36 @@ def test_sgd_holding_a_device_lr_is_fused_and_steps_as_with_a_float_lr():
     for a, b in zip(*(m.parameters() for m in models)):
         # the same float32 operations per element, possibly fused into multiply-adds: a few roundings
         assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_exact_16_bit_step_has_no_float32_matmul_for_tf32_to_round():
+    """`train.tf32: true` is meant to reach only the BASIS head's float32 dW product under 16-bit autocast:
+    an exact step there runs no float32 matmul, forward or backward (fused head, GPT-2 architecture)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from basis_train.core.model import build_gpt
+
+
+    products = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+    class Float32Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.float32 = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in products:
+                self.seen += 1
+                if any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+                    self.float32.append(func)
+            return func(*args, **(kwargs or {}))
+
+    cfg = GPTConfig(arch="gpt2", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=2, head_chunk=8)
+    model = build_gpt(cfg, seed=0, method="exact")
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with Float32Products() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+    assert rec.seen >= 4 * 2 * 3 and rec.float32 == []  # 4 linears a block, 2 blocks: forward, dX and dW
