@@ -89,7 +89,6 @@ def test_an_exact_16_bit_step_has_no_float32_matmul_for_tf32_to_round():
 
     from basis_train.core.model import build_gpt
 
-
     products = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 
     class Float32Products(TorchDispatchMode):
