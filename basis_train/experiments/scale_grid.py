@@ -93,6 +93,10 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
     jobs += [Job(f"basis_R1024_sgd{lr:g}-s0", "sgd-basis",
                  {"train.method": "basis", "sketch.rank": 1024, **SGD, "optim.lr": lr, "train.seed": 0})
              for lr in sgd_basis_lrs(grid)]
+    # TF32 on (train.tf32), seed 1 (H100s ran its plain pair): exact's run reruns exact-s1's configuration (TF32
+    # cannot reach an exact step): how far two runs of one seed drift; BASIS's, what TF32 does to the head's dW product.
+    jobs += [Job(f"{name}_tf32-s1", "tf32", {"train.method": m, **ov, "train.tf32": True, "train.seed": 1})
+             for name, m, ov in (EXACT, R1024)]
     # The memory methods that change gradients (8-bit saved activations, alone and under BASIS). Their
     # hooks need the model uncompiled, so they pair with exact uncompiled of the same seeds.
     for seed in MAIN_SEEDS:

@@ -37,7 +37,8 @@ class Protocol:
 
 # How a run executed, which must change no result: the tag a run gets when it departs from the others.
 _MODE_TAGS = {"compiled": ("compiled", "eager"), "graphs": ("graphs", "no-graphs")}
-MODE_TAG_NAMES = frozenset(t for pair in _MODE_TAGS.values() for t in pair)
+# TF32 (variant_of's tag) is a mode too: an exact bf16 step has no float32 matmul for it to round.
+MODE_TAG_NAMES = frozenset(t for pair in _MODE_TAGS.values() for t in pair) | {"tf32"}
 # Other implementations trained on the same batches (scripts/nanogpt_reference.py).
 REFERENCE_METHODS = frozenset({"nanogpt"})
 

@@ -43,6 +43,7 @@ _TAG_OF_VALUE = {
     "model.head_kernel": lambda v: None,
     "optim.lr_factor": lambda v: f"lr{v:g}x",
     "optim.lr_scale_sketched": lambda v: f"lrx{v:g}",
+    "train.tf32": lambda v: "tf32",
 }
 _NAMED = {(key, value): name for name, (ov, _) in VARIANTS.items() for key, value in ov.items()
           if key != "sketch.layers"}

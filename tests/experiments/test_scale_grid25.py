@@ -33,14 +33,18 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
     base = load_config("gpt2-small-code")
     jobs = sg.plan(tmp_path, base)
     groups = list(dict.fromkeys(j.group for j in jobs))
-    assert groups == ["main-s0", "reference", "main-s1", "main-s2", "lr", "sgd-exact", "methods", "long-s0",
+    assert groups == ["main-s0", "reference", "main-s1", "main-s2", "lr", "sgd-exact", "tf32", "methods", "long-s0",
                       "long-s1", "layers"]
     assert [j.name for j in jobs[:8]] == ["exact-s0", "basis_R1024-s0", "basis_R256-s0", "basis_R1024_all-s0",
                                           "basis_R64-s0", "basis_R4096-s0", "exact_ckpt-s0", "exact_eager-s0"]
     assert jobs[7].overrides == {"train.method": "exact", "train.compile": False, "train.seed": 0}
     assert jobs[8].overrides == {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
                                  "train.seed": 0}
-    assert len(jobs) == 21 + 2 + 6 + 4 + 8 + 4 + 3 and len({j.name for j in jobs}) == len(jobs)
+    assert len(jobs) == 21 + 2 + 6 + 4 + 2 + 8 + 4 + 3 and len({j.name for j in jobs}) == len(jobs)
+    # TF32 on, seed 1: exact's run repeats exact-s1's math (how far a rerun drifts), BASIS's tells TF32's effect
+    assert {j.name: j.overrides for j in jobs if j.group == "tf32"} == {
+        "exact_tf32-s1": {"train.method": "exact", "train.tf32": True, "train.seed": 1},
+        "basis_R1024_tf32-s1": {"train.method": "basis", "sketch.rank": 1024, "train.tf32": True, "train.seed": 1}}
     methods = {j.name: j.overrides for j in jobs if j.group == "methods"}
     assert sorted(methods) == sorted(["exact_eager-s1", "exact_eager-s2", *(f"{m}-s{s}" for s in (0, 1, 2)
                                                                             for m in ("exact_int8", "basis_R1024_int8"))])

@@ -303,3 +303,22 @@ def test_speed_and_step_peak_come_from_one_gpu_and_are_listed_per_gpu(tmp_path):
     assert "the runs on H100, the GPU most runs used" in md
     rows = list(csv.DictReader((tmp_path / "res" / "results.csv").open()))
     assert sorted(r["gpu"] for r in rows) == ["H100", "H100", "H200"]
+
+
+def test_tf32_is_a_mode_basis_in_it_pairs_with_exact_in_it(tmp_path):
+    # train.tf32 changes no exact bf16 step (it has no float32 matmul), so exact [tf32] against exact is a
+    # rerun of one seed, and BASIS [tf32] is measured against exact [tf32], as any run in another mode.
+    from basis_train.reporting.grid_stats import read_runs, summarize_settings
+
+    g = tmp_path / "g"
+    for name, method, variant, val in (("exact-s1", "exact", "", 2.48), ("exact_tf32-s1", "exact", "tf32", 2.50),
+                                       ("basis_R1024-s1", "basis", "", 2.74),
+                                       ("basis_R1024_tf32-s1", "basis", "tf32", 2.73)):
+        d = fake_run(g, name, method, 1024 if method == "basis" else None, variant, 1, val)
+        (d / "config.yaml").write_text(yaml.safe_dump({"train": {"compile": True}}))
+    runs = read_runs(sorted(g.iterdir()))
+    by = {r.run_dir.name: r.setting for r in runs}
+    assert by["basis_R1024_tf32-s1"].baseline == by["exact_tf32-s1"]
+    assert by["exact_tf32-s1"].baseline == by["exact-s1"] == by["basis_R1024-s1"].baseline
+    gaps = {e["label"]: e["gap"]["mean"] for e in summarize_settings(runs) if e.get("gap")}
+    assert gaps == pytest.approx({"exact [tf32]": 0.02, "basis R=1024 [tf32]": 0.23, "basis R=1024": 0.26})

@@ -276,6 +276,7 @@ def test_variant_tags_name_what_changes_the_numbers():
     assert variant_of(apply_overrides(base, {"model.head_kernel": "native"})) == ""
     assert variant_of(apply_overrides(base, {"model.head_kernel": "cce", "model.checkpoint_blocks": True})) == "ckpt,cce"
     assert variant_of(apply_overrides(base, {"optim.lr_factor": 2.0})) == "lr2x"
+    assert variant_of(apply_overrides(base, {"train.tf32": True, "model.checkpoint_blocks": True})) == "ckpt,tf32"
     # a grid's variant is tagged by its name wherever the grid runs it (the reports read layers=all)
     for name, (overrides, methods) in VARIANTS.items():
         for method in methods:
