@@ -277,7 +277,7 @@ class Run:
             "sketch_layers": cfg.sketch.layers, "hashing": cfg.sketch.hashing,
             "invariant_scalars": cfg.sketch.invariant_scalars, "lam": cfg.sketch.lam,
             "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "lr_factor": cfg.optim.lr_factor, "dtype": cfg.train.dtype,
-            "tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+            "tf32": cfg.train.tf32 if cuda else None,
             "device": str(self.device), "gpu": torch.cuda.get_device_name(self.device) if cuda else None,
             "cuda_graphs": self.train_step.graph is not None if cuda_graphs is None else cuda_graphs, "torch": torch.__version__,
             # >1: basis-compare ran this many runs per GPU at once (MPS), so wall_s and tokens_per_s

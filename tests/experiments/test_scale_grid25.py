@@ -41,7 +41,7 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
     assert jobs[8].overrides == {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False,
                                  "train.seed": 0}
     assert len(jobs) == 21 + 2 + 6 + 4 + 2 + 8 + 4 + 3 and len({j.name for j in jobs}) == len(jobs)
-    # TF32 on, seed 1: exact's run repeats exact-s1's math (how far a rerun drifts), BASIS's tells TF32's effect
+    # TF32 on, seed 1: exact's run reruns exact-s1's configuration (how far a rerun drifts), BASIS's tells TF32's effect
     assert {j.name: j.overrides for j in jobs if j.group == "tf32"} == {
         "exact_tf32-s1": {"train.method": "exact", "train.tf32": True, "train.seed": 1},
         "basis_R1024_tf32-s1": {"train.method": "basis", "sketch.rank": 1024, "train.tf32": True, "train.seed": 1}}

@@ -79,6 +79,26 @@ def test_evaluating_changes_no_training(tmp_path, tiny_config):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_checkpoints_between_evaluations_are_off_the_clock(tmp_path, tiny_config, monkeypatch):
+    """The run's loop pauses its clock (tests/training/test_throughput.py) while it writes a checkpoint
+    that no evaluation follows."""
+    from basis_train.training.checkpoint import Checkpoints
+
+    real_save = Checkpoints.save
+
+    def slow_save(self, *a, **k):
+        time.sleep(1.0)
+        return real_save(self, *a, **k)
+
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    res = train("--config", tiny_config, "--out", tmp_path / "ck", "--steps", 4, "--eval-every", 4, "--checkpoint-every", 1)
+    assert res.exit_code == 0, res.output
+    summary, _ = read(tmp_path / "ck")
+    # 3 s of checkpoints fall inside the one interval (steps 1-3); 4 steps of the tiny model take far less
+    assert summary["train_s"] < 1.5, summary["train_s"]
+    assert summary["wall_s"] > 3.0
+
+
 def test_says_what_it_is_doing(tmp_path, tiny_config):
     out = tmp_path / "talk"
     res = runner.invoke(train_app, ["--config", str(tiny_config), "--out", str(out), "--steps", "4"])
