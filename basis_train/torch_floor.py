@@ -13,6 +13,9 @@ import re
 from importlib import metadata
 
 MIN_TORCH = "2.11"
+# The first torch whose selective checkpoint hands its policy the op's output (SelectiveCheckpointContext.op_output),
+# which core/saved_activations.py needs to tell the memory meter what a selective checkpoint caches.
+SELECTIVE_CACHE_COUNTED_FROM = "2.13"
 
 
 def installed_torch() -> str | None:
@@ -39,3 +42,8 @@ def torch_problem(version: str | None = None) -> str | None:
     if torch_release(version) < torch_release(MIN_TORCH):
         return f"basis-train needs torch >= {MIN_TORCH}; this is torch {version} (pip install -U torch)"
     return None
+
+
+def counts_selective_cache(version: str) -> bool:
+    """Whether the memory meter under torch `version` counts a selective checkpoint's cached outputs."""
+    return torch_release(version) >= torch_release(SELECTIVE_CACHE_COUNTED_FROM)

@@ -63,7 +63,8 @@ SAVED_OPS = _aten_ops(("mm", "addmm", "bmm", "_scaled_dot_product_flash_attentio
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     policy = CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
     if policy == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
-        # what checkpoint caches, for a running meter; op_output: torch >= 2.13 (without it, not counted)
+        # what checkpoint caches, for a running meter; op_output from torch_floor.SELECTIVE_CACHE_COUNTED_FROM on
+        # (without it, not counted, and the frontier's report says so)
         note_kept(getattr(ctx, "op_output", None))
     return policy
 

@@ -3,13 +3,18 @@ the largest batch and the longest context against the budget, one series per met
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
 from typing import BinaryIO
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from basis_train.fsutil import atomic_write_bytes, atomic_write_text
 from basis_train.reporting.plotstyle import COLORS, legend_below, series_style
+from basis_train.torch_floor import counts_selective_cache
 
 GIB = 2**30
 DPI = 120
@@ -64,15 +69,19 @@ def md_row(cells: list[str]) -> str:
     return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
 
 
-def reference_cells(meth: dict) -> list[str]:
-    """A method at the reference size: step peak, saved for backward, offloaded, tokens/s, MFU (or why not)."""
+def reference_cells(meth: dict, torch_version: str) -> list[str]:
+    """A method at the reference size: step peak, saved for backward, offloaded, tokens/s, MFU (or why not).
+    `torch_version`: the frontier's, which decides whether a selective checkpoint's cache was counted."""
     r = meth.get("reference")
     if meth["status"] != "ok" or not r:
         return [meth["status"] if meth["status"] != "ok" else "not measured", "", "", "", ""]
     if r["status"] != "ok":
         return [r["status"], "", "", "", ""]
     mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
-    return [_gib(r["peak_bytes"]), _gib(r.get("activation_bytes")), _gib(r.get("offloaded_bytes") or None), _speed(r), mfu]
+    saved = _gib(r.get("activation_bytes"))
+    if meth.get("overrides", {}).get("model.checkpoint_policy") == "selective" and not counts_selective_cache(torch_version):
+        saved += f" + its cache, not counted under torch {torch_version}"
+    return [_gib(r["peak_bytes"]), saved, _gib(r.get("offloaded_bytes") or None), _speed(r), mfu]
 
 
 def peak_words(meta: dict) -> str:
@@ -116,7 +125,7 @@ def frontier_md(res: dict) -> str:
     if ref := s.get("reference"):
         lines += ["", f"## Every method at B {ref['batch']} x T {ref['seq']:,}", "",
                   "| method | step peak | saved for backward | offloaded to host | tokens/s | MFU |", "|---|---|---|---|---|---|"]
-        lines += [md_row([meth["label"], *reference_cells(meth)]) for meth in res["methods"].values()]
+        lines += [md_row([meth["label"], *reference_cells(meth, m["torch"])]) for meth in res["methods"].values()]
     for gib in res["budgets_gib"]:
         key = budget_key(gib)
         lines += ["", f"## {key} GiB", "",
@@ -163,3 +172,21 @@ def frontier_png(res: dict, f: BinaryIO) -> None:
                  fontsize=10)
     legend_below(fig, axes, ncol=3, fontsize=8)
     fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m basis_train.reporting.frontier_report DIR`: DIR's frontier.md and frontier.png written again
+    from its frontier.json, as this version of the report writes them (no probe runs)."""
+    p = argparse.ArgumentParser(prog="python -m basis_train.reporting.frontier_report", description=main.__doc__)
+    p.add_argument("frontier", type=Path, help="the frontier's directory (experiments/frontier.py's --out)")
+    a = p.parse_args(argv)
+    if not (a.frontier / "frontier.json").is_file():
+        p.error(f"no frontier.json in {a.frontier} (python -m basis_train.experiments.frontier --out DIR writes it)")
+    res = json.loads((a.frontier / "frontier.json").read_text())
+    atomic_write_text(a.frontier / "frontier.md", frontier_md(res))
+    atomic_write_bytes(a.frontier / "frontier.png", lambda f: frontier_png(res, f))
+    print(f"wrote {a.frontier / 'frontier.md'} and {a.frontier / 'frontier.png'}")
+
+
+if __name__ == "__main__":
+    main()

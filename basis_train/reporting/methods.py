@@ -141,13 +141,15 @@ def methods_md(res: Mapping, quality: Mapping[str, str], runs: str | Path) -> st
         f"Memory: {meta['peak']}.", "",
         "| method | step peak | saved for backward | offloaded | tokens/s | MFU | final-loss cost (paired, 95% CI) |",
         "|---|---|---|---|---|---|---|",
-        *(md_row([meth["label"], *reference_cells(meth), quality.get(mid, "-")]) for mid, meth in res["methods"].items()),
+        *(md_row([meth["label"], *reference_cells(meth, meta["torch"]), quality.get(mid, "-")])
+          for mid, meth in res["methods"].items()),
         "",
         (f"Final-loss cost: the final held-out loss minus exact's of the same seed, mean and 95% CI over the seeds, "
          f"from the quality runs in `{runs}` (their main protocol) with the method's gradients; the frontier's BASIS "
          f"rank is R = {rank}, so a BASIS method is read from runs at R = {rank}. Checkpointing and offload recompute "
          "or copy the tensors exact saves, so their gradients are exact's (\"exact gradients\"); with BASIS they "
-         "are the BASIS run's of the same rank and layers."),
+         "are the BASIS run's of the same rank and layers. A run in another execution mode (not compiled, for the "
+         "8-bit hooks) is paired with exact's run in that mode."),
     ]
     return "\n".join(lines) + "\n"
 

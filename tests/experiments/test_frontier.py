@@ -20,6 +20,7 @@ from basis_train.experiments.frontier_search import (
     parse_budgets,
     parse_methods,
 )
+from basis_train.reporting import frontier_report
 from basis_train.training.setup import gpt_config
 
 # The quick model (width 32, 2 layers, vocabulary 512) has about 43k parameters: float32 parameters,
@@ -282,6 +283,16 @@ def test_the_three_files_with_every_method(frontier_out):
             assert r["tokens_per_s"] > 0 and r["peak_bytes"] == m["batch"]["measurements"][str(ref["batch"])]["peak_bytes"]
     png = (out / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_the_report_is_written_again_from_the_json_alone(frontier_out, tmp_path):
+    out, _ = frontier_out
+    (tmp_path / "frontier.json").write_bytes((out / "frontier.json").read_bytes())
+    frontier_report.main([str(tmp_path)])
+    assert (tmp_path / "frontier.md").read_text() == (out / "frontier.md").read_text()
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        frontier_report.main([str(tmp_path / "none")])
 
 
 def test_cpu_estimate_counts_parameters_gradients_and_adamw_state(frontier_out):

@@ -42,7 +42,7 @@ def _frontier() -> dict:
     ms["basis-mlp+head+int8"] = {"label": ms["basis-mlp+head+int8"]["label"], "status": "refused", "reason": "no"}
     meta = {"gpu": "NVIDIA H100 80GB HBM3", "device": "cuda", "peak_kind": "cuda_max_memory_allocated",
             "peak": "CUDA allocator peak", "command": "python -m basis_train.experiments.frontier --budget 8",
-            "date": "2025-01-01T00:00:00+00:00", "step": "eager TrainStep"}
+            "date": "2025-01-01T00:00:00+00:00", "step": "eager TrainStep", "torch": "2.13.0+cpu"}
     return {"meta": meta, "settings": {"rank": R, "reference": {"batch": 8, "seq": 1024}}, "methods": ms}
 
 
@@ -122,6 +122,24 @@ def test_table_lists_every_method(grid):
     assert rows["exact"] == "| exact | 10.00 GiB | 4.00 GiB | - | 100,000 | 30.0% | reference |"
     assert rows["fp8 saved activations"].startswith("| fp8 saved activations | oom |")
     assert "`results/scale`" in md and f"R = {R}" in md
+
+
+def test_selective_cache_is_said_uncounted_where_torch_cannot_count_it(grid):
+    # torch 2.11 (the GPU results' torch) gives a selective policy no op_output: the meter saw only what
+    # full checkpointing keeps, and the table must not present that as the method's saved bytes
+    res, q = _frontier(), _quality(grid)
+    label = res["methods"]["ckpt-selective"]["label"]
+
+    def saved(version):
+        res["meta"]["torch"] = version
+        row = next(ln for ln in methods.methods_md(res, q, "r").splitlines() if ln.startswith(f"| {label} |"))
+        return row.split(" | ")[2]
+
+    assert saved("2.11.0+cu130") == "6.00 GiB + its cache, not counted under torch 2.11.0+cu130"
+    assert saved("2.13.0+cpu") == saved("2.14.0a0") == "6.00 GiB"
+    full = next(ln for ln in methods.methods_md(res, q, "r").splitlines() if ln.startswith("| full block"))
+    res["meta"]["torch"] = "2.11.0"
+    assert full in methods.methods_md(res, q, "r")  # only the selective policy caches outputs
 
 
 def test_cli_writes_both_files_and_says_what_is_missing(grid, tmp_path, capsys):
