@@ -77,3 +77,23 @@ def load_interpreted_kernel(module: str, gpu_note: str = "with a GPU the compile
 def interpreted_kernel():
     """`load_interpreted_kernel` for tests: `interpreted_kernel("basis_train.fleet.kernels.sgd")`."""
     return load_interpreted_kernel
+
+
+@pytest.fixture()
+def slow_checkpoint_saves(monkeypatch):
+    """`slow_checkpoint_saves(seconds)`: every checkpoint write takes `seconds` longer (a clock test's
+    stand-in for writing 1.5 GB at GPT-2 small)."""
+    import time
+
+    from basis_train.training.checkpoint import Checkpoints
+
+    real_save = Checkpoints.save
+
+    def slow_down(seconds: float) -> None:
+        def slow_save(self, *a, **k):
+            time.sleep(seconds)
+            return real_save(self, *a, **k)
+
+        monkeypatch.setattr(Checkpoints, "save", slow_save)
+
+    return slow_down

@@ -129,20 +129,10 @@ def drop_timing(recs):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
 
 
-def test_checkpoints_between_evaluations_are_off_the_fleet_clock(tmp_path, monkeypatch):
+def test_checkpoints_between_evaluations_are_off_the_fleet_clock(tmp_path, slow_checkpoint_saves):
     """As a single run's (tests/training/test_throughput.py): checkpoints written between two evaluations
     are not training time."""
-    import time
-
-    from basis_train.training.checkpoint import Checkpoints
-
-    real_save = Checkpoints.save
-
-    def slow_save(self, *a, **k):
-        time.sleep(0.5)
-        return real_save(self, *a, **k)
-
-    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    slow_checkpoint_saves(0.5)
     cfgs = configs(TRIO[1:], **{"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 1})
     members = [(c, tmp_path / f"m{i}") for i, c in enumerate(cfgs)]
     train_fleet(members, splits=random_splits(), progress=False)

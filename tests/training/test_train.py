@@ -79,18 +79,10 @@ def test_evaluating_changes_no_training(tmp_path, tiny_config):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_checkpoints_between_evaluations_are_off_the_clock(tmp_path, tiny_config, monkeypatch):
+def test_checkpoints_between_evaluations_are_off_the_clock(tmp_path, tiny_config, slow_checkpoint_saves):
     """The run's loop pauses its clock (tests/training/test_throughput.py) while it writes a checkpoint
     that no evaluation follows."""
-    from basis_train.training.checkpoint import Checkpoints
-
-    real_save = Checkpoints.save
-
-    def slow_save(self, *a, **k):
-        time.sleep(1.0)
-        return real_save(self, *a, **k)
-
-    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    slow_checkpoint_saves(1.0)
     res = train("--config", tiny_config, "--out", tmp_path / "ck", "--steps", 4, "--eval-every", 4, "--checkpoint-every", 1)
     assert res.exit_code == 0, res.output
     summary, _ = read(tmp_path / "ck")
