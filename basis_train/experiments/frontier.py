@@ -27,6 +27,7 @@ import argparse
 import functools
 import json
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -173,6 +174,12 @@ def run_method(mid: str, label: str, overrides: dict, budgets: list[float], devi
     return rec
 
 
+def command_line() -> str:
+    """The command as a user types it: under `python -m`, argv[0] is this file's path on the machine that ran it."""
+    head = ["python", "-m", __spec__.name] if __spec__ and sys.argv[0] == __file__ else [Path(sys.argv[0]).name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
 def _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed, reference) -> dict:
     return {"budgets_gib": budgets, "device": device.type, "quick": quick, "rank": rank, "axes": axes,
             "reference": reference,
@@ -197,7 +204,7 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
     host_limit = host_limit if device.type == "cuda" else None
     cfg = method_config({}, device, quick, 1, axes["batch"]["seq"], seed, rank)
     res = {"meta": {"gpu": settings["gpu"], "device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "cpu": platform.processor() or platform.machine(), "command": " ".join(sys.argv), "argv": list(sys.argv),
+                    "cpu": platform.processor() or platform.machine(), "command": command_line(), "argv": list(sys.argv),
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "peak": CUDA_PEAK if device.type == "cuda" else CPU_ESTIMATE,
                     "peak_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_estimate",

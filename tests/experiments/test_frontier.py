@@ -3,6 +3,7 @@ to end on CPU at --quick size, where "fits" reads the CPU estimate (saved tensor
 gradients and AdamW state), since a CPU has no allocator peak."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -361,3 +362,10 @@ def test_argparse_entry_point_and_resume(tmp_path):
     assert json.loads((tmp_path / "frontier.json").read_text()) == res
     assert run("--methods", "nope") == 2
     assert run("--methods", "exact", "--budget", "-3") == 2
+
+
+def test_the_recorded_command_is_the_one_a_user_types(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [frontier.__file__, "--budget", "8,16", "--out", "a b"])
+    assert frontier.command_line() == "python -m basis_train.experiments.frontier --budget 8,16 --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/basis-bench", "--frontier", "--budget", "8"])
+    assert frontier.command_line() == "basis-bench --frontier --budget 8"

@@ -53,3 +53,35 @@ def test_targets_are_the_ratios_of_the_rows_and_the_runs(tmp_path):
     merged = json.loads(targets.read_text())
     assert [t["target"] for t in merged[:2]] == ["layer", "other gpu"] and len(merged) == 9
     assert all("commit abc" in t["command"] for t in new[:4]) and {t["gpu"] for t in new} == {"NVIDIA H200"}
+
+
+def _runs(tmp_path, losses: dict[str, float]) -> Path:
+    runs = tmp_path / "runs"
+    for name, loss in losses.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"final_val_loss": loss, "gpu": "NVIDIA H100"}))
+    return runs
+
+
+def test_compiled_against_eager_is_judged_per_seed_and_over_seeds(tmp_path):
+    """Compiled minus eager per seed: 0.035, 0.005, -0.025 (exact_eager_nographs has one seed: no mean).
+    Over the seeds: mean 0.005, std 0.03, half-width t(0.975, 2) x 0.03 / sqrt(3) = 4.303 x 0.01732 = 0.0745."""
+    mod = _script()
+    runs = _runs(tmp_path, {"exact-s0": 2.495, "exact-s1": 2.465, "exact-s2": 2.435, "exact_eager-s0": 2.46,
+                            "exact_eager-s1": 2.46, "exact_eager-s2": 2.46, "exact_eager_nographs-s1": 2.45})
+    out = mod._run_targets(runs, {}, {"gpu": "NVIDIA H100"}, "cmd")
+    assert [t["measured"] for t in out] == [0.035, 0.005, 0.025, 0.005, 0.015]
+    assert [t["met"] for t in out] == [False, True, False, False, False]
+    mean = out[3]
+    assert "seeds 0, 1, 2" in mean["target"] and "not compiled, CUDA graph" in mean["target"]
+    assert mean["ci"] == [round(0.005 - 0.0745, 4), round(0.005 + 0.0745, 4)]
+    assert "(seed 1)" in out[4]["target"] and "neither" in out[4]["target"]
+
+
+def test_a_mode_that_changes_no_result_meets_the_target_over_seeds(tmp_path):
+    """Differences 0.001, 0.002, 0.003: mean 0.002, CI 0.002 +- 4.303 x 0.001 / sqrt(3), inside +-0.01."""
+    mod = _script()
+    runs = _runs(tmp_path, {"exact-s0": 2.461, "exact-s1": 2.462, "exact-s2": 2.463,
+                            "exact_eager-s0": 2.46, "exact_eager-s1": 2.46, "exact_eager-s2": 2.46})
+    mean = mod._run_targets(runs, {}, {"gpu": "NVIDIA H100"}, "cmd")[-1]
+    assert mean["met"] and mean["measured"] == 0.002 and mean["ci"] == [round(0.002 - 0.0025, 4), round(0.002 + 0.0025, 4)]
