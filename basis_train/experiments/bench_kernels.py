@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from basis_train.core import graphs
 from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
+from basis_train.experiments.provenance import command_line
 from basis_train.fsutil import atomic_write_text
 
 LAYER = (8192, 768, 3072)
@@ -154,8 +154,7 @@ def measure_targets(out: Path, parts=PARTS, reps: int = 50, ranks: tuple[int, ..
     if not torch.cuda.is_available():
         raise RuntimeError("the speed targets need a CUDA GPU")
     device = torch.device("cuda")
-    argv = ["python", "-m", __spec__.name, *sys.argv[1:]] if sys.argv[0] == __file__ and __spec__ else sys.argv
-    command = " ".join(shlex.quote(a) for a in argv)
+    command = command_line(__spec__, __file__)
     path = out / "targets.json"
     kept = [t for t in json.loads(path.read_text()) if t.get("part") not in parts] if path.exists() else []
     targets = []

@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import platform
-import shlex
 import sys
 import time
 import traceback
@@ -49,8 +48,9 @@ from basis_train.experiments.bench_sizes import (
 )
 from basis_train.experiments.frontier_probe import GIB, Prober, host_available_bytes, say
 from basis_train.experiments.frontier_search import bracket_hint, largest_fitting, parse_budgets, parse_methods
-from basis_train.fsutil import atomic_write_bytes, atomic_write_text
-from basis_train.reporting.frontier_report import budget_key, frontier_md, frontier_png
+from basis_train.experiments.provenance import command_line
+from basis_train.fsutil import atomic_write_text
+from basis_train.reporting.frontier_report import budget_key, write_report
 from basis_train.training.config import Config, ConfigError, apply_overrides, load_config
 from basis_train.training.variants import variant_of
 
@@ -174,12 +174,6 @@ def run_method(mid: str, label: str, overrides: dict, budgets: list[float], devi
     return rec
 
 
-def command_line() -> str:
-    """The command as a user types it: under `python -m`, argv[0] is this file's path on the machine that ran it."""
-    head = ["python", "-m", __spec__.name] if __spec__ and sys.argv[0] == __file__ else [Path(sys.argv[0]).name]
-    return shlex.join([*head, *sys.argv[1:]])
-
-
 def _settings(budgets, device, quick, rank, axes, max_probes, timed_steps, seed, reference) -> dict:
     return {"budgets_gib": budgets, "device": device.type, "quick": quick, "rank": rank, "axes": axes,
             "reference": reference,
@@ -204,7 +198,8 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
     host_limit = host_limit if device.type == "cuda" else None
     cfg = method_config({}, device, quick, 1, axes["batch"]["seq"], seed, rank)
     res = {"meta": {"gpu": settings["gpu"], "device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "cpu": platform.processor() or platform.machine(), "command": command_line(), "argv": list(sys.argv),
+                    "cpu": platform.processor() or platform.machine(), "command": command_line(__spec__, __file__),
+                    "argv": list(sys.argv),
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "peak": CUDA_PEAK if device.type == "cuda" else CPU_ESTIMATE,
                     "peak_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_estimate",
@@ -227,8 +222,7 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
 
     def flush() -> None:
         atomic_write_text(path, json.dumps(res, indent=1))
-        atomic_write_text(out / "frontier.md", frontier_md(res))
-        atomic_write_bytes(out / "frontier.png", lambda f: frontier_png(res, f))
+        write_report(out, res)
 
     old_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # as basis-bench's gpt2-small size: TF32 where autocast leaves float32

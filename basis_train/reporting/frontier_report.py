@@ -174,6 +174,12 @@ def frontier_png(res: dict, f: BinaryIO) -> None:
     fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
 
 
+def write_report(out: Path, res: dict) -> None:
+    """OUT/frontier.md and OUT/frontier.png from a frontier's results."""
+    atomic_write_text(out / "frontier.md", frontier_md(res))
+    atomic_write_bytes(out / "frontier.png", lambda f: frontier_png(res, f))
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m basis_train.reporting.frontier_report DIR`: DIR's frontier.md and frontier.png written again
     from its frontier.json, as this version of the report writes them (no probe runs)."""
@@ -182,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not (a.frontier / "frontier.json").is_file():
         p.error(f"no frontier.json in {a.frontier} (python -m basis_train.experiments.frontier --out DIR writes it)")
-    res = json.loads((a.frontier / "frontier.json").read_text())
-    atomic_write_text(a.frontier / "frontier.md", frontier_md(res))
-    atomic_write_bytes(a.frontier / "frontier.png", lambda f: frontier_png(res, f))
+    write_report(a.frontier, json.loads((a.frontier / "frontier.json").read_text()))
     print(f"wrote {a.frontier / 'frontier.md'} and {a.frontier / 'frontier.png'}")
 
 

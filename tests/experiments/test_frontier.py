@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from basis_train.cli.bench import app
 from basis_train.core.model import build_gpt
-from basis_train.experiments import frontier
+from basis_train.experiments import frontier, provenance
 from basis_train.experiments.bench_sizes import FRONTIER_AXES_QUICK, FRONTIER_METHODS, FRONTIER_REFERENCE_QUICK
 from basis_train.experiments.frontier_search import (
     affine_hint,
@@ -365,7 +365,10 @@ def test_argparse_entry_point_and_resume(tmp_path):
 
 
 def test_the_recorded_command_is_the_one_a_user_types(monkeypatch):
+    def command_line():  # as run_frontier records it
+        return provenance.command_line(frontier.__spec__, frontier.__file__)
+
     monkeypatch.setattr(sys, "argv", [frontier.__file__, "--budget", "8,16", "--out", "a b"])
-    assert frontier.command_line() == "python -m basis_train.experiments.frontier --budget 8,16 --out 'a b'"
+    assert command_line() == "python -m basis_train.experiments.frontier --budget 8,16 --out 'a b'"
     monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/basis-bench", "--frontier", "--budget", "8"])
-    assert frontier.command_line() == "basis-bench --frontier --budget 8"
+    assert command_line() == "basis-bench --frontier --budget 8"
