@@ -84,6 +84,9 @@ def plan(grid: Path, base, nanogpt: bool = False) -> list[Job]:
                             {"train.method": "exact", "train.compile": False, "train.cuda_graphs": False, "train.seed": seed}))
             if nanogpt:
                 jobs.append(Job(f"nanogpt_eager-s{seed}", "reference", {"train.seed": seed, "train.compile": False}, "nanogpt"))
+        elif nanogpt:
+            # The outside reference on every seed's batches: whether exact's spread over seeds is the data's or ours.
+            jobs.append(Job(f"nanogpt-s{seed}", "reference", {"train.seed": seed}, kind="nanogpt"))
     for f in LR_FACTORS:
         for name, m, ov in (EXACT, R1024):
             jobs.append(Job(f"{name}_lr{f:g}x-s0", "lr", {"train.method": m, **ov, "optim.lr_factor": f, "train.seed": 0}))

@@ -57,6 +57,11 @@ def test_plan_is_the_issue_grid_in_priority_order(tmp_path):
                                                          ("exact_eager_nographs-s0", "train"),
                                                          ("nanogpt_eager-s0", "nanogpt")]
     assert with_ref[10].overrides == {"train.seed": 0, "train.compile": False}
+    # nanoGPT on seeds 1 and 2 too, right after each seed's main grid, on that seed's batches
+    later = [(i, j) for i, j in enumerate(with_ref) if j.kind == "nanogpt" and j.name.endswith(("-s1", "-s2"))]
+    assert [(j.name, j.overrides) for _, j in later] == [("nanogpt-s1", {"train.seed": 1}), ("nanogpt-s2", {"train.seed": 2})]
+    assert [with_ref[i - 1].name for i, _ in later] == ["exact_ckpt-s1", "exact_ckpt-s2"]
+    assert not any(j.kind == "nanogpt" for j in jobs)
     lr = {j.name: j.overrides["optim.lr_factor"] for j in jobs if j.group == "lr"}
     assert lr == {"exact_lr0.25x-s0": 0.25, "basis_R1024_lr0.25x-s0": 0.25, "exact_lr0.5x-s0": 0.5,
                   "basis_R1024_lr0.5x-s0": 0.5, "exact_lr2x-s0": 2.0, "basis_R1024_lr2x-s0": 2.0}
