@@ -20,14 +20,15 @@ MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 def series_style(i: int) -> dict:
-    """Style of the i-th series. Colours cycle every 10 series and the line style advances with each
-    series and once more per full colour cycle, so series i and j (i != j, both below 60) never share
-    both colour and line style; consecutive series differ in both."""
-    n_c, n_l = len(COLORS), len(LINESTYLES)
+    """Style of the i-th series. Colours cycle every 10 series; the line style and the marker advance
+    with each series and once more per full colour cycle, so series i and j (i != j, both below 60)
+    never share both colour and line style, nor both colour and marker (a plot of points alone, such
+    as the Pareto plot, tells them apart by those two); consecutive series differ in all three."""
+    n_c, n_l, n_m = len(COLORS), len(LINESTYLES), len(MARKERS)
     if i >= n_c * n_l:
         raise ValueError(f"only {n_c * n_l} distinguishable series styles; got series {i}")
-    return {"color": COLORS[i % n_c], "linestyle": LINESTYLES[(i + i // n_c) % n_l],
-            "marker": MARKERS[i % len(MARKERS)]}
+    shift = i + i // n_c
+    return {"color": COLORS[i % n_c], "linestyle": LINESTYLES[shift % n_l], "marker": MARKERS[shift % n_m]}
 
 
 def legend_outside(ax: Axes, **kwargs) -> None:

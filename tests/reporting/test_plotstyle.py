@@ -19,8 +19,10 @@ def _key(style) -> tuple:
 def test_series_styles_are_distinct():
     styles = [series_style(i) for i in range(60)]
     assert len({_key(s) for s in styles}) == 60
+    # points without lines (the Pareto plot) are told apart by colour and marker alone
+    assert len({(s["color"], s["marker"]) for s in styles}) == 60
     for a, b in zip(styles, styles[1:], strict=False):
-        assert a["color"] != b["color"] and str(a["linestyle"]) != str(b["linestyle"])
+        assert a["color"] != b["color"] and str(a["linestyle"]) != str(b["linestyle"]) and a["marker"] != b["marker"]
 
 
 def _axes_with_data():

@@ -4,6 +4,7 @@ legibility (distinct series, labels that overlap nothing; memory.png: tests/repo
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -213,6 +214,45 @@ def test_pareto_names_every_point_with_its_speed(tmp_path):
     assert len(texts) == 7 and len(set(texts)) == 7
     assert all(t.endswith("tok/s") or t.endswith("not measured alone") for t in texts), texts
     assert {t.split(" (n=")[0] for t in texts} == {e["label"] for e in entries if e.get("step_peak_bytes_mean")}
+
+
+def test_pareto_points_beyond_ten_keep_their_own_colour_and_marker(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from basis_train.reporting.scale_plots import plot_pareto
+
+    g = tmp_path / "g"
+    for i, r in enumerate(2 ** k for k in range(4, 15)):  # 11 BASIS points and exact: colours repeat
+        fake_run(g, f"basis_R{r}-s0", "basis", r, "", 0, 4.0 + 0.01 * i, (3 + 0.01 * i) * 2**30)
+    fake_run(g, "exact-s0", "exact", None, "", 0, 4.0, 3.2 * 2**30)
+    entries, _ = _entries(g)
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    plot_pareto(entries, tmp_path / "p.png")
+    handles, labels = drawn[0].axes[0].get_legend_handles_labels()
+    looks = {(h.lines[0].get_color(), h.lines[0].get_marker()) for h in handles}  # an errorbar's data line
+    assert len(labels) == 12 and len(looks) == 12
+
+
+def test_the_main_panel_splits_basis_from_exact_s_other_modes_and_references(tmp_path):
+    from basis_train.reporting.scale_plots import panels
+
+    g = tmp_path / "g"
+    for name, method, rank, variant, val in (("exact-s0", "exact", None, "", 4.0), ("basis_R256-s0", "basis", 256, "", 4.3),
+                                             ("exact_ckpt-s0", "exact", None, "ckpt", 4.01),
+                                             ("nanogpt-s0", "nanogpt", None, "", 3.99)):
+        fake_run(g, name, method, rank, variant, 0, val)
+    fake_run(g, "exact_lr2x-s0", "exact", None, "", 0, 4.2, lr_factor=2.0)
+    entries, ref = _entries(g)
+    got = [(title, [e["label"] for e in es]) for title, es in panels(entries, ref)]
+    assert [t.rsplit(": ", 1)[-1] for t, _ in got] == ["BASIS", "exact's other modes and methods, outside references",
+                                                      "adamw at other lrs, 20 steps"]
+    assert got[0][1] == ["exact", "basis R=256"] and got[1][1] == ["exact", "exact [ckpt]", "nanogpt"]
+    # with nothing beside BASIS and exact (or nothing beside exact's variants), one main panel, as before
+    for drop in ("exact_ckpt-s0", "nanogpt-s0"):
+        shutil.rmtree(g / drop)
+    entries, ref = _entries(g)
+    assert [len(es) for _, es in panels(entries, ref)] == [2, 1]
 
 
 @pytest.mark.parametrize(("first", "shown"), [(4.3, True), (9.0, False)])
