@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ MAIN = [("exact", "exact", {}), ("basis_R1024", "basis", {"sketch.rank": 1024}),
         ("basis_R64", "basis", {"sketch.rank": 64}), ("basis_R4096", "basis", {"sketch.rank": 4096}),
         ("exact_ckpt", "exact", {"model.checkpoint_blocks": True})]
 EXACT, R1024 = MAIN[0], MAIN[1]
+_SGD_BASIS_NAME = re.compile(r"basis_R1024_sgd[0-9.e+-]+-s0")  # plan()'s names of the SGD BASIS runs
 LR_FACTORS = (0.25, 0.5, 2.0)
 LONG_STEPS = 8000
 # An evaluation scores all 1.6M held-out tokens (3 s on an H100): every 250 steps, 30% of a long run. It
@@ -164,6 +166,13 @@ class Grid:
 
     def plan(self) -> list[Job]:
         return plan(self.grid, self.base, nanogpt=bool(self.args.nanogpt))
+
+    def unknown_only(self) -> list[str]:
+        """--only entries that name no run or group of the plan. The SGD BASIS runs count as known
+        before exact's sweep has placed them in the plan (their group and names come with it)."""
+        jobs = self.plan()
+        known = {j.name for j in jobs} | {j.group for j in jobs} | {"sgd-basis"}
+        return sorted(o for o in self.args.only if o not in known and not _SGD_BASIS_NAME.fullmatch(o))
 
     @staticmethod
     def done(job: Job, run: Path, cfg) -> bool:
@@ -334,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = Grid(args)
     if args.seed_from:
         grid.say(f"copied {seed_from(args.seed_from, grid.grid)} finished runs from {args.seed_from}")
+    unknown = grid.unknown_only()
+    if unknown:  # a misspelt name would otherwise select nothing and spend a GPU call on it
+        hint = " (nanoGPT's runs need --nanogpt)" if not args.nanogpt and any(u.startswith("nanogpt") for u in unknown) else ""
+        print(f"error: --only names no run or group of this grid: {', '.join(unknown)}{hint}", file=sys.stderr)
+        return 2
     _tokenize(grid)
     if args.tokenize_only:
         return 0

@@ -169,6 +169,16 @@ def test_only_takes_run_names_and_groups(tmp_path, small_corpus):
     assert "still to run: exact_eager-s0, exact_eager_nographs-s0, exact-s1, basis_R256-s1" in proc.stdout
 
 
+def test_only_refuses_a_name_the_grid_does_not_hold(tmp_path, small_corpus):
+    # a misspelt run selects nothing: the call would end "finished 0 of 0" having spent its GPU time
+    proc = _driver(tmp_path, small_corpus, "--only", "exact-s1,exact-s9,nanogpt-s1", "--default-s-per-step", "1000")
+    assert proc.returncode == 2 and "start " not in proc.stdout
+    assert "no run or group of this grid: exact-s9, nanogpt-s1 (nanoGPT's runs need --nanogpt)" in proc.stderr
+    # the SGD BASIS runs, group or name, are known before exact's sweep has placed them
+    proc = _driver(tmp_path, small_corpus, "--only", "sgd-basis,basis_R1024_sgd0.1-s0", "--default-s-per-step", "1000")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_end_to_end_resumes_skips_and_packs(tmp_path, small_corpus):
     grid = tmp_path / "grid"
     # An interrupted run: killed after its step-2 checkpoint.
