@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from basis_train.core.options import MEMORY_CATEGORIES as CATEGORIES
-from basis_train.reporting.plotstyle import legend_below, legend_outside, series_style
+from basis_train.reporting.plotstyle import LINESTYLES, legend_below, legend_outside, series_style
 from basis_train.reporting.stats import mean_ci, paired_diff
 
 MEMORY_CATEGORIES: tuple[str, ...] = CATEGORIES
@@ -282,6 +282,20 @@ _COLORS = {"head": "tab:red", "attention": "tab:orange", "mlp_hidden": "tab:gree
            "sketches": "tab:purple", "seeds": "tab:brown", "other": "tab:gray"}
 
 
+# Grey lines for exact's configurations, apart from the coloured bars of the categories; the first four
+# line styles in the order the committed memory plots drew them.
+_REFERENCE_GREYS = ("black", "dimgray", "darkgray")
+_REFERENCE_STYLES = ("-", "--", ":", "-.", *(s for s in LINESTYLES if s not in ("-", "--", ":", "-.")))
+
+
+def reference_line_style(j: int) -> dict:
+    """The j-th horizontal reference line's colour and line style, a pair no other line has (j < 18)."""
+    n = len(_REFERENCE_STYLES)
+    if j >= n * len(_REFERENCE_GREYS):
+        raise ValueError(f"only {n * len(_REFERENCE_GREYS)} distinguishable reference lines; got line {j}")
+    return {"color": _REFERENCE_GREYS[j // n], "linestyle": _REFERENCE_STYLES[j % n]}
+
+
 def plot_memory(summary: Sequence[Mapping], path: str | Path, lines: Mapping[str, float] | None = None,
                 title: str = "Activation memory vs R (saved for backward, mean over seeds)") -> Figure:
     """BASIS activation bytes vs R, stacked by category, one panel per BASIS variant; exact
@@ -304,7 +318,7 @@ def plot_memory(summary: Sequence[Mapping], path: str | Path, lines: Mapping[str
                 ax.bar(xs, h, bottom=bottom, color=_COLORS[cat], label=cat)
                 bottom = [b + v for b, v in zip(bottom, h, strict=True)]
         for j, (label, nbytes) in enumerate(exact.items()):
-            ax.axhline(nbytes / MIB, color="black", linestyle=("-", "--", ":", "-.")[j % 4], label=label)
+            ax.axhline(nbytes / MIB, **reference_line_style(j), label=label)
         ax.set_xticks(xs, [f"R={s['rank']}" for s in entries])
         ax.set_xlabel("sketch rows R")
         ax.set_ylabel("activation memory (MiB)")

@@ -68,3 +68,13 @@ def test_memory_legend_is_off_the_bars(tmp_path):
     for ax in fig.axes:
         assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
         assert "MiB" in ax.get_ylabel() and ax.get_xlabel()
+
+
+def test_memory_reference_lines_are_each_their_own(tmp_path):
+    # exact's configurations (eager, checkpointed, 8-bit, ...) as lines: the fifth repeated the first
+    runs = [make_run(tmp_path / "runs", *r) for r in RUNS]
+    lines = {f"exact [variant {j}]": (1000 + j) * 2**20 for j in range(8)}
+    fig = plot_memory(summarize(collect_runs(runs)), tmp_path / "memory.png", lines=lines)
+    drawn = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("exact")]
+    # get_linestyle() names every dash tuple "--"; the dash pattern itself tells them apart
+    assert len(drawn) == 9 and len({(ln.get_color(), str(ln._unscaled_dash_pattern)) for ln in drawn}) == 9
