@@ -34,28 +34,30 @@ def panel_of(p: Protocol, ref: Protocol) -> tuple[int, str]:
 
 
 def panels(entries: Sequence[Mapping], ref: Protocol) -> list[tuple[str, list[Mapping]]]:
-    """The entries by panel, in table order. The main grid's panel is split in two once it holds both
-    BASIS and other configurations (exact's other modes and memory methods, the outside references):
-    their curves lie within a few hundredths of exact's and hid each other among BASIS's. Exact itself
-    is drawn in both."""
+    """The entries by panel, in table order; the main grid's panel split by `_split_main`."""
     out: dict[tuple[int, str], list[Mapping]] = {}
     for e in entries:
         out.setdefault(panel_of(e["protocol"], ref), []).append(e)
-    groups = [(title, es) for (_, title), es in sorted(out.items())]
-    if not groups or panel_of(groups[0][1][0]["protocol"], ref)[0] != 0:
-        return groups
-    title, main = groups[0]
+    groups: list[tuple[str, list[Mapping]]] = []
+    for (order, title), es in sorted(out.items()):
+        groups += _split_main(title, es) if order == 0 else [(title, es)]
+    return groups
+
+
+def _split_main(title: str, es: list[Mapping]) -> list[tuple[str, list[Mapping]]]:
+    """The main grid in two panels once it holds both BASIS and other configurations (exact's other
+    modes and memory methods, the outside references), whose curves lie within a few hundredths of
+    exact's and hid each other among BASIS's. Exact itself is drawn in both."""
+    def basis(e: Mapping) -> bool:
+        return e["method"] == "basis"
 
     def exact(e: Mapping) -> bool:
         return e["method"] == "exact" and e["setting"].is_baseline
 
-    basis = [e for e in main if e["method"] == "basis"]
-    others = [e for e in main if e["method"] != "basis" and not exact(e)]
-    if not basis or not others:
-        return groups
-    return [(f"{title}: BASIS", [e for e in main if exact(e) or e in basis]),
-            (f"{title}: exact's other modes and methods, outside references", [e for e in main if e not in basis]),
-            *groups[1:]]
+    if not any(map(basis, es)) or all(basis(e) or exact(e) for e in es):
+        return [(title, es)]
+    return [(f"{title}: BASIS", [e for e in es if basis(e) or exact(e)]),
+            (f"{title}: exact's other modes and methods, outside references", [e for e in es if not basis(e)])]
 
 
 def _figure(n_panels: int, width: float = 7.5, height: float = 4.8) -> tuple[Figure, list]:
