@@ -1,16 +1,10 @@
 """scripts/loop_overhead.py times the training loop around steps that do nothing."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "loop_overhead.py"
+from tests.scripts_module import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("loop_overhead", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("loop_overhead")
 
 
 def test_the_loop_is_timed_around_steps_that_do_nothing(tiny_config):

@@ -1,10 +1,8 @@
 """scripts/nanogpt_reference.py's plumbing with a tiny stand-in for nanoGPT's model.py: this project's
 shuffled batches of the seed, its lr schedule, its evaluation, and a run directory the report pairs."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +10,8 @@ import torch
 from basis_train.data.loaders import TrainLoader, heldout_batches
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.setup import load_data, lr_multiplier
+from tests.scripts_module import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "nanogpt_reference.py"
 TINY = """
 model: {block_size: 16, n_embd: 16, n_head: 2, n_layer: 1}
 optim: {name: adamw, lr: 1.0e-3, schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 1.0}
@@ -63,10 +61,7 @@ class GPT(nn.Module):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("nanogpt_reference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("nanogpt_reference")
 
 
 @pytest.fixture

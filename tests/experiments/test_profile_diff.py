@@ -1,22 +1,16 @@
 """scripts/profile_diff.py on tables laid out as torch.profiler's key_averages table with CUDA activity
 (the header of results/bench/h100_gpt2/profile/profile.txt; a CPU-only table has no CUDA columns)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_diff.py"
+from tests.scripts_module import load_script
 
 HEADER = ("                              Name    Self CPU %      Self CPU   CPU total %     CPU total  CPU time avg  "
           "   Self CUDA   Self CUDA %    CUDA total  CUDA time avg    # of Calls  ")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_diff", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("profile_diff")
 
 
 def _row(name: str, self_cuda: str, calls: int) -> str:

@@ -1,18 +1,14 @@
 """scripts/speed_gpt2.py --targets: issue 22's target ratios from one process's rows and the grid's
 compiled and eager exact runs, merged into targets.json beside the other parts."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "speed_gpt2.py"
+from tests.scripts_module import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("speed_gpt2", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("speed_gpt2")
 
 
 def _speed(tmp_path):
