@@ -51,6 +51,16 @@ def test_targets_are_the_ratios_of_the_rows_and_the_runs(tmp_path):
     assert all("commit abc" in t["command"] for t in new[:4]) and {t["gpu"] for t in new} == {"NVIDIA H200"}
 
 
+def test_the_plain_head_row_gives_its_ratio_to_nanogpt_beside_the_fused_one(tmp_path):
+    mod = _script()
+    speed = json.loads(_speed(tmp_path).read_text())
+    speed["rows"].append({"row": "ours exact, plain head, compiled + CUDA graph", "ms": 19.0, "mfu": 0.44})
+    got = {t["target"]: t for t in mod.targets(speed)}
+    plain = next(t for name, t in got.items() if "plain head" in name)
+    assert (plain["measured"], plain["met"], plain["limit"]) == (0.95, True, 1.0)  # 19 / 20 ms
+    assert len(got) == 5  # three ratios and the MFU of the other rows (all linears failed), and this one
+
+
 def _runs(tmp_path, losses: dict[str, float]) -> Path:
     runs = tmp_path / "runs"
     for name, loss in losses.items():
