@@ -18,14 +18,13 @@ import io
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from basis_train.experiments.provenance import command_line, git_commit
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.train import Run
 
@@ -66,8 +65,7 @@ def main() -> None:
         medians.append(statistics.median(gaps) * 1e6)
         p99s.append(gaps[int(0.99 * (len(gaps) - 1))] * 1e6)
         print(f"median {medians[-1]:.1f} us, p99 {p99s[-1]:.1f} us per step", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"meta": {"command": "python " + " ".join(sys.argv), "commit": commit or None,
+    result = {"meta": {"command": command_line(__spec__, __file__), "commit": git_commit(),
                        "machine": f"{platform.machine()}, {_cpu_name()}",
                        "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
                        "config": a.config, "steps": a.steps, "repeats": a.repeats},

@@ -26,7 +26,6 @@ import dataclasses
 import importlib.util
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from basis_train.core import flops, graphs
 from basis_train.core.basis_linear import BasisLinear
 from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
+from basis_train.experiments.provenance import command_line, git_commit
 from basis_train.reporting.stats import paired_diff
 
 B, T = 8, 1024
@@ -312,8 +312,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": "python " + " ".join(sys.argv), "commit": commit or None, "gpu": gpu, "torch": torch.__version__,
+    meta = {"command": command_line(__spec__, __file__), "commit": git_commit(), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "batch": [B, T], "mfu_peak": flops.peak_flops(gpu)[1]}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -1,8 +1,10 @@
-"""The command line a result file records, as a user would type it again."""
+"""What a result file records of how it was made: the command line, as a user would type it again, and
+the commit of the checkout that ran it."""
 
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,19 @@ from pathlib import Path
 def command_line(spec, file: str) -> str:
     """`spec`, `file`: the calling module's __spec__ and __file__. Under `python -m`, argv[0] is the module's
     file path on the machine that ran it, so the command names the module instead; a console script
-    (`basis-bench`) is named without its install path."""
-    head = ["python", "-m", spec.name] if spec and sys.argv[0] == file else [Path(sys.argv[0]).name]
+    (`basis-bench`) is named without its install path; a script run by its path (scripts/*.py, no spec)
+    as `python PATH`."""
+    if spec is None:
+        head = ["python", sys.argv[0]]
+    else:
+        head = ["python", "-m", spec.name] if sys.argv[0] == file else [Path(sys.argv[0]).name]
     return shlex.join([*head, *sys.argv[1:]])
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The short hash of the checkout's HEAD; None outside a git checkout or without git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
