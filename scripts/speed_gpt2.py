@@ -112,10 +112,11 @@ def _time(model, loss_fn, steps: int, warmup: int, before=None, after=None, grap
     return {"ms": ms, "tokens_per_s": B * T / ms * 1e3, "peak_bytes": peak}
 
 
-def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int, graph: bool = False) -> dict:
+def ours(variant: str, rank: int, head: str, compiled: bool, steps: int, warmup: int, graph: bool = False,
+         kernel: str = "auto") -> dict:
     layers = {"exact": "none", "mlp+head": "mlp+head", "all": "all"}[variant]
     cfg = dataclasses.replace(SMALL, sketch=SketchConfig(rank=rank, layers=layers if layers != "none" else "mlp+head"),
-                              head=head)
+                              head=head, head_kernel=kernel)
     model = build_gpt(cfg, seed=0, method="exact" if variant == "exact" else "basis").cuda()
     gen = torch.Generator(device="cuda").manual_seed(1)
     fwd = torch.compile(model) if compiled else model
@@ -152,6 +153,9 @@ def nanogpt(path: str, basis_rank: int | None, steps: int, warmup: int, mode: st
 EXACT_ROW = "ours exact, fused head, compiled + CUDA graph"  # what basis-train runs on configs/gpt2-small
 NANO_ROW = "nanoGPT model.py, compiled"
 PLAIN_ROW = "ours exact, plain head, compiled + CUDA graph"
+# The fused head with dX and dW made in forward (head kernel forward-grad): no recompute of the logits
+FGRAD_ROW = "ours exact, forward-grad head, compiled + CUDA graph"
+FGRAD_BASIS_ROW = "ours BASIS mlp+head R=256, forward-grad head, compiled + CUDA graph"
 
 
 def targets(speed: dict, runs: Path | None = None) -> list[dict]:
@@ -173,6 +177,12 @@ def targets(speed: dict, runs: Path | None = None) -> list[dict]:
     # (one more vocabulary-sized GEMM), the memory the fused head saves; basis-train runs the fused head.
     ratio("GPT-2 small step, ours exact with the plain head (keeps the logits; compiled + CUDA graph) / "
           "nanoGPT model.py compiled (ms; context: basis-train runs the fused head)", PLAIN_ROW, NANO_ROW, 1.0)
+    # The fused head without its recompute: if it reaches nanoGPT's step, configs/gpt2-small can run it.
+    ratio("GPT-2 small step, ours exact with the forward-grad head (dX and dW made in forward; compiled + CUDA "
+          "graph) / nanoGPT model.py compiled (ms; context: basis-train runs the default fused head)",
+          FGRAD_ROW, NANO_ROW, 1.0)
+    ratio("GPT-2 small step, BASIS R = 256 mlp+head / exact, both with the forward-grad head (compiled + CUDA "
+          "graph; context)", FGRAD_BASIS_ROW, FGRAD_ROW, 0.95)
     ratio("GPT-2 small step, BASIS R = 256 mlp+head / exact (both compiled + CUDA graph)",
           "ours BASIS mlp+head R=256, fused head, compiled + CUDA graph", EXACT_ROW, 0.95)
     ratio("GPT-2 small step, BASIS R = 256 all linears / exact (both compiled + CUDA graph)",
@@ -287,6 +297,8 @@ def main() -> None:
         ("ours BASIS all R=256, fused head, compiled", lambda: ours("all", 256, "fused", True, a.steps, a.warmup)),
         ("ours BASIS all R=256, plain head, compiled", lambda: ours("all", 256, "plain", True, a.steps, a.warmup)),
         ("ours exact, fused head, eager", lambda: ours("exact", 256, "fused", False, a.steps, a.warmup)),
+        (FGRAD_ROW, lambda: ours("exact", 256, "fused", True, S, W, True, kernel="forward-grad")),
+        (FGRAD_BASIS_ROW, lambda: ours("mlp+head", 256, "fused", True, S, W, True, kernel="forward-grad")),
     ]
     if a.nanogpt:
         plan = [("nanoGPT model.py, compiled", lambda: nanogpt(a.nanogpt, None, a.steps, a.warmup)),

@@ -3,10 +3,12 @@
 # GPT-2-small grid is tokenized meanwhile on the CPU cores, so that scripts/scale_grid.sh can follow
 # in the same call. Carry .whl and .ext (nanoGPT's model.py, never committed):
 #   bash scripts/speed_gpu.sh            -> $OUT/tests.log, $OUT/speed_gpt2.json, $OUT/speed.log
-# ROWS=0,1,... picks speed_gpt2.py's rows (default: nanoGPT compiled and drop-in, ours graphed: exact with
-# the fused head and with the plain one, whose logits it keeps instead of recomputing them, BASIS R = 256
-# mlp+head and all linears). PROFILE=1 adds each row's profiler table to $OUT/profile.txt
-# (graphed rows list their kernels; the others their ops and host time too: e.g. ROWS=0,1,10,12,14).
+# ROWS=0,1,... picks speed_gpt2.py's rows (default: nanoGPT compiled; ours graphed: exact with the fused
+# head, with the plain one, whose logits it keeps instead of recomputing them, and with the forward-grad
+# head, which makes dX and dW in forward instead; BASIS R = 256 mlp+head with the fused and the
+# forward-grad head. Rows 1 and 8 add nanoGPT's drop-in and BASIS all linears). PROFILE=1 adds each
+# row's profiler table to $OUT/profile.txt (graphed rows list their kernels; the others their ops and
+# host time too: e.g. ROWS=0,1,10,12,14).
 set -u
 DEST=${OUT:-out}; mkdir -p "$DEST"; START=$(date +%s)
 source scripts/device_env.sh
@@ -20,6 +22,6 @@ echo "tests rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tests.log")"
 wait $TOK; echo "tokenize rc=$? ($(( $(date +%s) - START ))s): $(tail -1 "$DEST/tokenize.log")"
 NANO=(); [ -f .ext/nanogpt/model.py ] && NANO=(--nanogpt .ext/nanogpt/model.py)
 timeout ${SPEED_S:-330} python3 scripts/speed_gpt2.py "$DEST/speed_gpt2.json" ${NANO[@]+"${NANO[@]}"} \
-  --steps ${STEPS:-20} --warmup ${WARMUP:-6} --rows ${ROWS:-0,1,4,5,6,8} \
+  --steps ${STEPS:-20} --warmup ${WARMUP:-6} --rows ${ROWS:-0,4,5,17,6,18} \
   ${PROFILE:+--profile "$DEST/profile.txt"} 2>&1 | tee "$DEST/speed.log" | grep '^{'
 echo "speed done ($(( $(date +%s) - START ))s)"

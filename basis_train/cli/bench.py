@@ -55,7 +55,8 @@ def bench(
                                                           "has from a run with the same settings [default: off]")] = False,
     host_limit_gib: Annotated[float | None, typer.Option(min=0.001, help="--frontier: the most host memory offload "
                                                          "may pin [default: half of MemAvailable at the start]")] = None,
-    head_kernel: Annotated[str, typer.Option(help="exact fused head's kernel: auto (= native, ours) | native | "
+    head_kernel: Annotated[str, typer.Option(help="fused head's kernel: auto (= native, ours) | native | "
+                                                  "forward-grad (ours, gradients made in forward) | "
                                                   "cce (Cut Cross-Entropy, CUDA bf16)")] = "auto",
 ) -> None:
     """Benchmark exact, checkpointed and BASIS training steps, and one linear layer."""

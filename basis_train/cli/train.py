@@ -103,7 +103,8 @@ def train_cmd(
     lam: float | None = config_flag("sketch.lam", "lambda shrinkage of the sketches"),
     head: str | None = config_flag("model.head", "fused (chunked, never keeps the logits) | plain"),
     head_kernel: str | None = config_flag("model.head_kernel",
-                                          "the exact fused head's kernel: auto (= native, ours) | native | cce (Cut "
+                                          "the fused head's kernel: auto (= native, ours) | native | forward-grad "
+                                          "(ours, dX and dW made in forward: no logits recompute) | cce (Cut "
                                           "Cross-Entropy on CUDA, bf16/fp16; its bf16 gradient sums cost loss)"),
     lr: float | None = config_flag("optim.lr", "learning rate"),
     optimizer: str | None = config_flag("optim.name", "sgd | adamw"),

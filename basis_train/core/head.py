@@ -105,128 +105,197 @@ def sketch_matrix(bins: torch.Tensor, signs: torch.Tensor, rank: int, dtype: tor
     return s
 
 
+def _chunk_logits(xc: torch.Tensor, wp: torch.Tensor, v: int, a: int, b: int, acc: torch.dtype) -> torch.Tensor:
+    """Rows a:b's logits in the accumulation dtype, the pad columns sliced away."""
+    return (xc[a:b] @ wp.t())[:, :v].to(acc)
+
+
+def _dlogits_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(softmax - onehot) * scale, in place of a chunk's float32 logits."""
+    dl = logits.sub_(lse[:, None]).exp_()
+    dl.scatter_add_(1, targets[:, None], dl.new_full((dl.shape[0], 1), -1.0))
+    return dl.mul_(scale)
+
+
+class _HeadGrads:
+    """dX and dW of the head, summed chunk by chunk from its dlogits: dW exact, or (`spec`) the BASIS
+    estimate from the count sketch of dlogits and the R x N sketch of x given to `result`."""
+
+    def __init__(self, xc: torch.Tensor, wp: torch.Tensor, v: int, chunk: int, need_x: bool, need_w: bool,
+                 spec: SketchSpec | None, rank: int | None, seed: torch.Tensor | None, acc: torch.dtype) -> None:
+        rows, cd, vp = xc.shape[0], xc.dtype, wp.shape[0]
+        self.xc, self.wp, self.v, self.spec, self.rank, self.acc = xc, wp, v, spec, rank, acc
+        self.grad_x = torch.empty_like(xc) if need_x else None
+        self.exact_w = need_w and spec is None
+        self.sketch_w = need_w and spec is not None
+        self.grad_w = torch.zeros(vp, wp.shape[1], dtype=acc, device=xc.device) if self.exact_w else None
+        # dlogits in the compute dtype, padded; its pad columns stay zero across chunks
+        self.dlp = torch.zeros(min(chunk, rows), vp, dtype=cd, device=xc.device) if vp != v else None
+        self.by_mm = False
+        if self.sketch_w:
+            self.hashing = spec.kind
+            self.by_mm = self.hashing != "gaussian" and _sketch_by_matmul(xc, cd, rank)
+            # by matmul, the padded width: dl's pad columns are zero, so are the sketch's (sliced off)
+            self.g_sketch = torch.zeros(rank, vp if self.by_mm else v, dtype=acc, device=xc.device)
+            self.g_sq = torch.zeros((), dtype=acc, device=xc.device)
+            if self.hashing == "gaussian":
+                self.proj = gaussian_projection(seed, rows, rank).to(acc)
+            else:
+                self.bins, signs = bins_and_signs(seed, rows, rank, self.hashing)
+                self.smat = sketch_matrix(self.bins, signs, rank, cd) if self.by_mm else None
+                self.signs = signs.to(acc)
+
+    def add(self, a: int, b: int, dl: torch.Tensor) -> None:
+        """Rows a:b's dlogits (float32, scaled, unpadded)."""
+        v = self.v
+        if self.dlp is not None:
+            self.dlp[: b - a, :v] = dl  # cast into the padded buffer: the rounding of .to(cd), no extra copy
+            dlm = self.dlp[: b - a]
+            dl = dlm[:, :v]
+        else:
+            dl = dlm = dl.to(self.xc.dtype)
+        if self.grad_x is not None:
+            self.grad_x[a:b] = dlm @ self.wp
+        if self.exact_w:
+            self.grad_w += (dlm.t() @ self.xc[a:b]).to(self.acc)
+        elif self.sketch_w and self.by_mm:
+            self.g_sq += torch.linalg.vector_norm(dl, dtype=self.acc).square()
+            self.g_sketch += mm_float32(self.smat[:, a:b], dlm)
+        elif self.sketch_w:
+            dlf = dl.to(self.acc)
+            self.g_sq += dlf.square().sum()
+            if self.hashing == "gaussian":
+                self.g_sketch += self.proj[:, a:b] @ dlf
+            else:
+                self.g_sketch.index_add_(0, self.bins[a:b], dlf * self.signs[a:b, None])
+
+    def result(self, xs: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(dX in the compute dtype, dW in float32 with the vocabulary's rows), None where not needed."""
+        if not self.sketch_w:
+            return self.grad_x, self.grad_w[: self.v] if self.exact_w else None
+        # The squared norm taken back from its root, as every run so far rounded it.
+        g_sq = torch.linalg.vector_norm(self.g_sq.sqrt().view(1), dtype=self.g_sketch.dtype).square()
+        g_sketch = self.g_sketch[:, : self.v]
+        # rescale's factor is one scalar: on the R x N sketch of x, no R x V copy of g_sketch
+        return self.grad_x, g_sketch.t() @ (xs * rescale_factor(g_sketch, g_sq, self.spec))
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Mean cross-entropy of x W^T against targets. `spec` is None (exact dW) or the
-    SketchSpec of the BASIS estimate, sketched with `seed`."""
+    SketchSpec of the BASIS estimate, sketched with `seed`.
+
+    `ahead` (need_x, need_w), or None: the gradients are computed in forward, from the logits it
+    has just made, and kept for backward in place of x (see fused_linear_cross_entropy)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk, spec, seed):
+    def forward(ctx, x, weight, targets, chunk, spec, seed, ahead):
         cd, acc = head_cce.compute_dtype(x), _acc_dtype(x)
         dev = x.device.type
         rows = x.shape[0]
+        r = min(spec.rank, rows) if spec is not None else None
         with torch.autocast(dev, enabled=False):
             xc, wp = x.to(cd), _padded(weight, cd)
             v = weight.shape[0]
             lse = torch.empty(rows, dtype=acc, device=x.device)
             loss = torch.zeros((), dtype=acc, device=x.device)
+            grads = None
+            if ahead is not None:
+                # the scale backward would use with a gradient of 1: the same numbers when it is 1
+                scale = torch.ones((), dtype=acc, device=x.device) / rows
+                grads = _HeadGrads(xc, wp, v, chunk, *ahead, spec if ahead[1] else None, r, seed, acc)
             for a, b in _chunks(rows, chunk):
-                logits = (xc[a:b] @ wp.t())[:, :v].to(acc)
+                logits = _chunk_logits(xc, wp, v, a, b, acc)
                 lse[a:b] = torch.logsumexp(logits, dim=1)
                 picked = logits.gather(1, targets[a:b, None]).squeeze(1)
                 loss += (lse[a:b] - picked).sum()
-            saved = [xc, targets, lse, weight]
-            ctx.rank = ctx.spec = None
-            if spec is not None:
-                r = min(spec.rank, rows)
-                # As BasisLinear: the sketch reads x as given, before any autocast cast.
-                xs = sketch_op(x.detach(), seed, r, spec)
-                saved += [xs, seed]
+                if grads is not None:
+                    grads.add(a, b, _dlogits_(logits, lse[a:b], targets[a:b], scale))
+                del logits, picked  # eagerly, else they live on while the next chunk's are made
+            # As BasisLinear: the sketch reads x as given, before any autocast cast.
+            xs = sketch_op(x.detach(), seed, r, spec) if spec is not None and (ahead is None or ahead[1]) else None
+            ctx.spec, ctx.rank, ctx.ahead = spec, r, ahead
+            if ahead is not None:
+                grad_x, grad_w = grads.result(xs)
+                saved = [t for t in (grad_x, grad_w) if t is not None]
                 if not torch.compiler.is_compiling():  # the meter runs eagerly
-                    memory.mark(xs, "sketches")
-                    memory.mark(seed, "seeds")
-                ctx.rank, ctx.spec = r, spec
+                    for t in saved:
+                        memory.mark(t, "head")
+            else:
+                saved = [xc, targets, lse, weight]
+                if xs is not None:
+                    saved += [xs, seed]
+                    if not torch.compiler.is_compiling():
+                        memory.mark(xs, "sketches")
+                        memory.mark(seed, "seeds")
         ctx.save_for_backward(*saved)
-        ctx.chunk, ctx.cd, ctx.x_dtype = chunk, cd, x.dtype
+        ctx.chunk, ctx.cd, ctx.x_dtype, ctx.w_dtype = chunk, cd, x.dtype, weight.dtype
         return loss / rows
 
     @staticmethod
     def backward(ctx, grad_loss):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.ahead is not None:
+            kept = iter(ctx.saved_tensors)
+            grad_x = next(kept) if ctx.ahead[0] else None
+            grad_w = next(kept) if ctx.ahead[1] else None
+            # times the loss's gradient, in float32 (exact when it is 1 or a power of two)
+            grad_x = (grad_x.to(grad_loss.dtype) * grad_loss).to(ctx.x_dtype) if need_x else None
+            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.w_dtype) if need_w else None
+            return grad_x, grad_w, None, None, None, None, None
         xc, targets, lse, weight, *sk = ctx.saved_tensors
-        rows, cd = xc.shape[0], ctx.cd
+        rows = xc.shape[0]
         acc = lse.dtype
         scale = grad_loss.to(acc) / rows
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(xc.device.type, enabled=False):
-            wp = _padded(weight, cd)
-            v, vp = weight.shape[0], wp.shape[0]
-            grad_x = torch.empty_like(xc) if need_x else None
-            exact_w = need_w and ctx.spec is None
-            grad_w = torch.zeros(vp, weight.shape[1], dtype=acc, device=xc.device) if exact_w else None
-            # dlogits in the compute dtype, padded; its pad columns stay zero across chunks
-            dlp = torch.zeros(min(ctx.chunk, rows), vp, dtype=cd, device=xc.device) if vp != v else None
-            by_mm = False
-            if need_w and ctx.spec is not None:
-                r, hashing = ctx.rank, ctx.spec.kind
-                xs, seed = sk
-                by_mm = hashing != "gaussian" and _sketch_by_matmul(xc, cd, r)
-                # by matmul, the padded width: dl's pad columns are zero, so are the sketch's (sliced off)
-                g_sketch = torch.zeros(r, vp if by_mm else v, dtype=acc, device=xc.device)
-                g_sq = torch.zeros((), dtype=acc, device=xc.device)
-                if hashing == "gaussian":
-                    proj = gaussian_projection(seed, rows, r).to(acc)
-                else:
-                    bins, signs = bins_and_signs(seed, rows, r, hashing)
-                    if by_mm:
-                        smat = sketch_matrix(bins, signs, r, cd)
-                    else:
-                        signs = signs.to(acc)
+            wp = _padded(weight, ctx.cd)
+            v = weight.shape[0]
+            seed = sk[1] if sk else None
+            grads = _HeadGrads(xc, wp, v, ctx.chunk, need_x, need_w, ctx.spec, ctx.rank, seed, acc)
             for a, b in _chunks(rows, ctx.chunk):
-                dl = (xc[a:b] @ wp.t())[:, :v].to(acc)
-                dl.sub_(lse[a:b, None]).exp_()
-                dl.scatter_add_(1, targets[a:b, None], dl.new_full((b - a, 1), -1.0))
-                dl = dl.mul_(scale)
-                if dlp is not None:
-                    dlp[: b - a, :v] = dl  # cast into the padded buffer: the rounding of .to(cd), no extra copy
-                    dlm = dlp[: b - a]
-                    dl = dlm[:, :v]
-                else:
-                    dl = dlm = dl.to(cd)
-                if need_x:
-                    grad_x[a:b] = dlm @ wp
-                if exact_w:
-                    grad_w += (dlm.t() @ xc[a:b]).to(acc)
-                elif need_w and by_mm:
-                    g_sq += torch.linalg.vector_norm(dl, dtype=acc).square()
-                    g_sketch += mm_float32(smat[:, a:b], dlm)
-                elif need_w:
-                    dlf = dl.to(acc)
-                    g_sq += dlf.square().sum()
-                    if hashing == "gaussian":
-                        g_sketch += proj[:, a:b] @ dlf
-                    else:
-                        g_sketch.index_add_(0, bins[a:b], dlf * signs[a:b, None])
-            if need_w and not exact_w:
-                # The squared norm taken back from its root, as every run so far rounded it.
-                g_sq = torch.linalg.vector_norm(g_sq.sqrt().view(1), dtype=g_sketch.dtype).square()
-                g_sketch = g_sketch[:, :v]
-                # rescale's factor is one scalar: on the R x N sketch of x, no R x V copy of g_sketch
-                grad_w = g_sketch.t() @ (xs * rescale_factor(g_sketch, g_sq, ctx.spec))
+                grads.add(a, b, _dlogits_(_chunk_logits(xc, wp, v, a, b, acc), lse[a:b], targets[a:b], scale))
+            grad_x, grad_w = grads.result(sk[0] if sk else None)
         grad_x = grad_x.to(ctx.x_dtype) if need_x else None
-        grad_w = grad_w[: weight.shape[0]].to(weight.dtype) if need_w else None
-        return grad_x, grad_w, None, None, None, None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                chunk: int = DEFAULT_CHUNK, spec: SketchSpec | None = None,
                                seed: torch.Tensor | None = None,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
+                               generator: torch.Generator | None = None, grads_ahead: bool = False) -> torch.Tensor:
     """Mean cross-entropy of (x W^T) over rows of x (rows, N) against targets (rows,).
 
     `spec`, for the BASIS dW; `seed`, when given, is the sketch's seed, else one is drawn from
-    `generator` (as BasisLinear draws it)."""
+    `generator` (as BasisLinear draws it).
+
+    `grads_ahead`: where a gradient will be taken, compute dX and dW in forward from the chunk's
+    logits just made, and keep them (rows x N in the compute dtype, V x N in float32) for backward in
+    place of x and the log-sum-exp: backward then only multiplies them by the loss's gradient. That
+    saves the recompute of the logits, one rows x N x V matmul, for V x N x 4 more bytes kept from the
+    end of forward (the dW buffer backward would allocate first thing). With a loss gradient of 1 (or a
+    power of two) the numbers are those of the default; otherwise dX is scaled after its rounding to
+    the compute dtype rather than before. Not under float16: its loss scaling would reach dlogits only
+    after their cast to float16, where small ones flush to zero."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk!r}")
     if spec is not None and seed is None:
         seed = draw_seed(x.device, generator)
-    return _FusedLinearCE.apply(x, weight, targets, int(chunk), spec, seed)
+    ahead = None
+    if grads_ahead and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if head_cce.compute_dtype(x) == torch.float16:
+            raise ValueError("grads_ahead (head kernel forward-grad) cannot run in float16: dlogits would be cast "
+                             "to float16 before the loss scale reaches them; use bfloat16 or float32")
+        ahead = (x.requires_grad, weight.requires_grad)
+    return _FusedLinearCE.apply(x, weight, targets, int(chunk), spec, seed, ahead)
 
 
 class FusedHead(nn.Linear):
     """A bias-free nn.Linear (same parameters and state_dict) whose `loss` is fused.
 
     `kernel` picks the implementation of the exact fused loss (core/head_cce.py): "auto" and
-    "native" run ours, "cce" Cut Cross-Entropy (an error where it cannot run). `kernel_ran`
-    records the last choice, "cce" or "native", for summary.json."""
+    "native" run ours, "forward-grad" ours with the gradients computed in forward
+    (fused_linear_cross_entropy's grads_ahead), "cce" Cut Cross-Entropy (an error where it cannot
+    run). `kernel_ran` records the last choice for summary.json."""
 
     def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, kernel: str = "auto",
                  **kw) -> None:
@@ -241,25 +310,30 @@ class FusedHead(nn.Linear):
         if head_cce.use_cce(self.kernel, x):
             self.kernel_ran = "cce"
             return head_cce.cce_linear_cross_entropy(x, self.weight, targets)
-        self.kernel_ran = "native"
-        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk)
+        self.kernel_ran = "forward-grad" if self.kernel == "forward-grad" else "native"
+        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk, grads_ahead=self.kernel == "forward-grad")
 
 
 class FusedBasisHead(BasisLinear):
     """The BASIS head, fused: exact loss and dX, BASIS dW; same seed draws as BasisLinear.
 
-    Always our kernel: the count sketch of dlogits is accumulated inside its backward,
-    which no library offers (so `kernel_ran` is always "native")."""
+    Always our kernel: the count sketch of dlogits is accumulated inside it, which no library
+    offers. `kernel` "forward-grad" computes the gradients in forward (as FusedHead's); any other
+    value runs the default, and `kernel_ran` says which ran."""
 
-    kernel_ran = "native"
-
-    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, **kw) -> None:
+    def __init__(self, in_features: int, out_features: int, chunk: int = DEFAULT_CHUNK, kernel: str = "auto",
+                 **kw) -> None:
         super().__init__(in_features, out_features, bias=False, **kw)
-        self.chunk = int(chunk)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.chunk, self.kernel = int(chunk), kernel
+        self.kernel_ran = "forward-grad" if kernel == "forward-grad" else "native"
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        ahead = self.kernel == "forward-grad"
         # The sketch only serves dW: a frozen weight gets the exact head and draws no seed (as BasisLinear).
         if not self.sketching():
-            return fused_linear_cross_entropy(x, self.weight, targets, self.chunk)
-        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk, self.spec, self.take_seed(x))
+            return fused_linear_cross_entropy(x, self.weight, targets, self.chunk, grads_ahead=ahead)
+        return fused_linear_cross_entropy(x, self.weight, targets, self.chunk, self.spec, self.take_seed(x),
+                                          grads_ahead=ahead)

@@ -87,8 +87,8 @@ def _head(cfg: GPTConfig) -> nn.Linear:
     if not sketched:
         return FusedHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, kernel=cfg.head_kernel)
     s = cfg.sketch
-    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, rank=s.rank, sketch=s.hashing,
-                          invariant_scalars=s.invariant_scalars, lam=s.lam)
+    return FusedBasisHead(cfg.n_embd, cfg.vocab_size, chunk=cfg.head_chunk, kernel=cfg.head_kernel, rank=s.rank,
+                          sketch=s.hashing, invariant_scalars=s.invariant_scalars, lam=s.lam)
 
 
 class CausalSelfAttention(nn.Module):
@@ -251,7 +251,7 @@ class GPT(nn.Module):
         return cats, "ln_f"
 
     def head_kernel_ran(self) -> str | None:
-        """The fused head's kernel in its last loss ("cce" | "native"); None for the plain head
+        """The fused head's kernel in its last loss ("cce" | "native" | "forward-grad"); None for the plain head
         or before any fused loss was computed."""
         return getattr(self.lm_head, "kernel_ran", None)
 

@@ -15,7 +15,10 @@ METHODS = ("basis", "exact")  # exact: the same network, every layer exact (core
 HASHINGS = ("balanced", "uniform")
 SKETCH_KINDS = (*HASHINGS, "gaussian")
 HEADS = ("fused", "plain")
-KERNELS = ("auto", "native", "cce")  # the exact fused head's kernel (core/head_cce.py)
+# The fused head's kernel: ours (auto, native), ours with the gradients computed in forward
+# (forward-grad: no recompute of the logits; core/head.py), Cut Cross-Entropy (cce; exact head only,
+# core/head_cce.py).
+KERNELS = ("auto", "native", "cce", "forward-grad")
 # Rows per chunk of the fused head: a chunk's float32 logits take chunk x vocab x 4 bytes (51 MiB
 # at 256 x 50257). Backward holds about three such buffers at once; larger chunks mean fewer,
 # larger matmuls (faster) and more transient memory.

@@ -7,7 +7,8 @@ gradients the step produces. Liger Kernel and Cut Cross-Entropy run only on CUDA
 when installed; otherwise their rows say "skipped" and why.
 
 Rows: `plain` (matmul + float32 cross-entropy), `fused` (our chunked head, core/head.py),
-`fused-basis` (ours, sketched), `liger`, `cce` (the library's `linear_cross_entropy` with its
+`fused-basis` (ours, sketched), each of those two also as `-forward-grad` (dX and dW made in
+forward, no recompute of the logits: head kernel forward-grad), `liger`, `cce` (the library's `linear_cross_entropy` with its
 default filter_eps="high": small dlogits entries skipped, an approximate gradient) and
 `cce-exact` (CCE with filter_eps=None through core/head_cce.py, the adapter the model's exact
 fused head calls on CUDA: what basis-train actually runs there when CCE is installed).
@@ -30,20 +31,22 @@ from basis_train.experiments.timing import time_step
 HEAD, HEAD_QUICK = [8192, 768, 50257], [64, 16, 97]
 HEAD_CHUNK, HEAD_CHUNK_QUICK = 1024, 16
 HEAD_RANK = 64  # the sketched head's R (as the GPT-2-small DDP runs)
-HEAD_IMPLS = ("plain", "fused", "fused-basis", "liger", "cce", "cce-exact")
+HEAD_IMPLS = ("plain", "fused", "fused-forward-grad", "fused-basis", "fused-basis-forward-grad", "liger", "cce",
+              "cce-exact")
 CUDA_ONLY = ("liger", "cce", "cce-exact")
 
 
 def _impl(name: str, chunk: int):
     if name == "plain":
         return lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t)
-    if name == "fused":
-        return lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk)
-    if name == "fused-basis":
+    ahead = name.endswith("-forward-grad")
+    if name.removesuffix("-forward-grad") == "fused":
+        return lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk, grads_ahead=ahead)
+    if name.removesuffix("-forward-grad") == "fused-basis":
         gen = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
         return lambda x, w, t: fused_linear_cross_entropy(
             x, w, t, chunk, SketchSpec(HEAD_RANK, "balanced", True, 0.01),
-            generator=gen if gen.device == x.device else None)
+            generator=gen if gen.device == x.device else None, grads_ahead=ahead)
     if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -82,7 +85,7 @@ def _head_bench(impl: str, device: torch.device, shape: list[int], opts: dict) -
     return {"status": "ok", "time_ms": time_step(step, device, opts["steps"], opts["warmup"]),
             "step_peak_bytes": step_peak_bytes(step, device), "dtype": str(dtype).removeprefix("torch."),
             "chunk": HEAD_CHUNK_QUICK if opts["quick"] else HEAD_CHUNK,
-            "rank": HEAD_RANK if impl == "fused-basis" else None}
+            "rank": HEAD_RANK if impl.startswith("fused-basis") else None}
 
 
 def _row(results: list[dict], size: str, variant: str, rank, head: str) -> dict | None:

@@ -54,10 +54,19 @@ def warn_slow_cpu_run(model: torch.nn.Module, cfg: Config, min_step_s: float = 5
 
 
 def check_head_kernel(cfg: Config, device: torch.device) -> None:
-    """An explicit `model.head_kernel: cce` that cannot run here is refused before anything starts.
+    """An explicit `model.head_kernel` (cce, forward-grad) that cannot run here is refused before anything starts.
 
     CCE serves only the exact fused head; the sketched head always runs ours, so a BASIS run
-    with `cce` is accepted (an exact run of the same grid uses CCE)."""
+    with `cce` is accepted (an exact run of the same grid uses CCE). forward-grad keeps the head's
+    dX and dW for backward as saved tensors: int8 or fp8 saved activations would quantise them."""
+    if cfg.model.head_kernel == "forward-grad":
+        if cfg.train.dtype == "float16":
+            raise RunError("model.head_kernel forward-grad needs train.dtype bfloat16 or float32 (in float16 the loss "
+                           "scale would reach the dlogits only after their cast); use --head-kernel auto")
+        if cfg.train.saved_activations in ("int8", "fp8"):
+            raise RunError(f"model.head_kernel forward-grad keeps the head's gradients as saved tensors, which "
+                           f"train.saved_activations {cfg.train.saved_activations} would quantise; use --head-kernel auto")
+        return
     if cfg.model.head_kernel != "cce":
         return
     from basis_train.core.head_cce import cce_problem

@@ -58,6 +58,18 @@ def test_drop_in_basis_linear_compiles_whole_and_keeps_its_seed():
     torch.testing.assert_close(lin.weight.grad, 0.9801 * ref.weight.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["exact", "basis"])
+def test_forward_grad_head_compiles_whole(method):
+    """The head kernel that makes dX and dW in forward (core/head.py) compiles into the one graph too."""
+    model = build_gpt(dataclasses.replace(SMALL, head_kernel="forward-grad"), seed=0, method=method)
+    torch._dynamo.reset()
+    model.draw_sketch_seeds(torch.Generator().manual_seed(1))
+    explained = torch._dynamo.explain(model)(*_batch())
+    model.clear_sketch_seeds()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("checkpoint_blocks", [False, True])
 @pytest.mark.parametrize("method", ["exact", "basis"])
 def test_compiled_equals_eager(method, checkpoint_blocks):
@@ -67,12 +79,23 @@ def test_compiled_equals_eager(method, checkpoint_blocks):
     float32 error about n * 2^-24 of the sum's terms, so 1e-5 relative, and 1e-6 absolute for
     entries near zero (2^-20, about 30 ulps of the largest gradient, 0.45). Seen on one CPU: the
     loss equal, gradients within 7.5e-8."""
+    _compiled_equals_eager(method, checkpoint_blocks=checkpoint_blocks)
+
+
+@pytest.mark.parametrize("method", ["exact", "basis"])
+def test_compiled_equals_eager_with_the_forward_grad_head(method):
+    """The head's gradients made in forward, compiled, against the eager default head: eagerly the two
+    are bit for bit equal (tests/core/test_head.py), so the same tolerances hold."""
+    _compiled_equals_eager(method, compiled_fields={"head_kernel": "forward-grad"})
+
+
+def _compiled_equals_eager(method, compiled_fields=(), **fields):
     x, y = _batch()
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        cfg = dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all"),
-                                  checkpoint_blocks=checkpoint_blocks)
+        cfg = dataclasses.replace(SMALL, sketch=dataclasses.replace(SMALL.sketch, layers="all"), **fields,
+                                  **(dict(compiled_fields) if compiled else {}))
         model = build_gpt(cfg, seed=0, method=method)
         fwd = torch.compile(model) if compiled else model
         model.draw_sketch_seeds(torch.Generator().manual_seed(7))

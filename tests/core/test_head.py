@@ -255,9 +255,11 @@ def test_cuda_bf16_basis_head_by_matmul_equals_index_add(monkeypatch):
 
 def test_basis_head_backward_holds_one_r_by_v_sketch_beyond_exact(sketch_by):
     # The BASIS head's backward needs the R x V float32 sketch of the dlogits where exact accumulates
-    # dW; the invariant scalar is one number, applied to the R x N sketch of x, so no R x V copy of the
-    # sketch is made (a scaled copy would add another R x V x 4 bytes at the peak).
-    rows, n, v, chunk, rank = 256, 16, 4000, 64, 64
+    # dW, and float32 transients of a chunk's size that exact does not make (index_add: the squares
+    # summed for the norm, the signed rows); the matmul path also makes the chunk's R x V product before
+    # adding it. The invariant scalar is one number, applied to the R x N sketch of x, so no scaled
+    # R x V copy of the sketch is made: at R much larger than a chunk, such a copy would pass the bound.
+    rows, n, v, chunk, rank = 512, 16, 4000, 16, 256
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n, generator=g, requires_grad=True)
     w = (torch.randn(v, n, generator=g) * 0.02).requires_grad_()
@@ -267,4 +269,164 @@ def test_basis_head_backward_holds_one_r_by_v_sketch_beyond_exact(sketch_by):
         seed = torch.tensor(7) if spec else None
         loss = fused_linear_cross_entropy(x, w, t, chunk, spec, seed)
         peaks[name] = live_bytes_peak(lambda loss=loss: torch.autograd.grad(loss, (x, w)))
-    assert peaks["basis"] - peaks["exact"] < rank * v * 4, (peaks, rank * v * 4)
+    sketches = 2 if sketch_by == "matmul" else 1
+    bound = sketches * rank * v * 4 + 2 * chunk * v * 4
+    assert peaks["basis"] - peaks["exact"] < bound, (peaks, bound)
+
+
+# The forward-grad kernel: dX and dW computed in forward from the logits just made (no recompute),
+# kept for backward and multiplied by the loss's gradient there. With a loss gradient of 1 it runs the
+# same float32 operations on the same values in the same order: the numbers must be bit for bit the
+# default's.
+
+def _head_grads(ahead, x, w, t, chunk, spec=None, seed=None, loss_scale=None):
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(xr, wr, t, chunk, spec, seed, grads_ahead=ahead)
+    (loss if loss_scale is None else loss * loss_scale).backward()
+    return loss.detach(), xr.grad, wr.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_forward_grad_exact_head_is_bit_identical(chunk, vocab_pad):
+    x, w, t = _data(seed=8)
+    for a, b in zip(_head_grads(True, x, w, t, chunk), _head_grads(False, x, w, t, chunk)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hashing", ["balanced", "uniform", "gaussian"])
+@pytest.mark.parametrize("rank,chunk", [(5, 8), (37, 3)])
+def test_forward_grad_basis_head_is_bit_identical(hashing, rank, chunk, vocab_pad, sketch_by):
+    x, w, t = _data(seed=9)
+    spec, seed = SketchSpec(rank=rank, kind=hashing), torch.tensor(12345)
+    for a, b in zip(_head_grads(True, x, w, t, chunk, spec, seed), _head_grads(False, x, w, t, chunk, spec, seed)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [None, SketchSpec(rank=5)], ids=["exact", "basis"])
+def test_forward_grad_scales_by_the_loss_gradient(spec):
+    # 3 is no power of two: forward-grad scales dX and dW after they are made, the default scales the
+    # dlogits before, so the two differ by float32 rounding. dX's entries are sums of V = 53 products
+    # that nearly cancel (softmax minus onehot): their error is a few ulps (2^-24) of the largest
+    # product, not of the entry, so the absolute tolerance follows the gradient's largest entry.
+    x, w, t = _data(seed=10)
+    seed = torch.tensor(3) if spec else None
+    ahead = _head_grads(True, x, w, t, 8, spec, seed, loss_scale=3.0)
+    default = _head_grads(False, x, w, t, 8, spec, seed, loss_scale=3.0)
+    for a, b in zip(ahead[1:], default[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+    assert not torch.equal(ahead[2], _head_grads(True, x, w, t, 8, spec, seed)[2])  # the scale reached dW
+
+
+def test_forward_grad_bf16_autocast_matches_default():
+    x, w, t = _data(seed=11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = _head_grads(True, x, w, t, 8), _head_grads(False, x, w, t, 8)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_forward_grad_does_no_gradient_work_without_grad(monkeypatch):
+    from basis_train.core import head
+
+    def refuse(*a, **k):
+        raise AssertionError("gradients computed where none is taken")
+
+    x, w, t = _data(seed=12)
+    monkeypatch.setattr(head, "_HeadGrads", refuse)
+    with torch.no_grad():
+        got = fused_linear_cross_entropy(x.requires_grad_(), w, t, 8, grads_ahead=True)
+    torch.testing.assert_close(got, F.cross_entropy(x @ w.t(), t), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_grad_with_a_frozen_weight_makes_and_keeps_dx_only():
+    x, w, t = _data(seed=13)
+    got, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    meter = SavedTensorMeter(params=[w])
+    with meter.measure():
+        loss = fused_linear_cross_entropy(got, w, t, 8, grads_ahead=True)
+    loss.backward()
+    fused_linear_cross_entropy(ref, w, t, 8).backward()
+    assert torch.equal(got.grad, ref.grad) and w.grad is None
+    assert meter.activation_bytes == ROWS * N * 4  # dX only: no V x N buffer for a weight that takes none
+
+
+def test_forward_grad_keeps_its_gradients_instead_of_x():
+    x, w, t = _data()
+    head = FusedHead(N, V, chunk=8, kernel="forward-grad")
+    head.weight.data.copy_(w)
+    xr = x.clone().requires_grad_()
+    meter = SavedTensorMeter(params=[head.weight])
+    with meter.measure():
+        head.loss(xr, t)
+    # dX (rows x N) and dW (V x N), float32, counted as the head's
+    assert meter.activation_bytes == meter.breakdown["head"] == ROWS * N * 4 + V * N * 4
+    assert head.kernel_ran == "forward-grad"
+
+
+def test_forward_grad_step_peak_is_the_defaults():
+    # The dW buffer exists from the end of forward instead of the start of backward: the peak of a
+    # forward and backward together is the default's, up to a few bytes a row (the log-sum-exp both
+    # make, alive here beside the buffer); a chunk's logits left alive beside it would pass the bound.
+    rows, n, v, chunk = 256, 16, 4000, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n, generator=g, requires_grad=True)
+    w = (torch.randn(v, n, generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, v, (rows,), generator=g)
+
+    def step(ahead):
+        return torch.autograd.grad(fused_linear_cross_entropy(x, w, t, chunk, grads_ahead=ahead), (x, w))
+
+    peaks = {ahead: live_bytes_peak(lambda ahead=ahead: step(ahead)) for ahead in (False, True)}
+    assert peaks[True] - peaks[False] <= 8 * rows, peaks
+
+
+def test_forward_grad_refuses_float16():
+    x, w, t = _data()
+    with pytest.raises(ValueError, match="float16"):
+        fused_linear_cross_entropy(x.half().requires_grad_(), w.half(), t, 8, grads_ahead=True)
+
+
+@pytest.mark.parametrize("method", ["exact", "basis"])
+def test_gpt_forward_grad_head_is_bit_identical(method):
+    def step(kernel):
+        cfg = GPTConfig(vocab_size=97, block_size=16, n_embd=16, n_head=2, n_layer=2, head_chunk=5, arch="gpt2",
+                        head_kernel=kernel, sketch=SketchConfig(rank=4))
+        model = build_gpt(cfg, seed=0, method=method)
+        model.draw_sketch_seeds(torch.Generator().manual_seed(100))
+        idx, tgt = torch.randint(0, 97, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+        _, loss = model(idx, tgt)
+        loss.backward()
+        model.clear_sketch_seeds()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.head_kernel_ran()
+
+    (la, ga, ka), (lb, gb, kb) = step("forward-grad"), step("auto")
+    assert (ka, kb) == ("forward-grad", "native")
+    assert torch.equal(la, lb)
+    for n in gb:
+        assert torch.equal(ga[n], gb[n]), n
+
+
+@cuda
+def test_cuda_forward_grad_bf16_graph_capture_is_the_default():
+    from basis_train.core import graphs
+
+    x, w, t = (a.cuda() for a in _data(seed=14))
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def step(ahead):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(xr, wr, t, 8, grads_ahead=ahead)
+        loss.backward()
+        return loss
+
+    with graphs.side_stream(torch.device("cuda")):
+        for _ in range(3):
+            xr.grad = wr.grad = None
+            step(False)
+    default = (xr.grad.clone(), wr.grad.clone())
+    xr.grad = wr.grad = None
+    graph = graphs.capture(lambda: step(True))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip((xr.grad, wr.grad), default):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)

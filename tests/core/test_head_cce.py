@@ -205,6 +205,18 @@ def test_startup_check(monkeypatch):
     check_head_kernel(_cfg("cce"), cuda)
 
 
+def test_startup_check_of_forward_grad():
+    cpu = torch.device("cpu")
+    for dtype in ("float32", "bfloat16"):
+        check_head_kernel(_cfg("forward-grad", dtype), cpu)
+    with pytest.raises(RunError, match="bfloat16 or float32"):
+        check_head_kernel(_cfg("forward-grad", "float16"), cpu)
+    for kind in ("int8", "fp8"):
+        with pytest.raises(RunError, match=f"saved_activations {kind}"):
+            check_head_kernel(apply_overrides(_cfg("forward-grad"), {"train.saved_activations": kind}), cpu)
+    check_head_kernel(apply_overrides(_cfg("forward-grad"), {"train.saved_activations": "offload"}), cpu)
+
+
 def test_bad_kernel_name():
     with pytest.raises(ValueError, match="kernel"):
         FusedHead(N, V, kernel="fast")

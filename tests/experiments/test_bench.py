@@ -52,8 +52,9 @@ def test_files_and_keys(bench_out):
     assert layer["shape"] == [256, 64, 128] and [r["rank"] for r in layer["rows"]] == [None, 4]
     head = json.loads((bench_out / "head.json").read_text())
     status = {r["impl"]: r["status"] for r in head["rows"]}
-    assert status == {"plain": "ok", "fused": "ok", "fused-basis": "ok", "liger": "skipped", "cce": "skipped",
-                      "cce-exact": "skipped"}
+    assert status == {"plain": "ok", "fused": "ok", "fused-forward-grad": "ok", "fused-basis": "ok",
+                      "fused-basis-forward-grad": "ok", "liger": "skipped", "cce": "skipped", "cce-exact": "skipped"}
+    assert [r["rank"] for r in head["rows"] if r["impl"].startswith("fused")] == [None, None, 64, 64]
     targets = json.loads((bench_out / "memory_targets.json").read_text())
     assert all(t.keys() == {"target", "limit", "measured", "met", "command"} for t in targets)
     assert targets[0]["measured"] == rows["exact", None, "fused"]["activation_bytes"] / rows[

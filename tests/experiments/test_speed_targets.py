@@ -61,6 +61,16 @@ def test_the_plain_head_row_gives_its_ratio_to_nanogpt_beside_the_fused_one(tmp_
     assert len(got) == 5  # three ratios and the MFU of the other rows (all linears failed), and this one
 
 
+def test_the_forward_grad_rows_give_their_ratios_as_context(tmp_path):
+    mod = _script()
+    speed = json.loads(_speed(tmp_path).read_text())
+    speed["rows"] += [{"row": mod.FGRAD_ROW, "ms": 19.5, "mfu": 0.43}, {"row": mod.FGRAD_BASIS_ROW, "ms": 18.0, "mfu": 0.4}]
+    got = {t["target"]: t for t in mod.targets(speed)}
+    fg = [t for name, t in got.items() if "forward-grad" in name]
+    assert [(t["measured"], t["met"], t["limit"]) for t in fg] == [(0.975, True, 1.0), (round(18 / 19.5, 4), True, 0.95)]
+    assert set(fg[0]["ms"]) == {mod.FGRAD_ROW, mod.NANO_ROW} and set(fg[1]["ms"]) == {mod.FGRAD_BASIS_ROW, mod.FGRAD_ROW}
+
+
 def _runs(tmp_path, losses: dict[str, float]) -> Path:
     runs = tmp_path / "runs"
     for name, loss in losses.items():
