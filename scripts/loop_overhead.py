@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from basis_train.experiments.provenance import command_line, git_commit
+from basis_train.experiments.provenance import command_line, cpu_name, git_commit
 from basis_train.training.config import apply_overrides, load_config
 from basis_train.training.train import Run
 
@@ -44,14 +44,6 @@ def time_loop(config: str, steps: int) -> tuple[list[float], dict]:
     return [b - a for a, b in zip(stamps, stamps[1:-1], strict=False)], summary
 
 
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "?"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
@@ -66,7 +58,7 @@ def main() -> None:
         p99s.append(gaps[int(0.99 * (len(gaps) - 1))] * 1e6)
         print(f"median {medians[-1]:.1f} us, p99 {p99s[-1]:.1f} us per step", flush=True)
     result = {"meta": {"command": command_line(__spec__, __file__), "commit": git_commit(),
-                       "machine": f"{platform.machine()}, {_cpu_name()}",
+                       "machine": cpu_name(),
                        "cpus": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
                        "config": a.config, "steps": a.steps, "repeats": a.repeats},
               "median_us_per_step": [round(m, 2) for m in medians], "p99_us_per_step": [round(p, 2) for p in p99s],

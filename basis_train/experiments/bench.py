@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import sys
 import traceback
 from contextlib import nullcontext
@@ -28,7 +27,8 @@ from basis_train.core.model import GPTConfig, build_gpt
 from basis_train.core.options import SketchConfig
 from basis_train.experiments.bench_sizes import LAYER, LAYER_QUICK, QUICK, SIZES
 from basis_train.experiments.graphed_step import graphed_step
-from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, targets
+from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, bench_command, targets
+from basis_train.experiments.provenance import cpu_name, git_commit
 from basis_train.experiments.timing import time_step
 from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
@@ -176,8 +176,8 @@ def _ratios(rows: list[dict], base: dict | None) -> None:
 
 def _meta(device: torch.device, dtype: str, extra: dict) -> dict:
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "dtype": dtype, "argv": list(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": dtype,
+            "argv": list(sys.argv), "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extra}
 
 
@@ -199,8 +199,8 @@ def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], h
 
     def flush() -> None:
         m = (results[0] if results else layer_res or head_res)["meta"]
-        md = ["# BASIS benchmark", "", f"`{' '.join(m['argv'])}`", "",
-              f"{m['gpu'] or m['device']}, torch {m['torch']}, CUDA {m['cuda']}, {m['date']}", ""]
+        md = ["# BASIS benchmark", "", f"`{bench_command(m)}`", "",
+              f"{m['gpu'] or m['cpu']}, torch {m['torch']}, CUDA {m['cuda']}, commit {m.get('commit')}, {m['date']}", ""]
         for res in results:
             _write(out / f"bench_{res['size']['name']}.json", json.dumps(res, indent=1))
             md += size_md(res) + graphed_md(res)

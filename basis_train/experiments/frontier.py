@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import sys
 import time
 import traceback
@@ -48,7 +47,7 @@ from basis_train.experiments.bench_sizes import (
 )
 from basis_train.experiments.frontier_probe import GIB, Prober, host_available_bytes, say
 from basis_train.experiments.frontier_search import bracket_hint, largest_fitting, parse_budgets, parse_methods
-from basis_train.experiments.provenance import command_line
+from basis_train.experiments.provenance import command_line, cpu_name
 from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.frontier_report import budget_key, write_report
 from basis_train.training.config import Config, ConfigError, apply_overrides, load_config
@@ -198,7 +197,7 @@ def run_frontier(budgets: list[float], out: Path, device: torch.device, quick: b
     host_limit = host_limit if device.type == "cuda" else None
     cfg = method_config({}, device, quick, 1, axes["batch"]["seq"], seed, rank)
     res = {"meta": {"gpu": settings["gpu"], "device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "cpu": platform.processor() or platform.machine(), "command": command_line(__spec__, __file__),
+                    "cpu": cpu_name(), "command": command_line(__spec__, __file__),
                     "argv": list(sys.argv),
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "peak": CUDA_PEAK if device.type == "cuda" else CPU_ESTIMATE,

@@ -17,6 +17,7 @@ fused head calls on CUDA: what basis-train actually runs there when CCE is insta
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -102,10 +103,15 @@ def _target(target: str, limit: str, measured, ok, command: str) -> dict:
             "command": command}
 
 
+def bench_command(meta: dict) -> str:
+    """The command to type again, quoted as a shell reads it (an empty --sizes '' stays an argument)."""
+    return shlex.join(["basis-bench", *meta["argv"][1:]])
+
+
 def targets(results: list[dict], head_res: dict, equivalence: Path | None = None) -> list[dict]:
     """Issue 16's targets from this benchmark's measurements; "met": null where not measured."""
     meta = (results[0] if results else head_res)["meta"]
-    cmd = "basis-bench " + " ".join(meta["argv"][1:])
+    cmd = bench_command(meta)
     out = []
 
     def ratio(a, b, field):

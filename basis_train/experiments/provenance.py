@@ -1,8 +1,9 @@
-"""What a result file records of how it was made: the command line, as a user would type it again, and
-the commit of the checkout that ran it."""
+"""What a result file records of how it was made: the command line, as a user would type it again, the
+commit of the checkout that ran it, and the processor it ran on."""
 
 from __future__ import annotations
 
+import platform
 import shlex
 import subprocess
 import sys
@@ -28,3 +29,17 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The processor's model name as the kernel reports it ("AMD EPYC 7B13"), with the architecture.
+
+    platform.processor() is empty or just the architecture ("x86_64") on Linux, which says nothing
+    about the machine a CPU timing ran on. Elsewhere (no /proc/cpuinfo) that is all there is."""
+    arch = platform.machine() or "?"
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return platform.processor() or arch
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return f"{arch}, {name}" if name else arch

@@ -37,7 +37,7 @@ def test_files_and_keys(bench_out):
         assert (bench_out / name).is_file(), name
     assert not list(bench_out.glob(".*.tmp"))  # atomic writes leave no temporaries behind
     res, rows = _rows(bench_out)
-    assert {"gpu", "torch", "cuda", "dtype", "argv", "date", "steps", "warmup"} <= res["meta"].keys()
+    assert {"gpu", "cpu", "commit", "torch", "cuda", "dtype", "argv", "date", "steps", "warmup"} <= res["meta"].keys()
     assert res["meta"]["argv"] and res["meta"]["steps"] == 2
     assert res["size"]["vocab"] == 512 and res["logits_bytes"] == 2 * 32 * 512 * 4
     assert set(rows) == {(v, r, h) for h in ("fused", "plain")

@@ -1,6 +1,6 @@
 """head_bench's targets: the head-alone targets compare the exact head basis-train runs on CUDA."""
 
-from basis_train.experiments.head_bench import targets
+from basis_train.experiments.head_bench import bench_command, targets
 
 
 def _row(impl, ms, peak):
@@ -28,3 +28,9 @@ def test_head_targets_fall_back_to_ours_without_cce_exact():
     rows = [_row("fused", 30.0, 600), _row("cce", 6.0, 90), {"impl": "cce-exact", "status": "skipped"}]
     t = _head_targets(rows)["head alone: the exact head we run on CUDA (fused)", "<= 1.5"]
     assert t["measured"] == 30.0 / 6.0 and t["met"] is False
+
+
+def test_the_command_is_quoted_as_a_shell_reads_it():
+    # an empty --sizes (the head alone) must stay an argument, or the command typed again fails
+    meta = {"argv": ["/venv/bin/basis-bench", "--sizes", "", "--no-layer", "--out", "a b"]}
+    assert bench_command(meta) == "basis-bench --sizes '' --no-layer --out 'a b'"
