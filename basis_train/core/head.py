@@ -22,6 +22,11 @@ fp16, the same rounding as the plain head's matmul) and the softmax, log-sum-exp
 in float32. Inside the function autocast is off and every cast is explicit. The weight is
 never saved as a cast: backward casts the parameter again (a transient copy).
 
+With `grads_ahead` (head kernel forward-grad) forward goes on from each chunk's logits to its dlogits
+and adds dX and dW (or the sketch) there, so nothing is recomputed; it keeps dX and dW instead of x
+and the log-sum-exp, and backward multiplies them by the loss's gradient. Both orders share the
+chunk loop's code (`_HeadGrads`) and give the same numbers at a loss gradient of 1.
+
 Shapes depend only on (rows, chunk, vocab), never on data, and nothing reads a value back
 to the host, so the head can be captured in a CUDA graph and run under DDP.
 
@@ -143,7 +148,7 @@ class _HeadGrads:
             else:
                 self.bins, signs = bins_and_signs(seed, rows, rank, self.hashing)
                 self.smat = sketch_matrix(self.bins, signs, rank, cd) if self.by_mm else None
-                self.signs = signs.to(acc)
+                self.signs = None if self.by_mm else signs.to(acc)
 
     def add(self, a: int, b: int, dl: torch.Tensor) -> None:
         """Rows a:b's dlogits (float32, scaled, unpadded)."""

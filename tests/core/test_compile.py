@@ -33,6 +33,10 @@ def test_no_graph_break_with_basis_layers(arch, head):
     model = build_gpt(dataclasses.replace(SMALL, arch=arch, head=head,
                                           sketch=dataclasses.replace(SMALL.sketch, layers="all")), seed=0)
     assert model.sketched_modules()
+    _assert_one_graph(model)
+
+
+def _assert_one_graph(model):
     torch._dynamo.reset()
     model.draw_sketch_seeds(torch.Generator().manual_seed(1))
     explained = torch._dynamo.explain(model)(*_batch())
@@ -61,13 +65,7 @@ def test_drop_in_basis_linear_compiles_whole_and_keeps_its_seed():
 @pytest.mark.parametrize("method", ["exact", "basis"])
 def test_forward_grad_head_compiles_whole(method):
     """The head kernel that makes dX and dW in forward (core/head.py) compiles into the one graph too."""
-    model = build_gpt(dataclasses.replace(SMALL, head_kernel="forward-grad"), seed=0, method=method)
-    torch._dynamo.reset()
-    model.draw_sketch_seeds(torch.Generator().manual_seed(1))
-    explained = torch._dynamo.explain(model)(*_batch())
-    model.clear_sketch_seeds()
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    _assert_one_graph(build_gpt(dataclasses.replace(SMALL, head_kernel="forward-grad"), seed=0, method=method))
 
 
 @pytest.mark.parametrize("checkpoint_blocks", [False, True])
