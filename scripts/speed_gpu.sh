@@ -8,7 +8,9 @@
 # head, which makes dX and dW in forward instead; BASIS R = 256 mlp+head with the fused and the
 # forward-grad head. Rows 1 and 8 add nanoGPT's drop-in and BASIS all linears). PROFILE=1 adds each
 # row's profiler table to $OUT/profile.txt (graphed rows list their kernels; the others their ops and
-# host time too: e.g. ROWS=0,1,10,12,14).
+# host time too: e.g. ROWS=0,1,10,12,14). HEAD=1 then times the head alone (basis-bench's head rows:
+# ours with and without forward-grad, Liger, Cut Cross-Entropy) into $OUT/head/; the two libraries'
+# wheels, if carried in .ext/wheels/, are installed for that step only.
 set -u
 DEST=${OUT:-out}; mkdir -p "$DEST"; START=$(date +%s)
 source scripts/device_env.sh
@@ -25,3 +27,11 @@ timeout ${SPEED_S:-330} python3 scripts/speed_gpt2.py "$DEST/speed_gpt2.json" ${
   --steps ${STEPS:-20} --warmup ${WARMUP:-6} --rows ${ROWS:-0,4,5,17,6,18} \
   ${PROFILE:+--profile "$DEST/profile.txt"} 2>&1 | tee "$DEST/speed.log" | grep '^{'
 echo "speed done ($(( $(date +%s) - START ))s)"
+if [ -n "${HEAD:-}" ]; then
+  HEADSITE=/tmp/headsite
+  ls .ext/wheels/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target $HEADSITE .ext/wheels/*.whl
+  PYTHONPATH=$HEADSITE:$PYTHONPATH timeout ${HEAD_S:-150} python3 -m basis_train.experiments.bench head "$DEST/head" \
+    --steps 10 --warmup 3 > "$DEST/head.log" 2>&1
+  echo "head done rc=$? ($(( $(date +%s) - START ))s)"; grep '^\[head\]' "$DEST/head.log"
+fi

@@ -9,6 +9,7 @@ bytes autograd keeps for backward, broken down by tensor shape to show where it 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import sys
@@ -28,7 +29,7 @@ from basis_train.core.options import SketchConfig
 from basis_train.experiments.bench_sizes import LAYER, LAYER_QUICK, QUICK, SIZES
 from basis_train.experiments.graphed_step import graphed_step
 from basis_train.experiments.head_bench import HEAD, HEAD_IMPLS, HEAD_QUICK, _head_bench, bench_command, targets
-from basis_train.experiments.provenance import cpu_name, git_commit
+from basis_train.experiments.provenance import command_line, cpu_name, git_commit
 from basis_train.experiments.timing import time_step
 from basis_train.fsutil import atomic_write_text
 from basis_train.reporting.bench_report import graphed_md, head_md, layer_md, memory_md, row_label, size_md
@@ -188,11 +189,12 @@ def _say(line: str) -> None:
 def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], head_list: list[str], dev: torch.device,
               out: Path, steps: int = 30, warmup: int = 5, compile_model: bool = False, quick: bool = False,
               memory_table: Path | None = None, layer: bool = True, head_bench: bool = True, seed: int = 0,
-              head_kernel: str = "auto", log=_say) -> int:
+              head_kernel: str = "auto", log=_say, command: str | None = None) -> int:
     """Benchmark exact, checkpointed and BASIS training steps, one linear layer and the head alone;
-    writes OUT/ after every measurement and returns how many measurements failed."""
+    writes OUT/ after every measurement and returns how many measurements failed. `command`: how it was
+    started, where that is not `basis-bench` (the result files' command)."""
     opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed,
-            "head_kernel": head_kernel}
+            "head_kernel": head_kernel, **({"command": command} if command else {})}
     results: list[dict] = []
     layer_res: dict = {}
     head_res: dict = {}
@@ -267,3 +269,23 @@ def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], h
             flush()
     failed = [r for res in [*results, layer_res, head_res] for r in res.get("rows", []) if r["status"] == "error"]
     return len(failed)
+
+
+def main() -> None:
+    """`python -m basis_train.experiments.bench head OUT`: the head alone, as `basis-bench --sizes ''
+    --no-layer` runs it, without typer (which the GPU machine's Python lacks)."""
+    ap = argparse.ArgumentParser(description=main.__doc__.split(": ", 1)[1].split(",")[0])
+    ap.add_argument("what", choices=["head"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    a = ap.parse_args()
+    failed = run_bench([], [16], [], [], torch.device(a.device), a.out, a.steps, a.warmup, quick=a.quick, layer=False,
+                       command=command_line(__spec__, __file__))
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,11 @@
 """head_bench's targets: the head-alone targets compare the exact head basis-train runs on CUDA."""
 
+import json
+import sys
+
+import pytest
+
+from basis_train.experiments import bench, head_bench
 from basis_train.experiments.head_bench import bench_command, targets
 
 
@@ -34,3 +40,28 @@ def test_the_command_is_quoted_as_a_shell_reads_it():
     # an empty --sizes (the head alone) must stay an argument, or the command typed again fails
     meta = {"argv": ["/venv/bin/basis-bench", "--sizes", "", "--no-layer", "--out", "a b"]}
     assert bench_command(meta) == "basis-bench --sizes '' --no-layer --out 'a b'"
+
+
+def test_ours_exact_against_cce_exact_for_both_orders_of_the_gradient():
+    rows = [_row("fused", 16.0, 700), _row("fused-forward-grad", 11.0, 700), _row("cce-exact", 12.0, 90)]
+    got = _head_targets(rows)
+    fused = got["head alone: ours exact (fused)", "<= 1.0"]
+    ahead = got["head alone: ours exact (fused-forward-grad)", "<= 1.0"]
+    assert (fused["measured"], fused["met"]) == (16.0 / 12.0, False)
+    assert (ahead["measured"], ahead["met"]) == (11.0 / 12.0, True)
+    # without CCE (a CPU run) neither is measured
+    assert _head_targets(rows[:2])["head alone: ours exact (fused)", "<= 1.0"]["met"] is None
+
+
+def test_the_module_entry_runs_the_head_rows_and_records_its_own_command(tmp_path, monkeypatch):
+    # the GPU machine's Python has no typer: `python -m basis_train.experiments.bench head OUT` stands in
+    monkeypatch.setattr(sys, "argv", [bench.__file__, "head", str(tmp_path), "--quick", "--steps", "1", "--warmup", "0",
+                                      "--device", "cpu"])
+    with pytest.raises(SystemExit) as done:
+        bench.main()
+    assert done.value.code == 0
+    res = json.loads((tmp_path / "head.json").read_text())
+    assert [r["impl"] for r in res["rows"] if r["status"] == "ok"] == list(head_bench.HEAD_IMPLS[:5])
+    command = f"python -m basis_train.experiments.bench head {tmp_path} --quick --steps 1 --warmup 0 --device cpu"
+    assert res["meta"]["command"] == command and f"`{command}`" in (tmp_path / "bench.md").read_text()
+    assert not (tmp_path / "layer.json").exists()
