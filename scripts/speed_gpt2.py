@@ -173,11 +173,11 @@ def targets(speed: dict, runs: Path | None = None) -> list[dict]:
 
     ratio("GPT-2 small step, ours exact (compiled + CUDA graph, as basis-train) / nanoGPT model.py compiled "
           "(ms; at most 1: tokens/s at least nanoGPT's)", EXACT_ROW, NANO_ROW, 1.0)
-    # Context for the one above: the plain head keeps the logits the fused head recomputes in backward
-    # (one more vocabulary-sized GEMM), the memory the fused head saves; basis-train runs the fused head.
+    # Context for the one above: the plain head keeps the logits, the memory the fused head saves (eagerly,
+    # by recomputing them: one more vocabulary-sized GEMM); basis-train runs the fused head.
     ratio("GPT-2 small step, ours exact with the plain head (keeps the logits; compiled + CUDA graph) / "
           "nanoGPT model.py compiled (ms; context: basis-train runs the fused head)", PLAIN_ROW, NANO_ROW, 1.0)
-    # The fused head without its recompute: if it reaches nanoGPT's step, configs/gpt2-small can run it.
+    # The fused head with its gradients made in forward (compiled, the default's recompute is gone anyway).
     ratio("GPT-2 small step, ours exact with the forward-grad head (dX and dW made in forward; compiled + CUDA "
           "graph) / nanoGPT model.py compiled (ms; context: basis-train runs the default fused head)",
           FGRAD_ROW, NANO_ROW, 1.0)

@@ -4,7 +4,7 @@
 # in the same call. Carry .whl and .ext (nanoGPT's model.py, never committed):
 #   bash scripts/speed_gpu.sh            -> $OUT/tests.log, $OUT/speed_gpt2.json, $OUT/speed.log
 # ROWS=0,1,... picks speed_gpt2.py's rows (default: nanoGPT compiled; ours graphed: exact with the fused
-# head, with the plain one, whose logits it keeps instead of recomputing them, and with the forward-grad
+# head, with the plain one, which keeps its logits, and with the forward-grad
 # head, which makes dX and dW in forward instead; BASIS R = 256 mlp+head with the fused and the
 # forward-grad head. Rows 1 and 8 add nanoGPT's drop-in and BASIS all linears). PROFILE=1 adds each
 # row's profiler table to $OUT/profile.txt (graphed rows list their kernels; the others their ops and
