@@ -280,7 +280,9 @@ def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
     end of forward (the dW buffer backward would allocate first thing). With a loss gradient of 1 (or a
     power of two) the numbers are those of the default; otherwise dX is scaled after its rounding to
     the compute dtype rather than before. Not under float16: its loss scaling would reach dlogits only
-    after their cast to float16, where small ones flush to zero."""
+    after their cast to float16, where small ones flush to zero. It pays only eagerly: under
+    torch.compile the default's recompute is gone already (AOTAutograd merges the two matmuls and keeps
+    the dlogits instead; docs/memory.md)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk!r}")
     if spec is not None and seed is None:
