@@ -178,8 +178,8 @@ def _ratios(rows: list[dict], base: dict | None) -> None:
 def _meta(device: torch.device, dtype: str, extra: dict) -> dict:
     return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": cpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": dtype,
-            "argv": list(sys.argv), "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **extra}
+            "argv": list(sys.argv), "command": command_line(__spec__, __file__), "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}
 
 
 def _say(line: str) -> None:
@@ -189,12 +189,11 @@ def _say(line: str) -> None:
 def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], head_list: list[str], dev: torch.device,
               out: Path, steps: int = 30, warmup: int = 5, compile_model: bool = False, quick: bool = False,
               memory_table: Path | None = None, layer: bool = True, head_bench: bool = True, seed: int = 0,
-              head_kernel: str = "auto", log=_say, command: str | None = None) -> int:
+              head_kernel: str = "auto", log=_say) -> int:
     """Benchmark exact, checkpointed and BASIS training steps, one linear layer and the head alone;
-    writes OUT/ after every measurement and returns how many measurements failed. `command`: how it was
-    started, where that is not `basis-bench` (the result files' command)."""
+    writes OUT/ after every measurement and returns how many measurements failed."""
     opts = {"steps": steps, "warmup": warmup, "compile": compile_model, "quick": quick, "seed": seed,
-            "head_kernel": head_kernel, **({"command": command} if command else {})}
+            "head_kernel": head_kernel}
     results: list[dict] = []
     layer_res: dict = {}
     head_res: dict = {}
@@ -274,7 +273,7 @@ def run_bench(sizes: list[str], rank_list: list[int], variant_list: list[str], h
 def main() -> None:
     """`python -m basis_train.experiments.bench head OUT`: the head alone, as `basis-bench --sizes ''
     --no-layer` runs it, without typer (which the GPU machine's Python lacks)."""
-    ap = argparse.ArgumentParser(description=main.__doc__.split(": ", 1)[1].split(",")[0])
+    ap = argparse.ArgumentParser(description="the head alone, as basis-bench --sizes '' --no-layer runs it")
     ap.add_argument("what", choices=["head"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=10)
@@ -282,8 +281,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     a = ap.parse_args()
-    failed = run_bench([], [16], [], [], torch.device(a.device), a.out, a.steps, a.warmup, quick=a.quick, layer=False,
-                       command=command_line(__spec__, __file__))
+    failed = run_bench([], [16], [], [], torch.device(a.device), a.out, a.steps, a.warmup, quick=a.quick, layer=False)
     raise SystemExit(1 if failed else 0)
 
 

@@ -106,11 +106,10 @@ def _target(target: str, limit: str, measured, ok, command: str) -> dict:
 
 
 def bench_command(meta: dict) -> str:
-    """The command to type again: `basis-bench` and its arguments quoted as a shell reads them (an empty
-    --sizes '' stays an argument), or the command recorded by another entry point (bench.py's `main`)."""
+    """The command to type again: the one the run recorded (provenance.command_line: `basis-bench` or
+    `python -m ...`), else `basis-bench` and the recorded arguments, quoted as a shell reads them (an
+    empty --sizes '' stays an argument)."""
     return meta.get("command") or shlex.join(["basis-bench", *meta["argv"][1:]])
-
-
 
 
 def targets(results: list[dict], head_res: dict, equivalence: Path | None = None) -> list[dict]:
